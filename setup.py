@@ -1,0 +1,29 @@
+"""Installs the ssni toolkit (import name `ssni`, sources under toolkit/)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="ssni",
+    version="0.1.0",
+    description="Diffusion-based adversarial purification with sample-specific noise injection, "
+    "and typical-set training for robust denoisers and score networks.",
+    license="Apache-2.0",
+    package_dir={"": "toolkit"},
+    packages=find_packages("toolkit"),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.1",
+        "torchvision",
+        "timm>=0.9",
+        "einops",
+        "tensorboard",
+        "pyyaml",
+        "safetensors",
+        "numpy",
+        "tqdm",
+        "scikit-learn",
+        "scikit-image",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest"]},
+    entry_points={"console_scripts": ["ssni=ssni.cli:main"]},
+)

@@ -1,0 +1,18 @@
+"""Shared fixtures: small data made by the tests themselves, CPU only, few threads."""
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture
+def tiny_images():
+    """32 random-but-structured 1x8x8 images in [0,1] with labels."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(4, 1, 8, 8, generator=g)
+    labels = torch.arange(32) % 4
+    x = (base[labels] + 0.1 * torch.randn(32, 1, 8, 8, generator=g)).clamp(0, 1)
+    return x, labels

@@ -1,0 +1,80 @@
+"""Atomic file writes and safe tensor loading (safetensors / weights_only)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict
+
+import torch
+
+
+def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write text via a temp file and rename, so readers never see a half-written file."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    return _atomic(path, write)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Atomically write `obj` as indented JSON."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
+    """Atomically torch.save plain tensors/containers (loadable with weights_only=True)."""
+    return _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_save_safetensors(path: str | os.PathLike, tensors: Dict[str, torch.Tensor],
+                            metadata: Dict[str, str] | None = None) -> Path:
+    """Atomically write a safetensors file (tensors are made contiguous and detached)."""
+    from safetensors.torch import save_file
+
+    clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return _atomic(path, lambda tmp: save_file(clean, tmp, metadata=metadata))
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file holds pickled objects beyond plain tensors and containers."""
+
+
+def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """torch.load with weights_only=True; pickled code is refused with a clear error."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError (wrapped) for disallowed globals
+        if "weights_only" in str(e) or "Unpickl" in type(e).__name__ or "GLOBAL" in str(e):
+            raise UnsafeCheckpointError(
+                f"refusing to load {path}: it holds pickled Python objects, not only tensors "
+                f"(only weights_only-safe files are accepted)"
+            ) from e
+        raise
+
+
+def load_safetensors(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
+    """Load a safetensors file to CPU tensors."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path))

@@ -1,0 +1,52 @@
+"""timm classifiers: build by name (not pretrained by default) and save/load as checkpoints."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from torch import nn
+
+from ..io import load_safetensors, safe_torch_load
+from .factory import CHECKPOINT_FORMATS
+
+
+def create_classifier(name: str, in_chans: int, num_classes: int, image_size: int,
+                      pretrained: bool = False, checkpoint: Optional[str] = None,
+                      **kwargs: Any) -> nn.Module:
+    """timm.create_model(name) with in_chans/num_classes from the data; optional local weights.
+
+    `checkpoint` may be a .safetensors file or a torch file of plain tensors (weights_only).
+    """
+    import timm
+
+    if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
+        close = [m for m in timm.list_models() if name.split("_")[0] in m][:10]
+        raise ValueError(f"unknown timm model {name!r}; similar names: {', '.join(close) or '-'} "
+                         f"(see timm.list_models())")
+    model = timm.create_model(name, pretrained=pretrained, in_chans=in_chans,
+                              num_classes=num_classes, **kwargs)
+    if checkpoint:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"classifier checkpoint not found: {path}")
+        state = load_safetensors(path) if path.suffix == ".safetensors" else safe_torch_load(path)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        model.load_state_dict(state)
+    model.model_name = name
+    model.config = dict(name=name, in_chans=in_chans, num_classes=num_classes,
+                        image_size=image_size, **kwargs)
+    return model
+
+
+def classifier_spec(model: nn.Module) -> Dict[str, Any]:
+    """JSON that rebuilds a classifier made by create_classifier."""
+    cfg = dict(model.config)
+    return {"format": "timm", "name": cfg.pop("name"), "config": cfg}
+
+
+@CHECKPOINT_FORMATS.register("timm")
+def _load_timm(path: Path, spec: Dict[str, Any], weights: str = "model") -> nn.Module:
+    model = create_classifier(spec["name"], **spec["config"])
+    model.load_state_dict(load_safetensors(path / f"{weights}.safetensors"))
+    return model

@@ -1,0 +1,228 @@
+"""A generic, resumable training loop: AdamW with warm-up, clipping, EMA, bf16 on CUDA, logging."""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .dist import DistContext
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 100
+    schedule: str = "constant"  # constant | cosine (after warm-up)
+    grad_clip: float = 1.0
+
+
+@dataclass
+class LoopConfig:
+    """How long to train and how often to log, sample and save."""
+
+    steps: int = 1000
+    batch_size: int = 64
+    seed: int = 0
+    ema_decay: float = 0.999
+    log_every: int = 25
+    sample_every: int = 0  # 0: only at the end
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    device: str = "auto"
+    bf16: bool = True  # autocast in bf16 on CUDA; ignored on CPU
+    resume: bool = True  # continue from <run_dir>/checkpoints/latest.json when present
+    progress: bool = True
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/Inf; the run stopped and the last good checkpoint was kept."""
+
+
+def lr_factor(step: int, cfg: OptimConfig, total: int) -> float:
+    """Multiplier of the base learning rate at `step` (0-based)."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "cosine":
+        span = max(1, total - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+    raise ValueError(f"unknown lr schedule {cfg.schedule!r}; valid choices: constant, cosine")
+
+
+class EpochBatches:
+    """Deterministic batches: a fresh permutation per epoch from (seed, epoch), sharded by rank.
+
+    `batch_indices(step)` depends only on the step, so a resumed run sees exactly the batches an
+    uninterrupted one would.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        per_rank = n // world
+        if per_rank < 1:
+            raise ValueError(f"data set of {n} samples is too small for {world} processes")
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        self.batch_size = min(batch_size, per_rank)
+        self.per_epoch = per_rank // self.batch_size
+        self._cache: Dict[int, Tensor] = {}
+
+    def _perm(self, epoch: int) -> Tensor:
+        if epoch not in self._cache:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._cache = {epoch: torch.randperm(self.n, generator=g)[self.rank::self.world]}
+        return self._cache[epoch]
+
+    def batch_indices(self, step: int) -> Tensor:
+        """Indices of the batch used at global step `step`."""
+        epoch, k = divmod(step, self.per_epoch)
+        return self._perm(epoch)[k * self.batch_size:(k + 1) * self.batch_size]
+
+
+class Trainer:
+    """Trains `model` by minimising the mean of `loss_fn(model, batch, generator)` ([B]).
+
+    dataset: any indexable of (image, label) pairs, or an object with `.images`/`.labels`
+    tensors (fast path). `spec` is the JSON that rebuilds the model (saved with checkpoints).
+    Callbacks `on_sample(trainer, step)` run on the main process every `sample_every` steps.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, dataset: Any, loop: LoopConfig,
+                 optim: OptimConfig, run_dir: str | Path, spec: Dict[str, Any],
+                 on_sample: Optional[Callable[["Trainer", int], None]] = None,
+                 dist: Optional[DistContext] = None):
+        self.dist = dist or DistContext.from_env(loop.device)
+        self.device = self.dist.device
+        self.model = model.to(self.device)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.loss_fn, self.dataset, self.loop, self.optim_cfg = loss_fn, dataset, loop, optim
+        self.run_dir = Path(run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.spec, self.on_sample = spec, on_sample
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.lr,
+                                           betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+        self.batches = EpochBatches(len(dataset), loop.batch_size, loop.seed,
+                                    self.dist.rank, self.dist.world_size)
+        self.step = 0
+        self.history: List[Dict[str, float]] = []
+        self._writer = None
+
+    # -- pieces ----------------------------------------------------------------------------
+    @property
+    def writer(self):
+        """TensorBoard writer (main process only; None elsewhere)."""
+        if self._writer is None and self.dist.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.run_dir / "tb"))
+        return self._writer
+
+    def _batch(self, step: int):
+        idx = self.batches.batch_indices(step)
+        if hasattr(self.dataset, "images") and hasattr(self.dataset, "labels"):
+            x, y = self.dataset.images[idx], self.dataset.labels[idx]
+        else:
+            items = [self.dataset[int(i)] for i in idx]
+            x = torch.stack([it[0] for it in items])
+            y = torch.as_tensor([int(it[1]) for it in items])
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def _generator(self, step: int) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        g.manual_seed((self.loop.seed * 7_919 + step) * 104_729 + self.dist.rank)
+        return g
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        d = self.loop.ema_decay
+        for pe, pm in zip(self.ema.parameters(), self.model.parameters()):
+            pe.lerp_(pm.detach(), 1.0 - d)
+        for be, bm in zip(self.ema.buffers(), self.model.buffers()):
+            be.copy_(bm)
+
+    def save(self) -> Optional[Path]:
+        """Checkpoint the current state (main process only)."""
+        if not self.dist.is_main:
+            return None
+        return save_checkpoint(self.ckpt_root, self.step, self.model, self.ema, self.optimizer,
+                               self.spec, {"history_tail": self.history[-5:]},
+                               keep=self.loop.keep_checkpoints)
+
+    def try_resume(self) -> bool:
+        """Load the newest checkpoint of this run directory if there is one."""
+        try:
+            path = latest_checkpoint(self.ckpt_root)
+        except FileNotFoundError:
+            return False
+        state = load_checkpoint(path, self.model, self.ema, self.optimizer)
+        self.step = int(state["step"])
+        return True
+
+    # -- the loop ----------------------------------------------------------------------------
+    def fit(self, stop_at: Optional[int] = None) -> Dict[str, Any]:
+        """Train to loop.steps (or stop early at `stop_at`, for tests); returns a summary."""
+        from tqdm.auto import tqdm
+
+        if self.loop.resume:
+            self.try_resume()
+        total, end = self.loop.steps, min(self.loop.steps, stop_at or self.loop.steps)
+        use_bf16 = self.loop.bf16 and self.device.type == "cuda"
+        bar = tqdm(total=total, initial=self.step, desc="train", dynamic_ncols=True,
+                   disable=not (self.loop.progress and self.dist.is_main), mininterval=1.0)
+        self.model.train()
+        while self.step < end:
+            step = self.step
+            lr = self.optim_cfg.lr * lr_factor(step, self.optim_cfg, total)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            torch.manual_seed(self.loop.seed * 7_919 + step)  # dropout etc.: repeatable on resume
+            batch = self._batch(step)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = self.loss_fn(self.model, batch, self._generator(step)).mean()
+            if not torch.isfinite(loss):
+                bar.close()
+                where = self.ckpt_root if (self.ckpt_root / "latest.json").exists() else "none yet"
+                raise NonFiniteLossError(
+                    f"loss became {loss.item()} at step {step}; training stopped without saving "
+                    f"this state. Last good checkpoint: {where}. Lower optim.lr or check the data.")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(
+                self.model.parameters(), self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0
+                else float("inf"))
+            self.optimizer.step()
+            self._update_ema()
+            self.step += 1
+            bar.update(1)
+            rec = {"step": self.step, "loss": loss.item(), "lr": lr, "grad_norm": float(gnorm)}
+            self.history.append(rec)
+            if self.dist.is_main and (self.step % self.loop.log_every == 0 or self.step == end):
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}")
+                self.writer.add_scalar("train/loss", rec["loss"], self.step)
+                self.writer.add_scalar("train/lr", lr, self.step)
+                self.writer.add_scalar("train/grad_norm", rec["grad_norm"], self.step)
+            if self.loop.ckpt_every and self.step % self.loop.ckpt_every == 0:
+                self.save()
+            if (self.on_sample and self.dist.is_main and self.loop.sample_every
+                    and self.step % self.loop.sample_every == 0):
+                self.on_sample(self, self.step)
+        bar.close()
+        self.save()
+        if self._writer is not None:
+            self._writer.flush()
+        return {"steps": self.step, "final_loss": self.history[-1]["loss"] if self.history else None}
+
+    def close(self) -> None:
+        """Close the TensorBoard writer."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
