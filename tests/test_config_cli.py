@@ -1,0 +1,70 @@
+import pytest
+import yaml
+
+from ssni.cli import COMMANDS, main
+from ssni.config import ConfigError, load_config
+from ssni.data import DataConfig, build_dataset
+from ssni.training.score import ScoreTrainConfig
+
+
+def test_unknown_key_names_it(tmp_path):
+    with pytest.raises(ConfigError, match="loop.stpes"):
+        load_config(ScoreTrainConfig, None, ["loop.stpes=3"])
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({"data": {"name": "digits", "colour": 1}}))
+    with pytest.raises(ConfigError, match=r"data.colour.*valid keys.*image_size"):
+        load_config(ScoreTrainConfig, p, [])
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(ScoreTrainConfig, "recipes/score/digits.yaml",
+                      ["loop.steps=7", "optim.lr=0.5", "model.kwargs.ch=8"])
+    assert cfg.loop.steps == 7 and cfg.optim.lr == 0.5 and cfg.model.kwargs == {"ch": 8}
+    with pytest.raises(ConfigError, match="integer"):
+        load_config(ScoreTrainConfig, None, ["loop.steps=abc"])
+
+
+def test_every_recipe_loads_with_its_command():
+    """Each recipe file parses into the config of the command it belongs to."""
+    import importlib
+    import pathlib
+
+    kinds = {"score": "train-score", "classifier": "train-classifier"}
+    for path in sorted(pathlib.Path("recipes").glob("*/*.yaml")):
+        cmd = kinds.get(path.parent.name)
+        if cmd is None or cmd not in COMMANDS:
+            continue
+        cfg_path, _ = COMMANDS.get(cmd)
+        module, attr = cfg_path.split(":")
+        load_config(getattr(importlib.import_module(module), attr), path, [])
+
+
+def test_missing_dataset_path_is_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_dataset(DataConfig(name="imagefolder", root=str(tmp_path / "nope")), "train")
+    with pytest.raises(FileNotFoundError, match="cifar10"):
+        build_dataset(DataConfig(name="cifar10", root=str(tmp_path / "nope")), "train")
+    with pytest.raises(KeyError, match="digits"):
+        build_dataset(DataConfig(name="mnistt"), "train")
+
+
+def test_cli_reports_unknown_key_and_name(capsys):
+    assert main(["train-score", "recipes/score/digits.yaml", "loop.nope=1"]) == 2
+    assert "loop.nope" in capsys.readouterr().err
+    assert main(["train-score", "model.name=bogus", "loop.steps=1"]) == 2
+    assert "unet_digits" in capsys.readouterr().err
+
+
+def test_cli_train_score_end_to_end(tmp_path):
+    run = tmp_path / "s"
+    rc = main(["train-score", "recipes/score/digits.yaml", f"run_dir={run}", "loop.steps=3",
+               "model.name=unet_tiny", "data.image_size=8", "sample_count=4", "sample_steps=5",
+               "loop.progress=false", "loop.device=cpu"])
+    assert rc == 0
+    assert (run / "config.yaml").is_file() and (run / "samples.png").is_file()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["loop"]["steps"] == 3 and saved["model"]["name"] == "unet_tiny"
+    from ssni.models import load_model
+
+    m = load_model(run, weights="ema")
+    assert m.input_shape == (1, 8, 8)
