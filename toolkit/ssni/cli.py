@@ -27,6 +27,15 @@ register_command("train-score", "ssni.training.score:ScoreTrainConfig",
                  "ssni.training.score:train_score", "train a score network (DSM) on clean images")
 register_command("train-classifier", "ssni.training.classifier:ClassifierTrainConfig",
                  "ssni.training.classifier:train_classifier", "train a timm classifier")
+register_command("calibrate", "ssni.scoring.calibration:CalibrateConfig",
+                 "ssni.scoring.calibration:run_calibrate",
+                 "score norms of clean images -> calibration JSON (+ plot)")
+register_command("fit-reweight", "ssni.scoring.fit:FitReweightConfig",
+                 "ssni.scoring.fit:run_fit_reweight",
+                 "learn a monotone reweight from oracle t* of self-perturbed clean images")
+register_command("finetune-classifier", "ssni.training.finetune:FinetuneConfig",
+                 "ssni.training.finetune:run_finetune",
+                 "fine-tune a classifier on purified clean images at the calibrated t*")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

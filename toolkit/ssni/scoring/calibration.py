@@ -1,0 +1,239 @@
+"""Calibration: score-norm statistics of clean training images, tied to one score network.
+
+A calibration file (JSON) holds the mean, std, quantiles and a histogram of the clean score norms,
+the score-norm settings they were computed with, and a fingerprint of the score network's
+weights. Reweights read mu / std / quantiles from it; using it with another network is refused.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..data import DataConfig
+from ..io import atomic_write_json
+from .score_norm import ScoreNorm, ScoreNormConfig
+
+# Stored quantile levels; `Calibration.quantile` interpolates between them.
+QUANTILE_LEVELS = (0.0, 0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7,
+                   0.75, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)
+FORMAT_VERSION = 1
+
+
+class CalibrationMismatchError(ValueError):
+    """A calibration is used with a score network (or settings) other than its own."""
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Fingerprint of a score network's weights (SHA-256 prefix over names, shapes, values)."""
+    from ..models import weights_fingerprint
+
+    return weights_fingerprint(model)
+
+
+@dataclass
+class Calibration:
+    """Clean score-norm statistics plus the identity of the network that produced them."""
+
+    mean: float
+    std: float
+    count: int
+    quantiles: Dict[str, float]
+    histogram: Dict[str, List[float]]  # {"edges": [bins + 1], "counts": [bins]}
+    fingerprint: str
+    score_norm: Dict[str, Any]  # the ScoreNormConfig fields that shape the statistic
+    model_name: Optional[str] = None
+    image_shape: Optional[List[int]] = None
+    data: Dict[str, Any] = field(default_factory=dict)
+    perturbed: Dict[str, Dict[str, List[float]]] = field(default_factory=dict)  # name -> histogram
+    version: int = FORMAT_VERSION
+
+    # -- statistics --------------------------------------------------------------------------
+    def quantile(self, q: float) -> float:
+        """Clean score-norm quantile at level q in [0, 1] (linear between stored levels)."""
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"quantile level must be in [0, 1], got {q}")
+        levels = sorted((float(k), v) for k, v in self.quantiles.items())
+        for (q0, v0), (q1, v1) in zip(levels[:-1], levels[1:]):
+            if q0 <= q <= q1:
+                return v0 if q1 == q0 else v0 + (v1 - v0) * (q - q0) / (q1 - q0)
+        raise ValueError(f"quantile level {q} is outside the stored levels")
+
+    # -- checks ----------------------------------------------------------------------------
+    def check_model(self, model: nn.Module, score_norm: Optional[ScoreNormConfig] = None) -> None:
+        """Raise CalibrationMismatchError unless `model` (and settings) made this calibration."""
+        fp = model_fingerprint(model)
+        if fp != self.fingerprint:
+            name = getattr(model, "model_name", type(model).__name__)
+            raise CalibrationMismatchError(
+                f"this calibration was made with another score network (fingerprint "
+                f"{self.fingerprint}, model {self.model_name!r}); the given score network "
+                f"{name!r} has fingerprint {fp}. Recalibrate with `ssni calibrate` for this "
+                f"network.")
+        if score_norm is not None:
+            for key in ("timesteps", "draws", "num_steps"):
+                mine, theirs = self.score_norm.get(key), getattr(score_norm, key)
+                if mine is not None and mine != theirs:
+                    raise CalibrationMismatchError(
+                        f"score-norm setting {key}={theirs} differs from the calibration's "
+                        f"{key}={mine}; the statistic is not comparable. Use {key}={mine} or "
+                        f"recalibrate.")
+
+    # -- I/O -------------------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain JSON-able dict."""
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the calibration JSON atomically."""
+        return atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Calibration":
+        """Read a calibration JSON (a file, or a run directory holding calibration.json)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "calibration.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"calibration file not found: {path} (make one with "
+                                    f"`ssni calibrate`)")
+        data = json.loads(path.read_text())
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                   and f.name not in data]
+        if missing:
+            raise ValueError(f"{path} is not a calibration file: missing keys {missing}")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def summarize(norms: Tensor, bins: int = 50) -> Dict[str, Any]:
+    """Mean, std, quantiles and histogram of score norms [N] (as plain floats)."""
+    s = norms.detach().double().cpu().flatten()
+    if s.numel() == 0 or not torch.isfinite(s).all():
+        raise ValueError("score norms must be a non-empty finite tensor")
+    qs = torch.quantile(s, torch.tensor(QUANTILE_LEVELS, dtype=torch.float64))
+    return {"mean": float(s.mean()), "std": float(s.std()) if s.numel() > 1 else 0.0,
+            "count": int(s.numel()),
+            "quantiles": {f"{q:g}": float(v) for q, v in zip(QUANTILE_LEVELS, qs)},
+            "histogram": histogram(s, bins)}
+
+
+def histogram(norms: Tensor, bins: int = 50, lo: float | None = None,
+              hi: float | None = None) -> Dict[str, List[float]]:
+    """Histogram of [N] values: {"edges": [bins+1], "counts": [bins]}."""
+    s = norms.detach().double().cpu().flatten()
+    lo = float(s.min()) if lo is None else lo
+    hi = float(s.max()) if hi is None else hi
+    if hi <= lo:
+        hi = lo + 1e-6
+    counts = torch.histc(s, bins=bins, min=lo, max=hi)
+    edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)
+    return {"edges": edges.tolist(), "counts": counts.tolist()}
+
+
+@torch.no_grad()
+def compute_norms(scorer: ScoreNorm, images: Tensor, batch_size: int = 256, seed: int = 0,
+                  device: torch.device | str = "cpu", progress: bool = False,
+                  desc: str = "score norms") -> Tensor:
+    """Score norms [N] of images [N,C,H,W] in [0,1], batched, with per-sample seeds seed + i."""
+    from tqdm.auto import tqdm
+
+    out = []
+    for a in tqdm(range(0, images.shape[0], batch_size), disable=not progress, desc=desc):
+        x = images[a:a + batch_size].to(device)
+        seeds = torch.arange(a, a + x.shape[0]) + seed * 1_000_003
+        out.append(scorer(x, seeds=seeds).float().cpu())
+    return torch.cat(out)
+
+
+def calibrate(model: nn.Module, images: Tensor, score_norm: ScoreNormConfig | None = None,
+              batch_size: int = 256, seed: int = 0, bins: int = 50, progress: bool = False,
+              data_info: Optional[Dict[str, Any]] = None) -> tuple[Calibration, Tensor]:
+    """Calibrate on clean images [N,C,H,W] in [0,1]; returns (Calibration, norms [N])."""
+    cfg = score_norm or ScoreNormConfig()
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    scorer = ScoreNorm.from_config(model, cfg)
+    norms = compute_norms(scorer, images, batch_size, seed, device, progress, "calibrate")
+    stats = summarize(norms, bins)
+    cal = Calibration(**stats, fingerprint=model_fingerprint(model),
+                      score_norm={"timesteps": cfg.timesteps, "draws": cfg.draws,
+                                  "num_steps": cfg.num_steps},
+                      model_name=getattr(model, "model_name", type(model).__name__),
+                      image_shape=list(images.shape[1:]), data=dict(data_info or {}))
+    return cal, norms
+
+
+# -- `ssni calibrate` ----------------------------------------------------------------------------
+@dataclass
+class CalibrateConfig:
+    """Everything `ssni calibrate` needs."""
+
+    output: str = "runs/calibration-digits"  # directory: calibration.json, score_norms.png
+    score_model: str = "runs/score-digits"  # checkpoint or run directory
+    score_weights: str = "ema"
+    data: DataConfig = field(default_factory=DataConfig)
+    split: str = "train"
+    count: int = 5000  # clean images (all if fewer)
+    score_norm: ScoreNormConfig = field(default_factory=ScoreNormConfig)
+    batch_size: int = 256
+    seed: int = 0
+    bins: int = 50
+    # Gaussian-noise copies, only for the plot's "perturbed" histograms (cheap, no classifier)
+    plot_noise_std: List[float] = field(default_factory=lambda: [0.05, 0.1])
+    plot_t_star: float = 0.1  # t* of the constant / linear / sigmoid curves drawn in the plot
+    device: str = "auto"
+    progress: bool = True
+
+
+def run_calibrate(cfg: CalibrateConfig) -> Dict[str, Any]:
+    """Calibrate a score network on clean images; writes calibration.json and a plot."""
+    from ..config import save_config
+    from ..data import build_dataset
+    from ..defense import load_score_model, resolve_device
+    from .plots import plot_reweight
+    from .reweight import build_reweight
+
+    device = resolve_device(cfg.device)
+    model = load_score_model(cfg.score_model, cfg.score_weights).to(device).eval()
+    ds = build_dataset(cfg.data, cfg.split)
+    if tuple(ds.image_shape) != tuple(model.input_shape):
+        raise ValueError(f"data images are {list(ds.image_shape)} but the score network expects "
+                         f"{list(model.input_shape)}; set data.image_size / data.channels")
+    n = len(ds)
+    idx = torch.arange(n)
+    if cfg.count < n:
+        g = torch.Generator().manual_seed(cfg.seed)
+        idx = torch.sort(torch.randperm(n, generator=g)[:cfg.count]).values
+    images = ds.images[idx]
+    info = {"name": cfg.data.name, "split": cfg.split, "image_size": cfg.data.image_size,
+            "indices_seed": cfg.seed}
+    cal, norms = calibrate(model, images, cfg.score_norm, cfg.batch_size, cfg.seed, cfg.bins,
+                           cfg.progress, info)
+    scorer = ScoreNorm.from_config(model, cfg.score_norm)
+    perturbed = {}
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    for std in cfg.plot_noise_std:
+        noisy = (images + std * torch.randn(images.shape, generator=g)).clamp(0, 1)
+        pn = compute_norms(scorer, noisy, cfg.batch_size, cfg.seed + 2, device, cfg.progress,
+                           f"noise {std:g}")
+        perturbed[f"gaussian {std:g}"] = pn
+        cal.perturbed[f"gaussian {std:g}"] = histogram(pn, cfg.bins)
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out)
+    path = cal.save(out / "calibration.json")
+    curves = {name: build_reweight(name, cal, t_star=cfg.plot_t_star)
+              for name in ("constant", "linear", "sigmoid")}
+    png = plot_reweight(curves, out / "score_norms.png", clean=norms, perturbed=perturbed,
+                        title=f"{cal.model_name} score norms (T'={cfg.score_norm.timesteps})")
+    return {"calibration": str(path), "plot": str(png), "count": cal.count, "mean": cal.mean,
+            "std": cal.std, "q01": cal.quantile(0.01), "q99": cal.quantile(0.99),
+            "fingerprint": cal.fingerprint,
+            "perturbed_mean": {k: float(v.mean()) for k, v in perturbed.items()}}

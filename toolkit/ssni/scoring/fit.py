@@ -1,0 +1,123 @@
+"""`ssni fit-reweight`: learn a monotone reweight from clean training images only.
+
+It builds the defense of a recipe (score network, calibration, purifier, classifier), perturbs
+clean training images itself (Gaussian noise at several strengths, Linf PGD against the bare
+classifier), finds the oracle t* of every copy, fits a LearnedReweight and saves its JSON and a
+plot. The saved file plugs into a defense recipe as reweight: {name: learned, kwargs: {path: ...}}.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+
+from ..config import save_config
+from ..data import DataConfig, build_dataset
+from ..io import atomic_write_json
+from .calibration import compute_norms
+from .learned import LearnedFitConfig, fit_learned, gaussian_noise, oracle_t_star, pgd_linf
+
+
+@dataclass
+class FitReweightConfig:
+    """Everything `ssni fit-reweight` needs."""
+
+    output: str = "runs/reweight-digits"
+    defense_recipe: str = "recipes/defense/digits.yaml"
+    defense_overrides: List[str] = field(default_factory=list)
+    data: DataConfig = field(default_factory=DataConfig)
+    count: int = 256  # clean training images; each is also perturbed every way below
+    noise_std: List[float] = field(default_factory=lambda: [0.05, 0.1, 0.2])
+    pgd_eps: List[float] = field(default_factory=lambda: [4 / 255, 8 / 255, 16 / 255])
+    pgd_steps: int = 20
+    t_grid: List[float] = field(default_factory=lambda: [
+        0.0, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3])
+    draws: int = 1  # purifications per (sample, t) in the oracle search
+    fit: LearnedFitConfig = field(default_factory=LearnedFitConfig)
+    batch_size: int = 256
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+
+
+def make_perturbed(classify, images: torch.Tensor, labels: torch.Tensor, cfg: FitReweightConfig,
+                   device: torch.device) -> Dict[str, torch.Tensor]:
+    """The clean images plus their noisy and PGD copies: {kind: [N,C,H,W] in [0,1]}."""
+    from tqdm.auto import tqdm
+
+    g = torch.Generator(device=device).manual_seed(cfg.seed + 11)
+    sets = {"clean": images}
+    for std in cfg.noise_std:
+        sets[f"noise {std:g}"] = gaussian_noise(images, std, g)
+    for eps in cfg.pgd_eps:
+        out = []
+        for a in tqdm(range(0, images.shape[0], cfg.batch_size), disable=not cfg.progress,
+                      desc=f"pgd {eps:.4f}"):
+            out.append(pgd_linf(classify, images[a:a + cfg.batch_size],
+                                labels[a:a + cfg.batch_size], eps, cfg.pgd_steps, generator=g))
+        sets[f"pgd {eps * 255:.3g}/255"] = torch.cat(out)
+    return sets
+
+
+def run_fit_reweight(cfg: FitReweightConfig) -> Dict[str, Any]:
+    """Fit the learned reweight; writes reweight.json, oracle.json and reweight.png."""
+    from ..defense import RobustClassifier, resolve_device
+    from .plots import plot_reweight
+
+    device = resolve_device(cfg.device)
+    defense = RobustClassifier.from_recipe(cfg.defense_recipe, cfg.defense_overrides,
+                                           device=device)
+    ds = build_dataset(cfg.data, "train")  # clean training data only
+    n = min(cfg.count, len(ds))
+    g = torch.Generator().manual_seed(cfg.seed)
+    idx = torch.sort(torch.randperm(len(ds), generator=g)[:n]).values
+    images, labels = ds.images[idx].to(device), ds.labels[idx].to(device)
+    sets = make_perturbed(defense.classify, images, labels, cfg, device)
+
+    norms, oracle, kinds, bare_acc = [], [], [], {}
+    with torch.no_grad():
+        for k, (kind, x) in enumerate(sets.items()):
+            s = compute_norms(defense.scorer, x, cfg.batch_size, cfg.seed + 100 + k, device,
+                              cfg.progress, f"norms {kind}")
+            seeds = torch.arange(n) + (k + 1) * 1_000_003
+            purify = lambda xb, tb, seeds: defense.purifier(xb, tb, seeds=seeds)  # noqa: E731
+            res = oracle_t_star(purify, defense.classify, x, labels, cfg.t_grid, seeds,
+                                cfg.draws, cfg.batch_size, cfg.progress)
+            bare_acc[kind] = float(res["correct"][:, 0].mean())
+            norms.append(s)
+            oracle.append(res["t"])
+            kinds += [kind] * n
+    s_all, t_all = torch.cat(norms), torch.cat(oracle)
+    # the curve must be able to reach the largest oracle value on the grid
+    fit_cfg = dataclasses.replace(cfg.fit, t_max=max(cfg.fit.t_max, max(cfg.t_grid)))
+    curve, info = fit_learned(s_all, t_all, fit_cfg)
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out)
+    per_kind = {}
+    with torch.no_grad():
+        pred = curve(s_all, smooth=False)
+    for k, kind in enumerate(sets):
+        sl = slice(k * n, (k + 1) * n)
+        ok = torch.isfinite(t_all[sl])
+        per_kind[kind] = {"mean_norm": float(norms[k].mean()),
+                          "reachable": float(ok.float().mean()),
+                          "mean_oracle_t": float(t_all[sl][ok].mean()) if ok.any() else None,
+                          "mean_fitted_t": float(pred[sl].mean()),
+                          "bare_accuracy": bare_acc[kind]}
+    path = curve.save(out / "reweight.json", extra={"fit": info, "per_kind": per_kind,
+                                                    "t_grid": list(cfg.t_grid)})
+    atomic_write_json(out / "oracle.json", {"kinds": kinds, "norms": s_all.tolist(),
+                                            "oracle_t": [None if not torch.isfinite(v) else
+                                                         float(v) for v in t_all]})
+    perturbed = {kind: norms[k] for k, kind in enumerate(sets) if kind != "clean"}
+    ok = torch.isfinite(t_all)
+    recipe_curve = f"recipe ({type(defense.reweight).__name__})"
+    png = plot_reweight({"learned": curve, recipe_curve: defense.reweight},
+                        out / "reweight.png", clean=norms[0], perturbed=perturbed, points=(s_all[ok], t_all[ok]),
+                        title="learned reweight: oracle t* of clean / noisy / PGD training copies")
+    return {"reweight": str(path), "plot": str(png), "fit": info, "per_kind": per_kind}
