@@ -49,7 +49,12 @@ def soft_ramp(u: Tensor, width: float) -> Tensor:
     width * (softplus(u / width) - softplus((u - 1) / width)): its slope is
     sigmoid(u / w) - sigmoid((u - 1) / w) > 0, so gradients never vanish exactly.
     """
-    return width * (F.softplus(u / width) - F.softplus((u - 1.0) / width))
+    def half(v: Tensor) -> Tensor:
+        return width * (F.softplus(v / width) - F.softplus((v - 1.0) / width))
+
+    # r(u) = 1 - r(1 - u); using it above u = 1/2 keeps both softplus terms small, avoiding the
+    # cancellation of two huge, nearly equal numbers (which breaks monotonicity in float32).
+    return torch.where(u <= 0.5, half(u), 1.0 - half(1.0 - u))
 
 
 def _check_norms(s: Tensor) -> Tensor:
