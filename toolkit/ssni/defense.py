@@ -1,0 +1,387 @@
+"""The SSNI defense as one `nn.Module`: images in [0,1] -> logits.
+
+score norm -> reweight (t* per sample) -> purifier (diffuse to t*, reverse to 0) -> resize to the
+classifier's input size -> normalisation -> classifier, optionally K purifications voted.
+`RobustClassifier.surrogate()` is the attacker's view: the (cheaper) attack purifier and the
+smooth reweight, with gradients through the score norm and t*(x).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import load_config, to_dict
+from .registry import Registry
+from .scoring.calibration import Calibration
+from .scoring.reweight import Reweight, ReweightConfig, build_reweight
+from .scoring.score_norm import ScoreNorm, ScoreNormConfig, check_images
+
+VOTES = Registry("vote rule")
+
+_SEED_MASK = (1 << 62) - 1
+
+
+def mix_seeds(seeds: Tensor, salt: int) -> Tensor:
+    """Derive an independent-looking per-sample seed stream; seeds LongTensor [B] -> [B]."""
+    # Odd 64-bit multipliers (wrapping int64 arithmetic) spread nearby seeds apart, so the
+    # score-norm noise, and each ensemble member's purification noise, differ from one another.
+    s = seeds.long() * 6364136223846793005 + (salt * 2 + 1) * 1442695040888963407
+    s = s ^ (s >> 29)
+    return s & _SEED_MASK
+
+
+@VOTES.register("mean_prob")
+def vote_mean_prob(logits: Tensor) -> Tensor:
+    """Average the K members' probabilities; logits [K,B,n] -> log mean probability [B,n]."""
+    return torch.logsumexp(torch.log_softmax(logits.float(), -1), 0) - torch.log(
+        torch.tensor(float(logits.shape[0])))
+
+
+@VOTES.register("majority")
+def vote_majority(logits: Tensor) -> Tensor:
+    """Majority vote (ties broken by mean probability); logits [K,B,n] -> log vote share [B,n]."""
+    k, _, n = logits.shape
+    votes = F.one_hot(logits.argmax(-1), n).float().sum(0)  # [B,n] integers
+    mean_p = torch.softmax(logits.float(), -1).mean(0)  # each < 1, sum 1: cannot flip a vote gap
+    return torch.log((votes + mean_p) / (k + 1))
+
+
+# -- preprocessing -----------------------------------------------------------------------------
+def _pair(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    if isinstance(size, int):
+        return (size, size)
+    size = tuple(int(v) for v in size)
+    return size[-2:] if len(size) >= 2 else (size[0], size[0])  # type: ignore[return-value]
+
+
+def resolve_preprocessing(classifier: nn.Module, channels: int,
+                          input_size: Union[int, Sequence[int], None] = None,
+                          mean: Optional[Sequence[float]] = None,
+                          std: Optional[Sequence[float]] = None
+                          ) -> Tuple[Tuple[int, int], List[float], List[float]]:
+    """Input size (H, W) and per-channel mean/std for a classifier.
+
+    Explicit values win; otherwise the size comes from the model's own config (our
+    create_classifier), a ViT's patch embedding, or timm's data config, and mean/std from
+    timm.data.resolve_data_config (3-value stats are averaged for 1-channel inputs).
+    """
+    data_cfg: Dict[str, Any] = {}
+    try:
+        from timm.data import resolve_data_config
+
+        data_cfg = resolve_data_config({}, model=classifier)
+    except Exception:  # not a timm model: only explicit values or identity normalisation
+        data_cfg = {}
+    if input_size is None:
+        cfg = getattr(classifier, "config", None)
+        pe = getattr(getattr(classifier, "patch_embed", None), "img_size", None)
+        if isinstance(cfg, dict) and cfg.get("image_size"):
+            input_size = cfg["image_size"]
+        elif pe is not None:
+            input_size = pe
+        elif "input_size" in data_cfg:
+            input_size = data_cfg["input_size"][1:]
+        else:
+            raise ValueError("cannot tell the classifier's input size; pass input_size=...")
+    size = _pair(input_size)
+    out = []
+    for name, given, default in (("mean", mean, 0.0), ("std", std, 1.0)):
+        vals = list(given) if given is not None else list(data_cfg.get(name, [default]))
+        if len(vals) == 1:
+            vals = vals * channels
+        elif len(vals) != channels:
+            if channels == 1:
+                vals = [sum(vals) / len(vals)]
+            else:
+                raise ValueError(f"{name} has {len(vals)} values but images have {channels} "
+                                 f"channels; pass {name}=[...] with {channels} values")
+        out.append([float(v) for v in vals])
+    if any(v <= 0 for v in out[1]):
+        raise ValueError(f"std values must be > 0, got {out[1]}")
+    return size, out[0], out[1]
+
+
+# -- the wrapper -------------------------------------------------------------------------------
+class RobustClassifier(nn.Module):
+    """SSNI-purified classifier; forward(x [B,C,H,W] in [0,1], seeds=None) -> logits [B,n].
+
+    seeds (LongTensor [B]) makes a call repeatable and each sample independent of its batch
+    companions; None draws fresh seeds from torch's global RNG (so torch.manual_seed repeats).
+    """
+
+    def __init__(self, *, classifier: nn.Module, score_model: nn.Module, purifier: nn.Module,
+                 reweight: Reweight, calibration: Optional[Calibration] = None,
+                 attack_purifier: Optional[nn.Module] = None,
+                 score_norm: Optional[ScoreNormConfig] = None,
+                 input_size: Union[int, Sequence[int], None] = None,
+                 mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+                 ensemble: int = 1, vote: str = "mean_prob", purifier_grad: Optional[str] = None,
+                 freeze: bool = True):
+        super().__init__()
+        sn = score_norm or ScoreNormConfig()
+        if calibration is not None:
+            calibration.check_model(score_model, sn)
+        if ensemble < 1:
+            raise ValueError(f"ensemble must be >= 1, got {ensemble}")
+        VOTES.get(vote)  # unknown names fail here, listing the choices
+        self.scorer = ScoreNorm.from_config(score_model, sn)
+        self.reweight = reweight
+        self.calibration = calibration
+        self.purifier = purifier
+        self.attack_purifier = attack_purifier if attack_purifier is not None else purifier
+        self.classifier = classifier
+        self.channels = int(score_model.input_shape[0])
+        size, m, s = resolve_preprocessing(classifier, self.channels, input_size, mean, std)
+        self.input_size = size
+        self.register_buffer("mean", torch.tensor(m).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(s).view(1, -1, 1, 1), persistent=False)
+        self.ensemble, self.vote, self.purifier_grad = int(ensemble), vote, purifier_grad
+        self.last_t_star: Optional[Tensor] = None
+        self.last_score_norm: Optional[Tensor] = None
+        self.eval()
+        if freeze:
+            self.requires_grad_(False)
+
+    @property
+    def score_model(self) -> nn.Module:
+        """The score network used for the score norm."""
+        return self.scorer.model
+
+    # -- stages ----------------------------------------------------------------------------
+    def preprocess(self, x: Tensor) -> Tensor:
+        """Resize to the classifier's input size and normalise; [B,C,H,W] in [0,1] -> [B,C,h,w]."""
+        if tuple(x.shape[-2:]) != self.input_size:
+            down = x.shape[-1] > self.input_size[-1]
+            x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False,
+                              antialias=down)
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    def classify(self, x: Tensor) -> Tensor:
+        """The bare classifier with this wrapper's preprocessing; x [B,C,H,W] in [0,1] -> [B,n]."""
+        return self.classifier(self.preprocess(x))
+
+    def _seeds(self, x: Tensor, seeds: Optional[Tensor]) -> Tensor:
+        b = x.shape[0]
+        if seeds is None:
+            return torch.randint(0, 1 << 62, (b,), dtype=torch.long)
+        seeds = torch.as_tensor(seeds, dtype=torch.long).reshape(-1).cpu()
+        if seeds.numel() != b:
+            raise ValueError(f"seeds must have one entry per sample ({b}), got {seeds.numel()}")
+        return seeds
+
+    def t_star(self, x: Tensor, seeds: Optional[Tensor] = None,
+               smooth: bool = False) -> Tuple[Tensor, Tensor]:
+        """Per-sample noise level and score norm; x [B,C,H,W] in [0,1] -> (t* [B], s [B])."""
+        seeds = self._seeds(x, seeds)
+        s = self.scorer(x, seeds=mix_seeds(seeds, 0))
+        return self.reweight(s, smooth=smooth), s
+
+    def run(self, x: Tensor, seeds: Optional[Tensor] = None, attack: bool = False,
+            smooth: bool = False, grad: Optional[str] = None, vote: Optional[str] = None) -> Tensor:
+        """The full pipeline with explicit choices; x [B,C,H,W] in [0,1] -> logits [B,n]."""
+        check_images(x)
+        self.score_model.check_input(x)
+        seeds = self._seeds(x, seeds)
+        t, s = self.t_star(x, seeds, smooth=smooth)
+        self.last_t_star, self.last_score_norm = t.detach(), s.detach()
+        k, b = self.ensemble, x.shape[0]
+        member_seeds = torch.cat([mix_seeds(seeds, 1 + i) for i in range(k)])
+        xk = x.repeat(k, 1, 1, 1) if k > 1 else x
+        tk = t.repeat(k) if k > 1 else t
+        purifier = self.attack_purifier if attack else self.purifier
+        xp = purifier(xk, tk, seeds=member_seeds, grad=grad)
+        logits = self.classify(xp).reshape(k, b, -1)
+        if k == 1:
+            return logits[0]
+        return VOTES.get(vote or self.vote)(logits)
+
+    def forward(self, x: Tensor, seeds: Optional[Tensor] = None) -> Tensor:
+        """Defense logits [B,n] for images x [B,C,H,W] in [0,1] (the defense purifier)."""
+        return self.run(x, seeds, attack=False, smooth=False, grad=self.purifier_grad)
+
+    def surrogate(self, grad: str = "full", smooth: bool = True) -> nn.Module:
+        """The attacker's view as a plain nn.Module: attack purifier, smooth t*(x), mean-prob vote."""
+        return SurrogateView(self, grad=grad, smooth=smooth)
+
+    def extra_repr(self) -> str:
+        return (f"input_size={self.input_size}, ensemble={self.ensemble}, vote={self.vote!r}, "
+                f"reweight={type(self.reweight).__name__}")
+
+    # -- construction from a recipe --------------------------------------------------------
+    @classmethod
+    def from_recipe(cls, recipe: Union[str, os.PathLike, "DefenseConfig", None],
+                    overrides: Sequence[str] = (), device: Union[str, torch.device, None] = None
+                    ) -> "RobustClassifier":
+        """Build from a YAML recipe (+ key=value overrides) or a DefenseConfig."""
+        cfg = recipe if isinstance(recipe, DefenseConfig) else load_config(
+            DefenseConfig, recipe, overrides)
+        return build_defense(cfg, device=device)
+
+
+class SurrogateView(nn.Module):
+    """Attack view of a RobustClassifier: forward(x [B,C,H,W] in [0,1], seeds=None) -> logits."""
+
+    def __init__(self, parent: RobustClassifier, grad: str = "full", smooth: bool = True):
+        super().__init__()
+        self.parent = parent
+        self.grad, self.smooth = grad, smooth
+
+    def forward(self, x: Tensor, seeds: Optional[Tensor] = None) -> Tensor:
+        """Surrogate logits [B,n]; differentiable in x through purifier, t*(x) and score norm."""
+        return self.parent.run(x, seeds, attack=True, smooth=self.smooth, grad=self.grad,
+                               vote="mean_prob")
+
+
+# -- recipes -----------------------------------------------------------------------------------
+@dataclass
+class ClassifierRef:
+    """Where the classifier comes from: a checkpoint/run directory, or a timm name."""
+
+    name: str = "resnet18"
+    checkpoint: Optional[str] = None  # run dir or checkpoint dir (train-classifier) or weights file
+    weights: str = "ema"  # for run/checkpoint dirs: "model" or "ema"
+    pretrained: bool = False
+    in_chans: Optional[int] = None  # default: the score model's channels
+    num_classes: int = 10
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DefenseConfig:
+    """Everything that defines an SSNI defense (saved with evaluations)."""
+
+    score_model: str = "runs/score-digits"
+    score_weights: str = "ema"
+    calibration: Optional[str] = None  # calibration.json; needed by linear / sigmoid
+    score_norm: ScoreNormConfig = field(default_factory=ScoreNormConfig)
+    reweight: ReweightConfig = field(default_factory=ReweightConfig)
+    purifier: Dict[str, Any] = field(default_factory=dict)  # PurifierConfig fields
+    attack_purifier: Optional[Dict[str, Any]] = None  # None: the defense purifier
+    purifier_grad: Optional[str] = None  # grad mode of the defense purifier's forward
+    classifier: ClassifierRef = field(default_factory=ClassifierRef)
+    input_size: Optional[int] = None
+    mean: Optional[List[float]] = None  # null: timm's data config
+    std: Optional[List[float]] = None
+    ensemble: int = 1
+    vote: str = "mean_prob"
+    device: str = "auto"
+
+
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    """'auto' -> cuda if available else cpu."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_score_model(path: Union[str, os.PathLike, nn.Module], weights: str = "ema") -> nn.Module:
+    """A score network from a checkpoint/run directory (EMA weights by default), or as given."""
+    if isinstance(path, nn.Module):
+        return path
+    from .models import load_model
+
+    try:
+        return load_model(path, weights=weights)
+    except FileNotFoundError:
+        if weights == "ema":  # checkpoints saved with save_model have only model weights
+            return load_model(path, weights="model")
+        raise
+
+
+def load_classifier(ref: ClassifierRef, in_chans: int, image_size: int) -> nn.Module:
+    """A classifier from a run/checkpoint directory, a weights file, or a fresh timm model."""
+    from .models import create_classifier, load_model
+
+    ckpt = Path(ref.checkpoint) if ref.checkpoint else None
+    if ckpt is not None and ckpt.is_dir():
+        try:
+            return load_model(ckpt, weights=ref.weights)
+        except FileNotFoundError:
+            return load_model(ckpt, weights="model")
+    return create_classifier(ref.name, in_chans=ref.in_chans or in_chans,
+                             num_classes=ref.num_classes, image_size=image_size,
+                             pretrained=ref.pretrained,
+                             checkpoint=str(ckpt) if ckpt is not None else None, **ref.kwargs)
+
+
+def build_purifier_from_dict(score_model: nn.Module, fields: Dict[str, Any]) -> nn.Module:
+    """ssni.purify.build_purifier with a PurifierConfig made from a plain dict."""
+    from .config import from_dict
+    from .purify import PurifierConfig, build_purifier
+
+    return build_purifier(score_model, from_dict(PurifierConfig, dict(fields), "purifier"))
+
+
+def build_defense(cfg: DefenseConfig, device: Union[str, torch.device, None] = None
+                  ) -> RobustClassifier:
+    """Build a RobustClassifier from a DefenseConfig (loads networks and the calibration)."""
+    dev = resolve_device(device or cfg.device)
+    score_model = load_score_model(cfg.score_model, cfg.score_weights).to(dev).eval()
+    calibration = Calibration.load(cfg.calibration) if cfg.calibration else None
+    reweight = build_reweight(cfg.reweight.name, calibration, **cfg.reweight.kwargs)
+    purifier = build_purifier_from_dict(score_model, cfg.purifier)
+    attack = (build_purifier_from_dict(score_model, cfg.attack_purifier)
+              if cfg.attack_purifier is not None else None)
+    c, h, _ = score_model.input_shape
+    classifier = load_classifier(cfg.classifier, c, cfg.input_size or h).to(dev).eval()
+    model = RobustClassifier(classifier=classifier, score_model=score_model, purifier=purifier,
+                             reweight=reweight, calibration=calibration, attack_purifier=attack,
+                             score_norm=cfg.score_norm, input_size=cfg.input_size, mean=cfg.mean,
+                             std=cfg.std, ensemble=cfg.ensemble, vote=cfg.vote,
+                             purifier_grad=cfg.purifier_grad)
+    model.recipe = to_dict(cfg)
+    return model.to(dev)
+
+
+def wrap_timm(classifier: Union[str, nn.Module], *, score_model: Union[nn.Module, str],
+              calibration: Union[Calibration, str, os.PathLike, None] = None,
+              reweight: Union[str, Reweight] = "sigmoid",
+              reweight_kwargs: Optional[Dict[str, Any]] = None,
+              purifier: Optional[nn.Module] = None,
+              purifier_config: Optional[Dict[str, Any]] = None,
+              attack_purifier: Optional[nn.Module] = None,
+              attack_purifier_config: Optional[Dict[str, Any]] = None,
+              score_norm: Optional[ScoreNormConfig] = None, num_classes: Optional[int] = None,
+              pretrained: bool = False, checkpoint: Optional[str] = None,
+              input_size: Union[int, Sequence[int], None] = None,
+              mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+              ensemble: int = 1, vote: str = "mean_prob", **timm_kwargs: Any) -> RobustClassifier:
+    """Wrap any timm model (name or instance) as an SSNI-purified nn.Module, [0,1] in, logits out.
+
+    A name builds the timm model with the score model's channel count and `num_classes`;
+    the purifier is built from `purifier_config` (PurifierConfig fields) unless given.
+    """
+    score_model = load_score_model(score_model)
+    if isinstance(calibration, (str, os.PathLike)):
+        calibration = Calibration.load(calibration)
+    if isinstance(classifier, str):
+        if num_classes is None:
+            raise ValueError("wrap_timm with a model name needs num_classes=...")
+        from .models import create_classifier
+
+        size = _pair(input_size)[0] if input_size is not None else score_model.input_shape[-1]
+        classifier = create_classifier(classifier, in_chans=score_model.input_shape[0],
+                                       num_classes=num_classes, image_size=size,
+                                       pretrained=pretrained, checkpoint=checkpoint,
+                                       **timm_kwargs)
+    elif timm_kwargs:
+        raise ValueError(f"timm keyword arguments {sorted(timm_kwargs)} only apply when the "
+                         f"classifier is given by name")
+    if not isinstance(reweight, Reweight):
+        reweight = build_reweight(reweight, calibration, **(reweight_kwargs or {}))
+    if purifier is None:
+        purifier = build_purifier_from_dict(score_model, purifier_config or {})
+    if attack_purifier is None and attack_purifier_config is not None:
+        attack_purifier = build_purifier_from_dict(score_model, attack_purifier_config)
+    dev = next(iter(score_model.parameters()), torch.empty(0)).device
+    return RobustClassifier(classifier=classifier.to(dev).eval(), score_model=score_model,
+                            purifier=purifier, reweight=reweight, calibration=calibration,
+                            attack_purifier=attack_purifier, score_norm=score_norm,
+                            input_size=input_size, mean=mean, std=std, ensemble=ensemble,
+                            vote=vote)
