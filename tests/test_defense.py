@@ -224,3 +224,48 @@ def test_build_from_recipe(tmp_path):
     path.write_text(yaml.safe_dump(recipe))
     with pytest.raises(ValueError, match="needs a calibration"):
         RobustClassifier.from_recipe(path)
+
+
+def _tiny_defense_recipe(tmp_path):
+    """A complete defense on 8x8 digits: perturbed unet_tiny, its calibration, resnet10t."""
+    torch.manual_seed(0)
+    sm = create_model("unet_tiny")
+    with torch.no_grad():
+        for p in sm.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    save_model(tmp_path / "score", sm)
+    _calibration(sm.eval()).save(tmp_path / "calibration.json")
+    clf = create_classifier("resnet10t", in_chans=1, num_classes=10, image_size=8)
+    atomic_save_safetensors(tmp_path / "clf" / "model.safetensors", clf.state_dict())
+    atomic_write_json(tmp_path / "clf" / "model.json", classifier_spec(clf))
+    recipe = {"score_model": str(tmp_path / "score"),
+              "calibration": str(tmp_path / "calibration.json"), "score_norm": {"timesteps": 4},
+              "reweight": {"name": "sigmoid", "kwargs": {"t_star": 0.05}}, "purifier": PURIFY,
+              "classifier": {"checkpoint": str(tmp_path / "clf")}, "mean": [0.0], "std": [1.0],
+              "device": "cpu"}
+    path = tmp_path / "defense.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_finetune_classifier_cli(tmp_path):
+    from ssni.cli import main
+    from ssni.defense import DefenseConfig
+    from ssni.config import load_config
+
+    recipe = _tiny_defense_recipe(tmp_path)
+    out = tmp_path / "ft"
+    rc = main(["finetune-classifier", f"run_dir={out}", f"defense_recipe={recipe}",
+               "data.image_size=8", "copies=1", "loop.steps=3", "loop.batch_size=16",
+               "eval_count=32", "progress=false", "loop.progress=false", "device=cpu"])
+    assert rc == 0
+    summary = yaml.safe_load((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["eval_count"] == 32
+    assert summary["train_images"] == 2 * 1438  # one purified copy + the clean images
+    assert 0.0 < summary["mean_t_star_train"] <= 0.055
+    # the written recipe rebuilds the defense with the fine-tuned weights
+    cfg = load_config(DefenseConfig, out / "defense.yaml")
+    assert cfg.classifier.checkpoint == str(out)
+    w = build_defense(cfg)
+    with torch.no_grad():
+        assert w(_images(2), seeds=torch.arange(2)).shape == (2, 10)

@@ -1,4 +1,5 @@
 """Reweighting functions: monotone, bounded, formulas, batch independence, learned fit, oracle."""
+import json
 import math
 
 import pytest
@@ -168,3 +169,44 @@ def test_private_pgd_stays_in_budget_and_hurts():
     assert (adv - x).abs().max() <= 0.1 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
     assert F.cross_entropy(net(adv), y) > F.cross_entropy(net(x), y)
     assert (net(adv).argmax(1) == y).float().mean() < 1.0
+
+
+def test_fit_reweight_cli(tmp_path):
+    import yaml
+
+    from ssni.cli import main
+    from ssni.io import atomic_save_safetensors, atomic_write_json
+    from ssni.models import classifier_spec, create_classifier, create_model, save_model
+    from ssni.scoring import ScoreNormConfig, calibrate
+
+    torch.manual_seed(0)
+    sm = create_model("unet_tiny")
+    with torch.no_grad():  # nudge the zero-initialised output layers so the score is not zero
+        for p in sm.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    save_model(tmp_path / "score", sm)
+    cal, _ = calibrate(sm.eval(), torch.rand(16, 1, 8, 8), ScoreNormConfig(timesteps=3))
+    cal.save(tmp_path / "calibration.json")
+    clf = create_classifier("resnet10t", in_chans=1, num_classes=10, image_size=8)
+    atomic_save_safetensors(tmp_path / "clf" / "model.safetensors", clf.state_dict())
+    atomic_write_json(tmp_path / "clf" / "model.json", classifier_spec(clf))
+    recipe = {"score_model": str(tmp_path / "score"),
+              "calibration": str(tmp_path / "calibration.json"), "score_norm": {"timesteps": 3},
+              "purifier": {"sampler": "ddpm", "steps": 2},
+              "classifier": {"checkpoint": str(tmp_path / "clf")}, "mean": [0.0], "std": [1.0],
+              "device": "cpu"}
+    (tmp_path / "defense.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "rw"
+    rc = main(["fit-reweight", f"output={out}", f"defense_recipe={tmp_path / 'defense.yaml'}",
+               "data.image_size=8", "count=12", "noise_std=[0.2]", "pgd_eps=[0.1]",
+               "pgd_steps=2", "t_grid=[0.0,0.05,0.2]", "fit.steps=50", "fit.knots=4",
+               "progress=false", "device=cpu"])
+    assert rc == 0
+    saved = json.loads((out / "reweight.json").read_text())
+    assert saved["name"] == "learned" and set(saved["per_kind"]) == {
+        "clean", "noise 0.2", "pgd 25.5/255"}
+    assert len(json.loads((out / "oracle.json").read_text())["norms"]) == 36
+    assert (out / "reweight.png").stat().st_size > 1000
+    curve = build_reweight("learned", path=str(out))
+    t = curve(torch.linspace(0, 1e3, 50))
+    assert (t[1:] >= t[:-1]).all() and t.max() <= 0.3 + 1e-6
