@@ -1,0 +1,233 @@
+"""The Purifier: diffuse each image to its own t*, run the reverse process back to 0.
+
+Cost: each stage's samples are ordered by their step counts and the grids are end-aligned, so at
+every step the samples that still have a step left form a prefix of the batch; the network runs on
+that prefix only. Total work is the sum of the samples' own steps, not B x the largest.
+
+Randomness: every sample draws from its own stream seeded by its own seed (noise.py), so a sample
+gives the same result alone or in any batch, and a run repeats bit for bit.
+
+Gradients: chosen per call (grads.py). In "full" mode every reverse step is an autograd node,
+checkpointed when `checkpoint` is on and autograd is recording, so activation memory stays at one
+step's worth whatever the number of steps; the recomputation gets the step's saved noise tensor as
+an input, so it reuses the same noise. Nothing here turns autograd off on its own.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from ..diffusion import _bcast, to_model_space, to_pixel_space
+from .grads import GRAD_MODES
+from .noise import NoiseStream, check_seeds, draw_seeds
+from .samplers import Plan, Sampler, build_sampler
+
+
+def check_images(x: Tensor, input_shape: Sequence[int]) -> None:
+    """Raise a clear error unless x is [B,C,H,W] of `input_shape`, finite, with pixels in [0, 1]."""
+    c, h, w = input_shape
+    if not torch.is_tensor(x) or not x.is_floating_point():
+        raise ValueError(f"images must be a floating-point tensor [B, {c}, {h}, {w}] in [0, 1], "
+                         f"got {type(x).__name__} {getattr(x, 'dtype', '')}")
+    if x.dim() != 4 or tuple(x.shape[1:]) != tuple(input_shape):
+        raise ValueError(f"the score network was built for images of shape [B, {c}, {h}, {w}] "
+                         f"(channels {c}, size {h}x{w}); got {list(x.shape)}")
+    flat = x.detach().flatten(1)
+    finite = torch.isfinite(flat).all(1)
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite).flatten().tolist()
+        raise ValueError(f"images hold NaN/Inf in samples {bad}; expected finite pixels in [0, 1]")
+    lo, hi = flat.min(1).values, flat.max(1).values
+    out = (lo < 0) | (hi > 1)
+    if bool(out.any()):
+        bad = torch.nonzero(out).flatten().tolist()
+        ranges = [(round(lo[b].item(), 4), round(hi[b].item(), 4)) for b in bad[:8]]
+        raise ValueError(f"pixels outside [0, 1] in samples {bad} (min, max per sample: {ranges}); "
+                         f"expected images in [0, 1] (convert from [-1, 1] or [0, 255] first)")
+
+
+class Purifier(nn.Module):
+    """Diffusion purification with a per-sample t*.
+
+    forward(x [B,C,H,W] in [0,1], t_star float | Tensor[B] in [0,1], seeds=None, generator=None,
+    grad=None) -> [B,C,H,W] in [0,1]. Seeds: LongTensor[B], one per sample; else per-sample seeds
+    are drawn from `generator` (or torch's global RNG). grad: "full" | "bpda" | "surrogate"
+    (None: this purifier's default). `nfe_last` / `calls_last`: network evaluations in sample-steps
+    / batched network calls of the last forward.
+    """
+
+    def __init__(self, score_model: nn.Module, sampler: str | Sampler = "diffpure", *,
+                 dt: float = 1e-3, steps: Optional[int] = None,
+                 stages: Sequence[float] = (0.5, 1.0), inner: str = "ddpm",
+                 guidance_scale: float = 10.0, clip: bool = True, grad: str = "full",
+                 checkpoint: bool = True, surrogate: Optional["Purifier"] = None,
+                 progress: bool = False):
+        super().__init__()
+        for attr in ("diffusion", "input_shape"):
+            if not hasattr(score_model, attr):
+                raise ValueError(f"score_model must be an EpsModel (it has no .{attr}); "
+                                 f"got {type(score_model).__name__}")
+        self.model = score_model
+        if isinstance(sampler, Sampler):
+            self.sampler = sampler
+        else:
+            self.sampler = build_sampler(sampler, dt=dt, steps=steps, stages=stages, inner=inner,
+                                         guidance_scale=guidance_scale, clip=clip)
+        self.sampler_name = sampler if isinstance(sampler, str) else type(sampler).__name__
+        GRAD_MODES.get(grad)  # unknown modes fail here, listing the choices
+        if surrogate is not None and not isinstance(surrogate, Purifier):
+            raise ValueError(f"surrogate must be a Purifier, got {type(surrogate).__name__}")
+        self.grad = grad
+        self.checkpoint = bool(checkpoint)
+        self.surrogate = surrogate
+        self.progress = bool(progress)
+        self.nfe_last = 0
+        self.calls_last = 0
+        self.model.eval()
+
+    def train(self, mode: bool = True) -> "Purifier":
+        """Set training mode on the module, but keep the score network in eval mode.
+
+        Why: dropout in the score network would add randomness that the per-sample seeds do not
+        control, breaking reproducibility and the alone-equals-batched guarantee.
+        """
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    @property
+    def diffusion(self):
+        """The score network's VP process."""
+        return self.model.diffusion
+
+    # -- validation --------------------------------------------------------------------------
+    def check_inputs(self, x: Tensor, t_star: Tensor | float) -> Tensor:
+        """Validate images and t*; returns t* as float [B] on x's device."""
+        check_images(x, self.model.input_shape)
+        return self.diffusion.check_t(t_star, x.shape[0], device=x.device)
+
+    def resolve_seeds(self, batch: int, seeds: Optional[Tensor] = None,
+                      generator: Optional[torch.Generator] = None) -> list:
+        """Per-sample seeds: given ones (validated), else drawn from generator / global RNG."""
+        if seeds is not None:
+            if generator is not None:
+                raise ValueError("pass either seeds or generator, not both")
+            return check_seeds(seeds, batch)
+        return draw_seeds(batch, generator).tolist()
+
+    # -- public entry points -----------------------------------------------------------------
+    def forward(self, x: Tensor, t_star: Tensor | float, seeds: Optional[Tensor] = None,
+                generator: Optional[torch.Generator] = None, grad: Optional[str] = None) -> Tensor:
+        """Purify x [B,C,H,W] in [0,1] at per-sample t* -> [B,C,H,W] in [0,1]."""
+        t = self.check_inputs(x, t_star)
+        seed_list = self.resolve_seeds(x.shape[0], seeds, generator)
+        mode = GRAD_MODES.get(grad or self.grad)
+        return mode(self, x, t, seed_list)
+
+    def diffuse(self, x: Tensor, t_star: Tensor | float, seeds: Optional[Tensor] = None,
+                generator: Optional[torch.Generator] = None) -> Tensor:
+        """Forward diffusion of the first stage only: x [B,C,H,W] in [0,1] -> x_t* in model space."""
+        t = self.check_inputs(x, t_star)
+        seed_list = self.resolve_seeds(x.shape[0], seeds, generator)
+        stream = NoiseStream(seed_list, x.shape[1:], x.device, x.dtype)
+        sampler, ts = self.sampler.stages(t)[0]
+        plan = sampler.plan(self.diffusion, ts.detach().double().cpu())
+        return self._diffuse(sampler, plan, to_model_space(x), stream)
+
+    def alpha_bar_start(self, t_star: Tensor | float, batch: int = 1) -> Tensor:
+        """alpha_bar at which the first stage's forward diffusion ends, per sample (float64 [B])."""
+        t = self.diffusion.check_t(t_star, batch)
+        sampler, ts = self.sampler.stages(t)[0]
+        a, _ = sampler.start_coeffs(self.diffusion, sampler.plan(self.diffusion, ts.double()))
+        return a * a
+
+    def steps_per_sample(self, t_star: Tensor | float, batch: int = 1) -> np.ndarray:
+        """Network evaluations each sample needs (summed over stages), int64 [B]."""
+        t = self.diffusion.check_t(t_star, batch)
+        total = np.zeros(batch, dtype=np.int64)
+        for sampler, ts in self.sampler.stages(t):
+            total += sampler.plan(self.diffusion, ts.double()).lengths
+        return total
+
+    # -- the engine ----------------------------------------------------------------------------
+    def run(self, x: Tensor, t: Tensor, seeds: Sequence[int]) -> Tensor:
+        """Purify with autograd recording as the caller set it (the "full" mode's body).
+
+        x: [B,C,H,W] in [0,1] (validated), t: float [B] (validated), seeds: B ints.
+        """
+        stream = NoiseStream(seeds, x.shape[1:], x.device, x.dtype)
+        ref = to_model_space(x)
+        xm = ref
+        use_ckpt = self.checkpoint and torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.model.parameters()))
+        steps = np.zeros(x.shape[0], dtype=np.int64)
+        calls = 0
+        stages = self.sampler.stages(t)
+        for k, (sampler, ts) in enumerate(stages):
+            plan = sampler.plan(self.diffusion, ts.detach().double().cpu())
+            xm = self._diffuse(sampler, plan, xm, stream)
+            xm = self._reverse(sampler, plan, xm, ref, stream, use_ckpt)
+            if k < len(stages) - 1:  # each stage hands an image on to the next
+                xm = xm.clamp(-1.0, 1.0)
+            steps += plan.lengths
+            calls += plan.max_len
+        self.nfe_last = int(steps.sum())
+        self.calls_last = calls
+        out = to_pixel_space(xm).clamp(0.0, 1.0)
+        untouched = steps == 0
+        if untouched.any():  # t* = 0 (or below one step): return the input exactly
+            keep = torch.as_tensor(untouched, device=x.device)
+            out = torch.where(_bcast(keep, x).bool(), x, out)
+        return out
+
+    def _diffuse(self, sampler: Sampler, plan: Plan, xm: Tensor, stream: NoiseStream) -> Tensor:
+        a, s = sampler.start_coeffs(self.diffusion, plan)
+        z = stream.draw()
+        return _bcast(a.to(xm), xm) * xm + _bcast(s.to(xm), xm) * z
+
+    def _reverse(self, sampler: Sampler, plan: Plan, xm: Tensor, ref: Tensor,
+                 stream: NoiseStream, use_ckpt: bool) -> Tensor:
+        big_l = plan.max_len
+        if big_l == 0:
+            return xm
+        n = xm.shape[0]
+        order = np.argsort(-plan.lengths, kind="stable")
+        identity = bool((order == np.arange(n)).all())
+        lengths = plan.lengths[order]
+        # active[g]: samples with a step left at global step g (a prefix of the sorted batch)
+        active = [(int((lengths >= big_l - g).sum())) for g in range(big_l)]
+        dev = xm.device
+        perm = torch.as_tensor(order, device=dev)
+        grid = plan.grid.index_select(0, torch.as_tensor(order)).to(dev)
+        xp = xm if identity else xm.index_select(0, perm)
+        refp = None
+        if sampler.needs_reference:
+            refp = ref if identity else ref.index_select(0, perm)
+        it = range(big_l)
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, desc=f"purify ({type(sampler).__name__})", leave=False)
+        for g in it:
+            a = active[g]
+            noise = stream.draw(order[:a]) if sampler.stochastic else None
+            xa = xp if a == n else xp[:a]
+            ra = None if refp is None else (refp if a == n else refp[:a])
+            args = (self.model, xa, grid[:a, g], grid[:a, g + 1], noise, ra)
+            if use_ckpt:
+                new = _checkpoint(sampler.step, *args, use_reentrant=False)
+            else:
+                new = sampler.step(*args)
+            xp = new if a == n else torch.cat([new, xp[a:]], 0)
+        if identity:
+            return xp
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(n, device=dev)
+        return xp.index_select(0, inv)
+
+    def extra_repr(self) -> str:
+        return f"sampler={self.sampler!r}, grad={self.grad!r}, checkpoint={self.checkpoint}"
