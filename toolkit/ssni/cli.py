@@ -27,6 +27,8 @@ register_command("train-score", "ssni.training.score:ScoreTrainConfig",
                  "ssni.training.score:train_score", "train a score network (DSM) on clean images")
 register_command("train-classifier", "ssni.training.classifier:ClassifierTrainConfig",
                  "ssni.training.classifier:train_classifier", "train a timm classifier")
+register_command("purify", "ssni.purify.run:PurifyCommandConfig", "ssni.purify.run:purify_images",
+                 "purify your own images (file or folder) with a score checkpoint and a t*")
 register_command("calibrate", "ssni.scoring.calibration:CalibrateConfig",
                  "ssni.scoring.calibration:run_calibrate",
                  "score norms of clean images -> calibration JSON (+ plot)")

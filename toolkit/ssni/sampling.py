@@ -24,16 +24,15 @@ def predict_x0(model: nn.Module, x: Tensor, i: Tensor, clip: bool = True):
     """Network eps and the implied x0 at discrete indices i; x: [B,C,H,W], i: long [B]."""
     diffusion: VPDiffusion = model.diffusion
     ab = _alpha_bar_at(diffusion, i)
-    eps = model(x, diffusion.t_of_step(i))
+    eps = model(x, diffusion.t_of_step(i).to(x.dtype))  # t in the caller's precision (float64 tests)
     x0 = (x - _bcast(torch.sqrt(1 - ab), x) * eps) / _bcast(torch.sqrt(ab), x)
     if clip:
         x0 = x0.clamp(-1.0, 1.0)
     return eps, x0
 
 
-def ddpm_step(model: nn.Module, x: Tensor, i: Tensor, j: Tensor, noise: Optional[Tensor],
-              clip: bool = True) -> Tensor:
-    """Ancestral step x_i -> x_j (j < i, per sample); noise [B,C,H,W] is ignored where j = -1."""
+def ddpm_mean_var(model: nn.Module, x: Tensor, i: Tensor, j: Tensor, clip: bool = True):
+    """Mean [B,C,H,W] and variance [B] of the ancestral step x_i -> x_j (j < i, per sample)."""
     diffusion: VPDiffusion = model.diffusion
     ab_i, ab_j = _alpha_bar_at(diffusion, i), _alpha_bar_at(diffusion, j)
     _, x0 = predict_x0(model, x, i, clip)
@@ -42,6 +41,13 @@ def ddpm_step(model: nn.Module, x: Tensor, i: Tensor, j: Tensor, noise: Optional
     ct = torch.sqrt(1.0 - beta) * (1.0 - ab_j) / (1.0 - ab_i)
     mean = _bcast(c0, x) * x0 + _bcast(ct, x) * x
     var = beta * (1.0 - ab_j) / (1.0 - ab_i)
+    return mean, var
+
+
+def ddpm_step(model: nn.Module, x: Tensor, i: Tensor, j: Tensor, noise: Optional[Tensor],
+              clip: bool = True) -> Tensor:
+    """Ancestral step x_i -> x_j (j < i, per sample); noise [B,C,H,W] is ignored where j = -1."""
+    mean, var = ddpm_mean_var(model, x, i, j, clip)
     if noise is None:
         return mean
     std = torch.where(j < 0, torch.zeros_like(var), torch.sqrt(var.clamp(min=0)))
