@@ -143,7 +143,8 @@ class Trainer:
 
     @torch.no_grad()
     def _update_ema(self) -> None:
-        d = self.loop.ema_decay
+        # warm-up of the decay so short runs are not dominated by the initial weights
+        d = min(self.loop.ema_decay, (1.0 + self.step) / (10.0 + self.step))
         for pe, pm in zip(self.ema.parameters(), self.model.parameters()):
             pe.lerp_(pm.detach(), 1.0 - d)
         for be, bm in zip(self.ema.buffers(), self.model.buffers()):
