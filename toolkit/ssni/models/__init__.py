@@ -1,5 +1,6 @@
 """Score networks (U-Nets), denoisers, and the model factory."""
 from . import zoo  # noqa: F401  (registers the variants)
+from . import dncnn  # noqa: F401  (registers the denoisers)
 from .base import EpsModel
 from .factory import (CHECKPOINT_FORMATS, MODELS, create_model, list_models, load_model,
                       model_spec, register_model, save_model, weights_fingerprint)

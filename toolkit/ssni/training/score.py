@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
+from .. import typical  # noqa: F401  (registers the TS noise sampler)
 from ..config import save_config, to_dict
 from ..data import DataConfig, build_dataset
 from ..io import atomic_write_json

@@ -1,0 +1,177 @@
+"""Typical-set utilities for Gaussian noise, and the TS (typical-set sampling) noise sampler.
+
+Gaussian noise n ~ N(0, s^2 I_d) concentrates on a thin shell: ||n|| is about s*sqrt(d) with a
+spread of about s/sqrt(2) whatever d. The epsilon-typical set used here is
+    | ||n||^2 / (d s^2) - 1 | <= 2 eps,
+and the per-sample statistic ||r||^2 / (d s^2) - 1 tells how far a residual r sits off that shell.
+
+`TypicalSetNoise` (registered as the noise sampler "typical_set") draws Gaussian directions whose
+radii are pushed outside (and optionally inside) the shell, so that a network trained on it also
+sees noise that is not on the shell. Its defaults are our own choices: the TS paper's exact radii
+and mixing ratio are not public.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .training.losses import NOISE_SAMPLERS
+
+__all__ = ["expected_norm", "exact_expected_norm", "typical_shell", "typicality_statistic",
+           "in_typical_set", "shell_probability", "random_directions", "noise_with_radii",
+           "TypicalSetNoise"]
+
+
+def _check_dim(d: int) -> int:
+    if isinstance(d, bool) or int(d) != d or d < 1:
+        raise ValueError(f"dimension d must be a positive integer, got {d!r}")
+    return int(d)
+
+
+def _check_eps(eps: float) -> float:
+    if not (eps > 0):
+        raise ValueError(f"eps must be > 0, got {eps!r}")
+    return float(eps)
+
+
+def expected_norm(d: int, sigma: float = 1.0) -> float:
+    """The shell radius s*sqrt(d) of N(0, s^2 I_d) noise (the large-d value of E||n||)."""
+    return float(sigma) * math.sqrt(_check_dim(d))
+
+
+def exact_expected_norm(d: int, sigma: float = 1.0) -> float:
+    """E||n|| exactly: s*sqrt(2)*Gamma((d+1)/2)/Gamma(d/2) (the chi distribution's mean)."""
+    d = _check_dim(d)
+    return float(sigma) * math.sqrt(2.0) * math.exp(math.lgamma((d + 1) / 2) - math.lgamma(d / 2))
+
+
+def typical_shell(d: int, sigma: float = 1.0, eps: float = 0.05) -> Tuple[float, float]:
+    """Radii (r_lo, r_hi) of the eps-typical shell: | r^2/(d s^2) - 1 | <= 2 eps."""
+    d, eps = _check_dim(d), _check_eps(eps)
+    lo = float(sigma) * math.sqrt(d * max(0.0, 1.0 - 2.0 * eps))
+    hi = float(sigma) * math.sqrt(d * (1.0 + 2.0 * eps))
+    return lo, hi
+
+
+def _per_sample_sigma(sigma: float | Tensor, b: int, like: Tensor) -> Tensor:
+    s = torch.as_tensor(sigma, dtype=torch.float64, device=like.device)
+    if s.dim() == 0:
+        s = s.expand(b)
+    if s.shape != (b,):
+        raise ValueError(f"sigma must be a number or a tensor of shape [{b}], got {tuple(s.shape)}")
+    if not (s > 0).all():
+        raise ValueError(f"sigma must be > 0, got {s.tolist()}")
+    return s
+
+
+def typicality_statistic(residual: Tensor, sigma: float | Tensor) -> Tensor:
+    """Per-sample ||r||^2 / (d s^2) - 1; residual: [B, ...] (d = numel per sample) -> [B].
+
+    About N(0, 2/d) for Gaussian residuals; adversarial residuals drift away from 0.
+    """
+    if residual.dim() < 2:
+        raise ValueError(f"residual must be [B, ...] with a batch dimension, got {list(residual.shape)}")
+    flat = residual.detach().flatten(1).double()
+    d = flat.shape[1]
+    s = _per_sample_sigma(sigma, flat.shape[0], flat)
+    return (flat.pow(2).sum(1) / (d * s * s) - 1.0).float()
+
+
+def in_typical_set(residual: Tensor, sigma: float | Tensor, eps: float = 0.05) -> Tensor:
+    """Bool [B]: does each residual [B, ...] lie in the eps-typical set of N(0, s^2 I)?"""
+    return typicality_statistic(residual, sigma).abs() <= 2.0 * _check_eps(eps)
+
+
+def shell_probability(d: int, eps: float = 0.05) -> float:
+    """Exact P(n in the eps-typical set) for n ~ N(0, s^2 I_d): a chi-square(d) interval mass."""
+    d, eps = _check_dim(d), _check_eps(eps)
+    k = torch.tensor(d / 2.0, dtype=torch.float64)
+    hi = torch.special.gammainc(k, torch.tensor(d * (1 + 2 * eps) / 2.0, dtype=torch.float64))
+    lo = torch.special.gammainc(k, torch.tensor(d * max(0.0, 1 - 2 * eps) / 2.0, dtype=torch.float64))
+    return float(hi - lo)
+
+
+def random_directions(shape: Sequence[int], generator: Optional[torch.Generator] = None,
+                      device=None) -> Tensor:
+    """Unit vectors per sample, uniform on the sphere: shape [B, ...] -> same shape."""
+    g = torch.randn(tuple(shape), generator=generator, device=device)
+    return g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (g.dim() - 1)))
+
+
+def noise_with_radii(radii: Tensor, shape: Sequence[int],
+                     generator: Optional[torch.Generator] = None, device=None) -> Tensor:
+    """Noise whose per-sample norm is radii * sqrt(d); radii: [B] (relative to sqrt(d))."""
+    shape = tuple(shape)
+    d = math.prod(shape[1:])
+    u = random_directions(shape, generator, device)
+    return u * (radii.to(u) * math.sqrt(d)).view(-1, *([1] * (len(shape) - 1)))
+
+
+def _range(value: Sequence[float], name: str) -> Tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be two numbers [low, high], got {value!r}") from None
+    if not (0 < lo <= hi):
+        raise ValueError(f"{name} must satisfy 0 < low <= high, got {value!r}")
+    return lo, hi
+
+
+@NOISE_SAMPLERS.register("typical_set")
+class TypicalSetNoise:
+    """TS noise: Gaussian directions with per-sample radii drawn off the typical shell.
+
+    Radii are relative to sqrt(d), so 1.0 is the shell of unit-std noise. Each sample is, with
+    probability `off_shell_fraction`, moved off the shell; an off-shell sample goes inside (radius
+    ~ U(inner_range)) with probability `inner_fraction`, else outside (radius ~ U(outer_range)).
+    The other samples are ordinary N(0, I) draws. Call: (shape, generator, device) -> [B, ...].
+
+    Defaults (our own; the paper's values are not public): half the samples off the shell,
+    outside only, radius ratio U(1.05, 1.30). At d = 1600 (a 40x40 grey patch) the Gaussian
+    radius ratio has a spread of about 0.018, so 1.05 is well outside the shell; for small d
+    (e.g. 64 pixels) widen the ranges.
+    """
+
+    def __init__(self, off_shell_fraction: float = 0.5, outer_range: Sequence[float] = (1.05, 1.30),
+                 inner_range: Sequence[float] = (0.75, 0.95), inner_fraction: float = 0.0):
+        for name, v in (("off_shell_fraction", off_shell_fraction), ("inner_fraction", inner_fraction)):
+            if not (0.0 <= float(v) <= 1.0):
+                raise ValueError(f"{name} must be in [0, 1], got {v!r}")
+        self.off_shell_fraction = float(off_shell_fraction)
+        self.inner_fraction = float(inner_fraction)
+        self.outer_range = _range(outer_range, "outer_range")
+        self.inner_range = _range(inner_range, "inner_range")
+
+    def draw(self, shape: Sequence[int], generator: Optional[torch.Generator] = None,
+             device=None) -> Tuple[Tensor, Tensor]:
+        """Noise [B, ...] and its kind per sample [B] (0 on shell, 1 outside, 2 inside)."""
+        shape = tuple(shape)
+        if len(shape) < 2:
+            raise ValueError(f"shape must be [B, ...] with a batch dimension, got {list(shape)}")
+        b, d = shape[0], math.prod(shape[1:])
+        g = torch.randn(shape, generator=generator, device=device)
+        # three uniforms per sample: off-shell?, inside?, where in the range
+        u = torch.rand(b, 3, generator=generator, device=device)
+        off = u[:, 0] < self.off_shell_fraction
+        inside = off & (u[:, 1] < self.inner_fraction)
+        outside = off & ~inside
+        lo = torch.where(inside, self.inner_range[0], self.outer_range[0]).to(g)
+        hi = torch.where(inside, self.inner_range[1], self.outer_range[1]).to(g)
+        target = (lo + (hi - lo) * u[:, 2]) * math.sqrt(d)
+        norm = g.flatten(1).norm(dim=1).clamp_min(1e-12)
+        scale = torch.where(off, target / norm, torch.ones_like(norm))
+        kind = outside.long() + 2 * inside.long()
+        return g * scale.view(-1, *([1] * (len(shape) - 1))), kind
+
+    def __call__(self, shape: Sequence[int], generator: Optional[torch.Generator] = None,
+                 device=None) -> Tensor:
+        """Unit-std-like TS noise of `shape` [B, ...]."""
+        return self.draw(shape, generator, device)[0]
+
+    def __repr__(self) -> str:
+        return (f"TypicalSetNoise(off_shell_fraction={self.off_shell_fraction}, "
+                f"outer_range={self.outer_range}, inner_range={self.inner_range}, "
+                f"inner_fraction={self.inner_fraction})")
