@@ -27,6 +27,12 @@ register_command("train-score", "ssni.training.score:ScoreTrainConfig",
                  "ssni.training.score:train_score", "train a score network (DSM) on clean images")
 register_command("train-classifier", "ssni.training.classifier:ClassifierTrainConfig",
                  "ssni.training.classifier:train_classifier", "train a timm classifier")
+register_command("train-denoiser", "ssni.denoise.train:DenoiserTrainConfig",
+                 "ssni.denoise.train:train_denoiser",
+                 "train a denoiser (DnCNN / U-Net) at one noise level, Gaussian or TS noise")
+register_command("evaluate-denoiser", "ssni.denoise.evaluate:DenoiserEvalConfig",
+                 "ssni.denoise.evaluate:evaluate_denoiser",
+                 "denoiser PSNR/SSIM clean and under attack, typical-set statistic, transfer matrix")
 register_command("purify", "ssni.purify.run:PurifyCommandConfig", "ssni.purify.run:purify_images",
                  "purify your own images (file or folder) with a score checkpoint and a t*")
 register_command("calibrate", "ssni.scoring.calibration:CalibrateConfig",
