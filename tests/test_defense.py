@@ -269,3 +269,24 @@ def test_finetune_classifier_cli(tmp_path):
     w = build_defense(cfg)
     with torch.no_grad():
         assert w(_images(2), seeds=torch.arange(2)).shape == (2, 10)
+
+
+def test_shipped_recipes_load():
+    from pathlib import Path
+
+    from ssni.config import load_config
+    from ssni.defense import DefenseConfig
+    from ssni.scoring.calibration import CalibrateConfig
+    from ssni.scoring.fit import FitReweightConfig
+    from ssni.training.finetune import FinetuneConfig
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    for cls, rel in [(DefenseConfig, "defense/digits.yaml"), (CalibrateConfig, "calibrate/digits.yaml"),
+                     (FitReweightConfig, "reweight/digits.yaml"),
+                     (FinetuneConfig, "classifier/digits_finetune.yaml")]:
+        cfg = load_config(cls, root / rel)
+        assert cfg is not None
+    d = load_config(DefenseConfig, root / "defense/digits.yaml")
+    assert d.mean == [0.0] and d.std == [1.0] and d.reweight.name == "sigmoid"
+    PurifierConfig(**d.purifier)  # the purifier fields are valid PurifierConfig fields
+    PurifierConfig(**d.attack_purifier)

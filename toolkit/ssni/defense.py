@@ -179,7 +179,9 @@ class RobustClassifier(nn.Module):
                smooth: bool = False) -> Tuple[Tensor, Tensor]:
         """Per-sample noise level and score norm; x [B,C,H,W] in [0,1] -> (t* [B], s [B])."""
         seeds = self._seeds(x, seeds)
-        s = self.scorer(x, seeds=mix_seeds(seeds, 0))
+        # The rounded t* has zero gradient, so its score norm needs no autograd graph.
+        with torch.set_grad_enabled(smooth and torch.is_grad_enabled()):
+            s = self.scorer(x, seeds=mix_seeds(seeds, 0))
         return self.reweight(s, smooth=smooth), s
 
     def run(self, x: Tensor, seeds: Optional[Tensor] = None, attack: bool = False,

@@ -80,7 +80,7 @@ def plot_reweight(reweights: Mapping[str, torch.nn.Module], path: str | os.PathL
     ax2.set_ylabel("t* (noise level)")
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper left")
+    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="best", framealpha=0.8)
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
