@@ -153,6 +153,8 @@ class DenoisePGD:
             loss, g = self._grad(denoiser, x, y, delta)
             better = loss > best_loss
             best[better], best_loss[better] = delta[better], loss[better]
+            if self.zero_mean:  # step inside the zero-mean subspace: a DC gradient is useless
+                g = g - g.mean((2, 3), keepdim=True)
             if self.norm == "linf":
                 step = g.sign()
             else:
