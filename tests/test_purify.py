@@ -132,6 +132,7 @@ def test_diffpure_step_count_follows_each_t_star_and_runs_active_samples_only():
     out = p(_images(3), torch.tensor([0.02, 0.1, 0.05]), seeds=torch.arange(3))
     assert out.shape == (3, 1, 8, 8)
     assert p.nfe_last == 20 + 100 + 50 and p.calls_last == 100
+    assert p.steps_per_sample(torch.tensor([0.02, 0.1, 0.05])).tolist() == [20, 100, 50]
     assert len(cm.sizes) == 100 and sum(cm.sizes) == 170
     assert cm.sizes[:50] == [1] * 50 and cm.sizes[50:80] == [2] * 30 and cm.sizes[80:] == [3] * 20
 

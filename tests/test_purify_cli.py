@@ -13,6 +13,15 @@ from ssni.models import create_model, save_model
 RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "purify" / "digits.yaml")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """A tiny network runs fastest on one thread (and the test machine is shared)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def checkpoint(tmp_path):
     torch.manual_seed(0)
@@ -87,3 +96,29 @@ def test_purify_errors_are_clear(tmp_path, checkpoint, images, capsys):
     assert "takes 8x8" in capsys.readouterr().err
     assert _run(f"checkpoint={tmp_path / 'nope'}", f"input={images}", "device=cpu") == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_purify_with_a_calibration_gives_each_image_its_own_t_star(tmp_path, checkpoint, images,
+                                                                   capsys):
+    from ssni.models import load_model
+    from ssni.scoring import ScoreNormConfig, calibrate
+
+    model = load_model(checkpoint)
+    clean = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    cal, _ = calibrate(model, clean, ScoreNormConfig(timesteps=5))
+    cal.save(tmp_path / "cal" / "calibration.json")
+    out = tmp_path / "ssni"
+    assert _run(f"checkpoint={checkpoint}", f"input={images}", f"output={out}", "device=cpu",
+                f"calibration={tmp_path / 'cal'}", "score_norm.timesteps=5", "reweight.name=sigmoid",
+                "t_star=0.05", "purifier.sampler=ddpm", "progress=false") == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["images"] == 3 and summary["t_star"] == "per image (calibration)"
+    per_image = json.loads((out / "purify.json").read_text())["t_star_per_image"]
+    ts = list(per_image.values())
+    assert len(ts) == 3 and all(0 <= t <= 0.05 + 0.005 + 1e-9 for t in ts)
+    assert len(set(ts)) > 1  # sample-specific
+    assert summary["network_evaluations"] == sum(round(t * 1000) for t in ts)
+    # a calibration made with other score-norm settings is refused, naming the setting
+    assert _run(f"checkpoint={checkpoint}", f"input={images}", f"output={out}", "device=cpu",
+                f"calibration={tmp_path / 'cal'}", "progress=false") == 2
+    assert "timesteps" in capsys.readouterr().err

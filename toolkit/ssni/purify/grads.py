@@ -39,6 +39,8 @@ def surrogate_gradient(purifier, x: Tensor, t: Tensor, seeds: Sequence[int]) -> 
                          "or set PurifierConfig.surrogate (e.g. {'steps': 20})")
     with torch.no_grad():  # asked for: the defense pass only provides the value
         out = purifier.run(x, t, seeds)
+    if not torch.is_grad_enabled():  # the caller records no graph: the surrogate adds nothing
+        return out
     nfe, calls = purifier.nfe_last, purifier.calls_last
     approx = sur.run(x, t, seeds)
     purifier.nfe_last, purifier.calls_last = nfe + sur.nfe_last, calls + sur.calls_last

@@ -138,17 +138,22 @@ class Purifier(nn.Module):
         plan = sampler.plan(self.diffusion, ts.detach().double().cpu())
         return self._diffuse(sampler, plan, to_model_space(x), stream)
 
-    def alpha_bar_start(self, t_star: Tensor | float, batch: int = 1) -> Tensor:
+    def _t_cpu(self, t_star: Tensor | float, batch: Optional[int]) -> Tensor:
+        if batch is None:
+            batch = t_star.numel() if torch.is_tensor(t_star) and t_star.dim() > 0 else 1
+        return self.diffusion.check_t(torch.as_tensor(t_star).detach().cpu(), batch, device="cpu")
+
+    def alpha_bar_start(self, t_star: Tensor | float, batch: Optional[int] = None) -> Tensor:
         """alpha_bar at which the first stage's forward diffusion ends, per sample (float64 [B])."""
-        t = self.diffusion.check_t(t_star, batch)
+        t = self._t_cpu(t_star, batch)
         sampler, ts = self.sampler.stages(t)[0]
         a, _ = sampler.start_coeffs(self.diffusion, sampler.plan(self.diffusion, ts.double()))
         return a * a
 
-    def steps_per_sample(self, t_star: Tensor | float, batch: int = 1) -> np.ndarray:
+    def steps_per_sample(self, t_star: Tensor | float, batch: Optional[int] = None) -> np.ndarray:
         """Network evaluations each sample needs (summed over stages), int64 [B]."""
-        t = self.diffusion.check_t(t_star, batch)
-        total = np.zeros(batch, dtype=np.int64)
+        t = self._t_cpu(t_star, batch)
+        total = np.zeros(t.shape[0], dtype=np.int64)
         for sampler, ts in self.sampler.stages(t):
             total += sampler.plan(self.diffusion, ts.double()).lengths
         return total

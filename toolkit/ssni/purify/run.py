@@ -3,9 +3,15 @@
     ssni purify recipes/purify/digits.yaml checkpoint=runs/score-digits input=my_images \
         output=purified t_star=0.1 purifier.sampler=ddpm
 
+    ssni purify recipes/purify/digits.yaml input=my_images \
+        calibration=runs/calibration-digits/calibration.json reweight.name=sigmoid
+
+With a calibration (SSNI), each image gets its own t* = reweight(score norm of the image), the
+reweight's t_star defaulting to the t_star field; without one, every image gets t_star.
 Images are read as grayscale or RGB to match the network, resized to its size (unless
 resize=false, then a mismatch is an error), purified under torch.no_grad(), and written as PNGs
-(same file stem) at the network's resolution, with a purify.json summary next to them.
+(same file stem) at the network's resolution, with a purify.json summary (per-image t*) next to
+them.
 """
 from __future__ import annotations
 
@@ -13,13 +19,15 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
 from ..config import save_config, to_dict
 from ..io import atomic_write_json
+from ..scoring.reweight import ReweightConfig
+from ..scoring.score_norm import ScoreNormConfig
 from .config import PurifierConfig, build_purifier
 from .noise import draw_seeds
 
@@ -35,6 +43,9 @@ class PurifyCommandConfig:
     input: str = ""                        # an image file or a folder of images
     output: str = "purified"               # output folder for the PNGs
     t_star: float = 0.1                    # noise level for every image, in [0, 1]
+    calibration: Optional[str] = None      # calibration.json: per-image t* from score norms
+    score_norm: ScoreNormConfig = field(default_factory=ScoreNormConfig)
+    reweight: ReweightConfig = field(default_factory=ReweightConfig)  # with a calibration
     seed: int = 0                          # per-image seeds are drawn from this
     batch_size: int = 64
     device: str = "auto"                   # auto | cpu | cuda | cuda:N
@@ -120,6 +131,22 @@ def _load_score_model(path: str, weights: str):
         return load_model(path, weights="model"), "model"
 
 
+def t_star_function(cfg: PurifyCommandConfig, model: torch.nn.Module):
+    """x [B,C,H,W], seeds [B] -> t* [B]: the constant t_star, or SSNI's reweighted score norm."""
+    if cfg.calibration is None:
+        return lambda x, seeds: torch.full((x.shape[0],), float(cfg.t_star), device=x.device)
+    from ..defense import mix_seeds
+    from ..scoring import Calibration, ScoreNorm, build_reweight
+
+    calibration = Calibration.load(cfg.calibration)
+    calibration.check_model(model, cfg.score_norm)  # refuses another network's calibration
+    scorer = ScoreNorm.from_config(model, cfg.score_norm)
+    reweight = build_reweight(cfg.reweight.name, calibration,
+                              **{"t_star": cfg.t_star, **cfg.reweight.kwargs})
+    # the score norm draws its own noise, independent of the purification's (salted seeds)
+    return lambda x, seeds: reweight(scorer(x, seeds=mix_seeds(seeds, 0)).to(x.device))
+
+
 def purify_images(cfg: PurifyCommandConfig) -> Dict[str, Any]:
     """Run `ssni purify`: read, purify, write PNGs; returns a summary (also saved as purify.json)."""
     files = list_images(cfg.input)
@@ -129,6 +156,7 @@ def purify_images(cfg: PurifyCommandConfig) -> Dict[str, Any]:
     model, weights = _load_score_model(cfg.checkpoint, cfg.weights)
     model = model.to(device)
     purifier = build_purifier(model, cfg.purifier)
+    t_of = t_star_function(cfg, model)
     purifier.progress = cfg.progress
     c, h, _ = model.input_shape
     stems = [f.stem for f in files]
@@ -139,18 +167,23 @@ def purify_images(cfg: PurifyCommandConfig) -> Dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     # one seed per image, fixed by cfg.seed and the image's place in the sorted list
     seeds = draw_seeds(len(files), torch.Generator().manual_seed(cfg.seed))
-    written, nfe = [], 0
+    written, nfe, t_used = [], 0, []
     with torch.no_grad():
         for k in range(0, len(files), cfg.batch_size):
             chunk = files[k:k + cfg.batch_size]
             x = torch.stack([read_image(f, c, h, cfg.resize) for f in chunk]).to(device)
-            out = purifier(x, cfg.t_star, seeds=seeds[k:k + len(chunk)])
+            s = seeds[k:k + len(chunk)]
+            t = t_of(x, s)
+            out = purifier(x, t, seeds=s)
             nfe += purifier.nfe_last
+            t_used += [round(float(v), 6) for v in t.tolist()]
             for f, img in zip(chunk, out):
                 written.append(str(write_png(img, out_dir / f"{f.stem}.png")))
-    summary = {"images": len(written), "output": str(out_dir), "t_star": cfg.t_star,
+    summary = {"images": len(written), "output": str(out_dir),
+               "t_star": cfg.t_star if cfg.calibration is None else "per image (calibration)",
                "sampler": cfg.purifier.sampler, "weights": weights,
                "network_evaluations": nfe, "files": written}
     save_config(cfg, out_dir, name="purify_config.yaml")
-    atomic_write_json(out_dir / "purify.json", {**summary, "config": to_dict(cfg)})
+    atomic_write_json(out_dir / "purify.json",
+                      {**summary, "t_star_per_image": dict(zip(written, t_used)), "config": to_dict(cfg)})
     return summary

@@ -1,0 +1,225 @@
+"""Purification benchmarks: efficiency, per-sample t* cost, gradient memory. Prints ratios.
+
+    .venv/bin/python tools/bench_purify.py            # CPU, one thread, all three parts
+    .venv/bin/python tools/bench_purify.py --device cuda --parts efficiency spread memory
+
+1. efficiency: purification wall time / (batched network calls x one batched network evaluation)
+   at the digits (unet_digits, 1x16x16) and CIFAR-10 (ddpmpp_cifar10, 3x32x32) sizes; target <= 1.15.
+2. spread: diffpure at dt = 1e-3 with t* spread over [0.02, 0.1] vs all t* = 0.1; the time ratio
+   next to the ideal sum(steps) / (B x max steps); target within 15% of ideal.
+3. memory: peak memory of one full-gradient backward through 20 reverse steps, with and without
+   per-step checkpointing (each in a fresh subprocess; CPU: peak RSS growth, CUDA: peak allocated);
+   target: checkpointed <= a quarter of plain.
+Networks have random weights: cost does not depend on training.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.utils.checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "toolkit"))
+
+from ssni.models import create_model  # noqa: E402
+from ssni.purify import Purifier  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _once(fn, device) -> float:
+    """Wall time of one fn() call."""
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _paired(fn_a, fn_b, device, reps: int):
+    """Interleaved timings of two callables (after a warm-up of each); the minimum of each.
+
+    The minimum is the run least disturbed by other processes; interleaving exposes both to the
+    same background load.
+    """
+    fn_a(), fn_b()
+    a, b = [], []
+    for _ in range(reps):
+        a.append(_once(fn_a, device))
+        b.append(_once(fn_b, device))
+    return min(a), min(b)
+
+
+def _model(name: str, device: torch.device):
+    torch.manual_seed(0)
+    m = create_model(name).to(device).eval()
+    with torch.no_grad():  # random but non-trivial weights (the output layer starts at zero)
+        for p in m.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return m
+
+
+def _images(n: int, shape, device) -> torch.Tensor:
+    return torch.rand((n, *shape), generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def bench_efficiency(settings, device, reps: int) -> list:
+    """Purification time / (calls x one batched network evaluation) per setting."""
+    rows = []
+    for name, batch, sampler, kw, t_star in settings:
+        m = _model(name, device)
+        x = _images(batch, m.input_shape, device)
+        p = Purifier(m, sampler, **kw)
+        seeds = torch.arange(batch)
+        tt = torch.full((batch,), t_star, device=device)
+        with torch.no_grad():
+            p(x, tt, seeds=seeds)
+            calls, xm = p.calls_last, x * 2 - 1
+
+            def network_loop():  # the floor: the same number of batched network calls
+                for _ in range(calls):
+                    m(xm, tt)
+
+            t_loop, t_pur = _paired(network_loop, lambda: p(x, tt, seeds=seeds), device, reps)
+        t_net = t_loop / calls
+        ratio = t_pur / t_loop
+        rows.append(dict(model=name, batch=batch, sampler=sampler, t_star=t_star,
+                         calls=p.calls_last, nfe=p.nfe_last, net_ms=1e3 * t_net,
+                         purify_s=t_pur, ratio=ratio,
+                         overhead_ms_per_step=1e3 * (t_pur / p.calls_last - t_net)))
+        print(f"efficiency  {name:15s} B={batch:<3d} {sampler:8s} t*={t_star:<5g} calls={p.calls_last:<4d}"
+              f" net={1e3 * t_net:8.2f} ms  purify={t_pur:7.2f} s  ratio={ratio:.3f}"
+              f"  (target <= 1.15: {'ok' if ratio <= 1.15 else 'MISSED'})", flush=True)
+    return rows
+
+
+def bench_spread(name: str, batch: int, device, reps: int) -> dict:
+    """diffpure, dt = 1e-3: t* spread over [0.02, 0.1] vs all 0.1, against the ideal ratio."""
+    m = _model(name, device)
+    x = _images(batch, m.input_shape, device)
+    p = Purifier(m, "diffpure", dt=1e-3)
+    seeds = torch.arange(batch)
+    spread = torch.linspace(0.02, 0.1, batch, device=device)
+    flat = torch.full((batch,), 0.1, device=device)
+    steps = p.steps_per_sample(spread.cpu(), batch)
+    ideal = steps.sum() / (batch * steps.max())
+    with torch.no_grad():
+        t_spread, t_flat = _paired(lambda: p(x, spread, seeds=seeds), lambda: p(x, flat, seeds=seeds),
+                                   device, reps)
+    ratio = t_spread / t_flat
+    off = ratio / ideal - 1
+    print(f"spread      {name:15s} B={batch:<3d} diffpure dt=1e-3  t* in [0.02, 0.1] / all 0.1:"
+          f" time ratio={ratio:.3f}  ideal={ideal:.3f}  off by {100 * off:+.1f}%"
+          f"  (target within 15%: {'ok' if abs(off) <= 0.15 else 'MISSED'})", flush=True)
+    return dict(model=name, batch=batch, time_ratio=ratio, ideal=float(ideal), off=off,
+                spread_s=t_spread, flat_s=t_flat)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_child(name: str, batch: int, ckpt: bool, device_name: str) -> dict:
+    """(In a subprocess) peak memory of one full-gradient backward through 20 reverse steps."""
+    device = torch.device(device_name)
+    m = _model(name, device)
+    x0 = _images(batch, m.input_shape, device)
+    p = Purifier(m, "ddpm", steps=20, checkpoint=ckpt)
+    seeds = torch.arange(batch)
+    # warm-up outside the measurement, the same in both modes: the first autograd pass allocates
+    # one-time caches and the first checkpoint call imports modules (~170 MiB of RSS on CPU)
+    xw = (x0 * 2 - 1).requires_grad_(True)
+    tw = torch.full((batch,), 0.1, device=device)
+    torch.utils.checkpoint.checkpoint(m, xw, tw, use_reentrant=False).square().sum().backward()
+    m.zero_grad(set_to_none=True)
+    del xw
+    x = x0.clone().requires_grad_(True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_bytes()
+    out = p(x, 0.1, seeds=seeds)  # t* = 0.1 with steps = 20: 20 reverse steps
+    out.square().sum().backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return dict(steps=p.calls_last, peak_bytes=int(peak), grad_norm=float(x.grad.norm()))
+
+
+def bench_memory(name: str, batch: int, device_name: str) -> dict:
+    """Run memory_child with and without checkpointing, each in a fresh process."""
+    res = {}
+    for ckpt in (False, True):
+        cmd = [sys.executable, __file__, "--memory-child", name, str(batch), str(int(ckpt)),
+               "--device", device_name, "--threads", str(torch.get_num_threads())]
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+        res[ckpt] = json.loads(out.stdout.strip().splitlines()[-1])
+    ratio = res[True]["peak_bytes"] / res[False]["peak_bytes"]
+    same = abs(res[True]["grad_norm"] - res[False]["grad_norm"]) <= 1e-4 * res[False]["grad_norm"]
+    print(f"memory      {name:15s} B={batch:<3d} ddpm 20 steps full-gradient backward:"
+          f" plain={res[False]['peak_bytes'] / 2**20:8.1f} MiB  checkpointed="
+          f"{res[True]['peak_bytes'] / 2**20:8.1f} MiB  ratio={ratio:.3f}"
+          f"  (target <= 0.25: {'ok' if ratio <= 0.25 else 'MISSED'}; same gradient: {same})",
+          flush=True)
+    return dict(model=name, batch=batch, plain_MiB=res[False]["peak_bytes"] / 2**20,
+                ckpt_MiB=res[True]["peak_bytes"] / 2**20, ratio=ratio, same_gradient=same)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--parts", nargs="+", default=["efficiency", "spread", "memory"],
+                    choices=["efficiency", "spread", "memory"])
+    ap.add_argument("--memory-child", nargs=3, metavar=("MODEL", "BATCH", "CKPT"))
+    ap.add_argument("--json", help="also write the results to this JSON file")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        name, batch, ckpt = args.memory_child
+        print(json.dumps(memory_child(name, int(batch), bool(int(ckpt)), args.device)))
+        return 0
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    print(f"device={device} ({torch.cuda.get_device_name(device) if gpu else f'{args.threads} CPU thread(s)'})"
+          f" torch={torch.__version__}", flush=True)
+    results = {}
+    if "efficiency" in args.parts:
+        settings = [
+            ("unet_digits", 64, "diffpure", {}, 0.03),
+            ("unet_digits", 64, "ddpm", {"steps": 20}, 0.1),
+            ("ddpmpp_cifar10", 64 if gpu else 4, "diffpure", {}, 0.1 if gpu else 0.01),
+            ("ddpmpp_cifar10", 64 if gpu else 4, "ddpm", {"steps": 20 if gpu else 5}, 0.1),
+        ]
+        results["efficiency"] = bench_efficiency(settings, device, args.reps)
+    if "spread" in args.parts:
+        results["spread"] = [bench_spread("unet_digits", 64, device, args.reps)]
+        if gpu:
+            results["spread"].append(bench_spread("ddpmpp_cifar10", 64, device, args.reps))
+    if "memory" in args.parts:
+        results["memory"] = [bench_memory("unet_digits", 32, args.device),
+                             bench_memory("ddpmpp_cifar10", 8 if gpu else 1, args.device)]
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
