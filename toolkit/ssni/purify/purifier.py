@@ -11,6 +11,11 @@ Gradients: chosen per call (grads.py). In "full" mode every reverse step is an a
 checkpointed when `checkpoint` is on and autograd is recording, so activation memory stays at one
 step's worth whatever the number of steps; the recomputation gets the step's saved noise tensor as
 an input, so it reuses the same noise. Nothing here turns autograd off on its own.
+
+Gradient w.r.t. t* (when t* itself requires grad, e.g. SSNI's smooth reweight under an adaptive
+attack): the step grid is discrete, so t* enters the value only through its rounded grid. The
+gradient is passed straight through the forward diffusion's coefficients sqrt(ab), sqrt(1 - ab)
+of the continuous VP process at t*: the value is unchanged, and an attacker can still push t*(x).
 """
 from __future__ import annotations
 
@@ -174,7 +179,7 @@ class Purifier(nn.Module):
         stages = self.sampler.stages(t)
         for k, (sampler, ts) in enumerate(stages):
             plan = sampler.plan(self.diffusion, ts.detach().double().cpu())
-            xm = self._diffuse(sampler, plan, xm, stream)
+            xm = self._diffuse(sampler, plan, xm, stream, ts if ts.requires_grad else None)
             xm = self._reverse(sampler, plan, xm, ref, stream, use_ckpt)
             if k < len(stages) - 1:  # each stage hands an image on to the next
                 xm = xm.clamp(-1.0, 1.0)
@@ -189,10 +194,17 @@ class Purifier(nn.Module):
             out = torch.where(_bcast(keep, x).bool(), x, out)
         return out
 
-    def _diffuse(self, sampler: Sampler, plan: Plan, xm: Tensor, stream: NoiseStream) -> Tensor:
+    def _diffuse(self, sampler: Sampler, plan: Plan, xm: Tensor, stream: NoiseStream,
+                 t_grad: Optional[Tensor] = None) -> Tensor:
+        """x_t = a x + s z at each sample's grid start; t_grad [B]: t* carrying a gradient."""
         a, s = sampler.start_coeffs(self.diffusion, plan)
+        a, s = a.to(xm), s.to(xm)
+        if t_grad is not None:  # straight-through: value from the grid, slope from the VP SDE
+            tc = t_grad.to(xm.dtype).clamp(min=1.0 / self.diffusion.N)  # sigma'(0) is infinite
+            ac, sc = self.diffusion.mean_coeff(tc), self.diffusion.sigma(tc)
+            a, s = a + (ac - ac.detach()), s + (sc - sc.detach())
         z = stream.draw()
-        return _bcast(a.to(xm), xm) * xm + _bcast(s.to(xm), xm) * z
+        return _bcast(a, xm) * xm + _bcast(s, xm) * z
 
     def _reverse(self, sampler: Sampler, plan: Plan, xm: Tensor, ref: Tensor,
                  stream: NoiseStream, use_ckpt: bool) -> Tensor:
