@@ -44,6 +44,9 @@ register_command("fit-reweight", "ssni.scoring.fit:FitReweightConfig",
 register_command("finetune-classifier", "ssni.training.finetune:FinetuneConfig",
                  "ssni.training.finetune:run_finetune",
                  "fine-tune a classifier on purified clean images at the calibrated t*")
+register_command("evaluate", "ssni.evaluate.runner:EvaluateConfig",
+                 "ssni.evaluate.runner:run_evaluate",
+                 "evaluate defenses under attacks (expected and worst-of-N accuracy, report)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -1,0 +1,102 @@
+import json
+
+import pytest
+import torch
+import yaml
+
+from ssni.config import load_config
+from ssni.evaluate.runner import EvaluateConfig, Evaluation
+from ssni.io import atomic_save_safetensors, atomic_write_json
+from ssni.models import classifier_spec, create_classifier, create_model, save_model
+from ssni.scoring import ScoreNormConfig, calibrate
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """A perturbed unet_tiny score model, its calibration and a resnet10t, on 8x8 digits."""
+    root = tmp_path_factory.mktemp("eval")
+    torch.manual_seed(0)
+    sm = create_model("unet_tiny")
+    with torch.no_grad():
+        for p in sm.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    save_model(root / "score", sm)
+    from ssni.data import DataConfig, build_dataset
+
+    train = build_dataset(DataConfig(image_size=8), "train")
+    cal, _ = calibrate(sm.eval(), train.images[:32], ScoreNormConfig(timesteps=4), batch_size=32)
+    cal.save(root / "calibration.json")
+    clf = create_classifier("resnet10t", in_chans=1, num_classes=10, image_size=8)
+    atomic_save_safetensors(root / "clf" / "model.safetensors", clf.state_dict())
+    atomic_write_json(root / "clf" / "model.json", classifier_spec(clf))
+    return root
+
+
+def _config(root, run_dir, **over):
+    rec = {
+        "run_dir": str(run_dir), "data": {"name": "digits", "image_size": 8},
+        "num_samples": 6, "batch_size": 3, "draws": 2, "progress": False, "device": "cpu",
+        "defense": {"score_model": str(root / "score"), "score_weights": "model",
+                    "calibration": str(root / "calibration.json"),
+                    "score_norm": {"timesteps": 4},
+                    "purifier": {"sampler": "ddpm", "steps": 2},
+                    "attack_purifier": {"sampler": "ddpm", "steps": 1},
+                    "classifier": {"checkpoint": str(root / "clf"), "weights": "model"},
+                    "mean": [0.0], "std": [1.0], "device": "cpu"},
+        "defenses": [{"name": "none"},
+                     {"name": "dbp", "reweight": {"name": "constant", "kwargs": {"t_star": 0.05}}},
+                     {"name": "ssni-n", "reweight": {"name": "sigmoid", "kwargs": {"t_star": 0.05}}}],
+        "attacks": [{"name": "pgd-eot", "attack": "pgd", "eot": 2, "view": "full",
+                     "kwargs": {"eps": 0.1, "steps": 2, "step_size": 0.05}},
+                    {"name": "adaptive", "attack": "pgd", "eot": 2, "view": "adaptive",
+                     "only_sample_specific": True,
+                     "kwargs": {"eps": 0.1, "steps": 2, "step_size": 0.05}}],
+        "sweep": {"attack": "pgd-eot", "defenses": ["dbp"], "eps": [0.0, 0.5], "num_samples": 3,
+                  "huge_eps": 0.4},
+    }
+    rec.update(over)
+    path = run_dir.parent / f"{run_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(rec))
+    return load_config(EvaluateConfig, path, [])
+
+
+def test_evaluation_end_to_end_and_resume_equals_uninterrupted(tiny_setup, tmp_path):
+    full_cfg = _config(tiny_setup, tmp_path / "full")
+    full = Evaluation(full_cfg).run()
+    rows = json.loads((tmp_path / "full/results.json").read_text())["rows"]
+    cells = {(r["defense"], r["attack"]) for r in rows}
+    # the adaptive attack runs only where t* depends on the input
+    assert cells == {("none", "pgd-eot"), ("dbp", "pgd-eot"), ("ssni-n", "pgd-eot"),
+                     ("ssni-n", "adaptive")}
+    for r in rows:
+        assert r["n"] == 6 and r["draws"] == 2
+        assert 0 <= r["robust_worst"] <= r["robust_expected"] <= 1
+    ssni = next(r for r in rows if r["defense"] == "ssni-n")
+    assert ssni["mean_t_clean"] is not None and 0 < ssni["mean_t_clean"] <= 0.06
+    assert (tmp_path / "full/report.md").is_file() and (tmp_path / "full/t_star.png").is_file()
+    assert (tmp_path / "full/accuracy_vs_eps.png").is_file()
+
+    # killed after 5 finished batches, then started again: same numbers, nothing redone
+    part_cfg = _config(tiny_setup, tmp_path / "part")
+    with pytest.raises(KeyboardInterrupt):
+        Evaluation(part_cfg, stop_after_batches=5).run()
+    saved = sorted((tmp_path / "part/state").rglob("batch_*.json"))
+    assert len(saved) == 5
+    before = {p: p.stat().st_mtime_ns for p in saved}
+    Evaluation(part_cfg).run()
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+    a = json.loads((tmp_path / "full/results.json").read_text())
+    b = json.loads((tmp_path / "part/results.json").read_text())
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+    assert strip(a["rows"]) == strip(b["rows"])
+    assert a["per_sample"] == b["per_sample"]
+
+
+def test_changed_config_in_same_run_dir_is_refused(tiny_setup, tmp_path):
+    cfg = _config(tiny_setup, tmp_path / "r", defenses=[{"name": "none"}], attacks=[],
+                  sweep={})
+    Evaluation(cfg).run()
+    cfg2 = _config(tiny_setup, tmp_path / "r", defenses=[{"name": "none"}], attacks=[],
+                   sweep={}, draws=3)
+    with pytest.raises(ValueError, match="different evaluation config"):
+        Evaluation(cfg2)

@@ -1,0 +1,81 @@
+"""Evaluation output: markdown table and PNG plots (score norms, t*, accuracy vs epsilon)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.1f}"
+
+
+def _ci(ci: Sequence[float] | None) -> str:
+    return "" if not ci else f" [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]"
+
+
+def markdown_table(rows: List[Dict[str, Any]]) -> str:
+    """Rows of cell results -> a markdown table (percentages with 95% Wilson intervals)."""
+    head = ("| defense | attack | n | clean % | robust % (expected) | robust % (worst-of-N) "
+            "| mean t* clean | mean t* adv | seconds |\n|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in rows:
+        tc, ta = r.get("mean_t_clean"), r.get("mean_t_adv")
+        lines.append(
+            f"| {r['defense']} | {r['attack']} | {r['n']} | {_pct(r['clean'])}{_ci(r.get('clean_ci'))} "
+            f"| {_pct(r['robust_expected'])}{_ci(r.get('robust_expected_ci'))} "
+            f"| {_pct(r['robust_worst'])}{_ci(r.get('robust_worst_ci'))} "
+            f"| {'—' if tc is None else f'{tc:.3f}'} | {'—' if ta is None else f'{ta:.3f}'} "
+            f"| {r['seconds']:.0f} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def plot_histograms(series: Dict[str, Dict[str, List[float]]], path: Path, xlabel: str,
+                    title: str) -> Path | None:
+    """One panel per defense: overlaid histograms (e.g. clean vs adversarial)."""
+    series = {k: v for k, v in series.items() if any(len(x) for x in v.values())}
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(series)
+    fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.2), squeeze=False)
+    for ax, (name, groups) in zip(axes[0], series.items()):
+        for label, values in groups.items():
+            if values:
+                ax.hist(values, bins=30, alpha=0.55, label=label, density=True)
+        ax.set_title(name)
+        ax.set_xlabel(xlabel)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_vs_eps(curves: Dict[str, Dict[str, List[float]]], path: Path,
+                         title: str) -> Path | None:
+    """Accuracy (expected) against epsilon, one line per defense."""
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, c in curves.items():
+        ax.plot(c["eps"], c["acc"], marker="o", label=name)
+    ax.set_xlabel("epsilon")
+    ax.set_ylabel("robust accuracy (expected)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

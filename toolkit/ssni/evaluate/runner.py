@@ -1,0 +1,316 @@
+"""`ssni evaluate`: defenses x attacks on a data split, resumable, with self-checks and a report."""
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..attacks import ATTACKS, EOT
+from ..config import save_config, to_dict
+from ..data import DataConfig, build_dataset
+from ..defense import DefenseConfig, RobustClassifier, build_defense, resolve_device
+from ..io import atomic_write_json, atomic_write_text
+from ..scoring import ReweightConfig, build_reweight
+from .checks import epsilon_checks, gradient_check, randomness_check
+from .metrics import draw_accuracy
+from .report import markdown_table, plot_accuracy_vs_eps, plot_histograms
+from .state import EvalState, config_fingerprint
+from .views import BareView, make_view
+
+
+@dataclass
+class DefenseSpec:
+    """One row group: a label and its reweight (null reweight = the undefended classifier)."""
+
+    name: str = "ssni-n"
+    reweight: Optional[ReweightConfig] = None  # {name: sigmoid, kwargs: {...}}; null: no defense
+
+
+@dataclass
+class AttackSpec:
+    """One attack: a registered attack, its settings, EOT samples and the view it attacks."""
+
+    name: str = "pgd-eot"
+    attack: str = "pgd"
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    eot: int = 1
+    view: str = "full"  # full | adaptive | bpda | bare (transfer)
+    only_sample_specific: bool = False  # skip defenses whose t* does not depend on x
+
+
+@dataclass
+class SweepConfig:
+    """Accuracy against epsilon for one attack (and the broken-gradient check at a huge eps)."""
+
+    attack: Optional[str] = None  # label of an entry of `attacks`; null: no sweep
+    defenses: List[str] = field(default_factory=list)
+    eps: List[float] = field(default_factory=list)
+    num_samples: int = 32
+    huge_eps: Optional[float] = None
+
+
+@dataclass
+class EvaluateConfig:
+    """Everything `ssni evaluate` needs."""
+
+    run_dir: str = "runs/eval-digits"
+    data: DataConfig = field(default_factory=DataConfig)
+    split: str = "test"
+    num_samples: int = 128
+    batch_size: int = 64
+    seed: int = 0
+    draws: int = 4  # defense draws per sample: expected accuracy and worst-of-N
+    defense: DefenseConfig = field(default_factory=DefenseConfig)  # shared by every defense
+    defenses: List[DefenseSpec] = field(default_factory=list)
+    attacks: List[AttackSpec] = field(default_factory=list)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    checks: bool = True
+    progress: bool = True
+    device: str = "auto"
+
+
+def _seed(*parts: Any) -> int:
+    return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
+
+
+class Evaluation:
+    """Runs the cells of an EvaluateConfig batch by batch, saving each batch as it finishes."""
+
+    def __init__(self, cfg: EvaluateConfig, stop_after_batches: Optional[int] = None):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        base_cfg = cfg.defense
+        self.base = build_defense(base_cfg, device=self.device)
+        self.bare = BareView(self.base)
+        self.defenses: Dict[str, Optional[nn.Module]] = {}
+        for spec in cfg.defenses:
+            if spec.reweight is None:
+                self.defenses[spec.name] = None
+                continue
+            rw, b = spec.reweight, self.base
+            self.defenses[spec.name] = RobustClassifier(
+                classifier=b.classifier, score_model=b.score_model, purifier=b.purifier,
+                reweight=build_reweight(rw.name, b.calibration, **rw.kwargs),
+                calibration=b.calibration, attack_purifier=b.attack_purifier,
+                score_norm=base_cfg.score_norm, input_size=b.input_size,
+                mean=b.mean.flatten().tolist(), std=b.std.flatten().tolist(),
+                ensemble=b.ensemble, vote=b.vote, purifier_grad=b.purifier_grad).to(self.device)
+        if not self.defenses:
+            raise ValueError("evaluate: `defenses` is empty; list at least one (e.g. name: none)")
+        labels = [a.name for a in cfg.attacks]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"attack labels must be unique, got {labels}")
+        ds = build_dataset(cfg.data, cfg.split)
+        n = min(cfg.num_samples, len(ds))
+        self.x, self.y = ds.images[:n].to(self.device), ds.labels[:n].to(self.device)
+        self.num_classes = ds.num_classes
+        self.run_dir = Path(cfg.run_dir)
+        self.state = EvalState(self.run_dir, config_fingerprint(to_dict(cfg)))
+        self.stop_after = stop_after_batches
+        self._batches_done = 0
+
+    # -- pieces ------------------------------------------------------------------------------
+    def _draw_correct(self, model: Optional[nn.Module], x: Tensor, y: Tensor, first: int,
+                      cell: str) -> Dict[str, Any]:
+        """Defense outputs over `draws` seeded draws: correctness [B, M], t*, score norms."""
+        out: Dict[str, Any] = {"correct": [], "t_star": None, "score_norm": None}
+        with torch.no_grad():
+            for m in range(self.cfg.draws):
+                if model is None:
+                    logits = self.bare(x)
+                else:
+                    idx = torch.arange(first, first + x.shape[0])
+                    seeds = torch.tensor([_seed(self.cfg.seed, cell, int(i), m) for i in idx])
+                    logits = model(x, seeds=seeds)
+                    if m == 0:
+                        out["t_star"] = model.last_t_star.cpu().tolist()
+                        out["score_norm"] = model.last_score_norm.cpu().tolist()
+                out["correct"].append((logits.argmax(1) == y).cpu().tolist())
+        out["correct"] = [list(c) for c in zip(*out["correct"])]  # [B, M]
+        return out
+
+    def _make_attack(self, spec: AttackSpec, eps: Optional[float] = None):
+        kwargs = dict(spec.kwargs)
+        if eps is not None:
+            kwargs["eps"] = eps
+        if spec.attack == "transfer":
+            kwargs["source"] = self.bare
+        attack = ATTACKS.create(spec.attack, **kwargs)
+        return EOT(attack, spec.eot) if spec.eot > 1 else attack
+
+    def _tick(self) -> None:
+        self._batches_done += 1
+        if self.stop_after is not None and self._batches_done >= self.stop_after:
+            raise KeyboardInterrupt("stopped on request (stop_after_batches)")
+
+    def _cell(self, cell: str, model: Optional[nn.Module], attack_spec: Optional[AttackSpec],
+              x_all: Tensor, y_all: Tensor, eps: Optional[float] = None) -> Dict[str, Any]:
+        """All batches of one (defense, attack) cell, resuming from saved batches."""
+        bs = self.cfg.batch_size
+        parts = []
+        for bi, k in enumerate(range(0, x_all.shape[0], bs)):
+            saved = self.state.get(cell, bi)
+            if saved is None:
+                x, y = x_all[k:k + bs], y_all[k:k + bs]
+                t0 = time.perf_counter()
+                flags: List[str] = []
+                if attack_spec is not None:
+                    view = make_view(attack_spec.view, model, self.bare)
+                    attack = self._make_attack(attack_spec, eps)
+                    if self.cfg.checks and bi == 0 and eps is None:
+                        flags += self._self_check(view, x[:8], y[:8], attack_spec)
+                    torch.manual_seed(_seed(self.cfg.seed, cell, bi))  # view randomness
+                    x_in = attack(view, x, y, seed=_seed(self.cfg.seed, cell, bi, "start"))
+                else:
+                    x_in = x
+                saved = self._draw_correct(model, x_in, y, k, cell)
+                saved["seconds"] = time.perf_counter() - t0
+                saved["flags"] = flags
+                self.state.put(cell, bi, saved)
+                self._tick()
+            parts.append(saved)
+            self._bar.update(1)
+        correct = torch.tensor([row for p in parts for row in p["correct"]], dtype=torch.bool)
+        res = draw_accuracy(correct)
+        ts = [v for p in parts for v in (p["t_star"] or [])]
+        sn = [v for p in parts for v in (p["score_norm"] or [])]
+        return {"metrics": res, "t_star": ts, "score_norm": sn,
+                "seconds": sum(p["seconds"] for p in parts),
+                "flags": [f for p in parts for f in p["flags"]]}
+
+    def _self_check(self, view: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec) -> List[str]:
+        flags = []
+        g = gradient_check(view, x, y)
+        if g["flag"]:
+            flags.append(f"{spec.name}: {g['flag']}")
+        r = randomness_check(view, x, spec.eot)
+        if r["flag"]:
+            flags.append(f"{spec.name}: {r['flag']}")
+        return flags
+
+    # -- the whole run -------------------------------------------------------------------------
+    def run(self) -> Dict[str, Any]:
+        """Evaluate every cell; write results.json, report.md, plots and TensorBoard scalars."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        nb = -(-self.x.shape[0] // cfg.batch_size)
+        sweep_attack = next((a for a in cfg.attacks if a.name == cfg.sweep.attack), None)
+        if cfg.sweep.attack and sweep_attack is None:
+            raise ValueError(f"sweep.attack {cfg.sweep.attack!r} is not one of the attacks "
+                             f"{[a.name for a in cfg.attacks]}")
+        ns = min(cfg.sweep.num_samples, self.x.shape[0])
+        n_sweep = (-(-ns // cfg.batch_size)) * len(cfg.sweep.eps) * len(cfg.sweep.defenses)
+        total = nb * len(self.defenses) * (1 + len(cfg.attacks)) + (n_sweep if sweep_attack else 0)
+        self._bar = tqdm(total=total, desc="evaluate", disable=not cfg.progress, dynamic_ncols=True)
+        rows, cells = [], {}
+        for dname, model in self.defenses.items():
+            sample_specific = model is not None and type(model.reweight).__name__ != "ConstantReweight"
+            clean = self._cell(f"{dname}/clean", model, None, self.x, self.y)
+            cells[f"{dname}/clean"] = clean
+            for spec in cfg.attacks:
+                if spec.only_sample_specific and not sample_specific:
+                    self._bar.update(nb)
+                    continue
+                if model is None and spec.view not in ("full", "bare"):
+                    self._bar.update(nb)  # only one view of an undefended classifier
+                    continue
+                res = self._cell(f"{dname}/{spec.name}", model, spec, self.x, self.y)
+                cells[f"{dname}/{spec.name}"] = res
+                m, cm = res["metrics"], clean["metrics"]
+                mean = lambda v: (sum(v) / len(v)) if v else None  # noqa: E731
+                rows.append({"defense": dname, "attack": spec.name, "n": m["n"],
+                             "draws": m["draws"], "clean": cm["expected"], "clean_ci": cm["expected_ci"],
+                             "robust_expected": m["expected"], "robust_expected_ci": m["expected_ci"],
+                             "robust_worst": m["worst_of_n"], "robust_worst_ci": m["worst_of_n_ci"],
+                             "mean_t_clean": mean(clean["t_star"]), "mean_t_adv": mean(res["t_star"]),
+                             "seconds": clean["seconds"] + res["seconds"], "flags": res["flags"]})
+        curves: Dict[str, Dict[str, List[float]]] = {}
+        flags = sorted({f for r in rows for f in r["flags"]})
+        if sweep_attack is not None:
+            for dname in cfg.sweep.defenses:
+                if dname not in self.defenses:
+                    raise ValueError(f"sweep.defenses: {dname!r} is not one of {list(self.defenses)}")
+                acc = []
+                for eps in cfg.sweep.eps:
+                    r = self._cell(f"sweep/{dname}/{eps:g}", self.defenses[dname], sweep_attack,
+                                   self.x[:ns], self.y[:ns], eps=eps)
+                    acc.append(r["metrics"]["expected"])
+                curves[dname] = {"eps": list(cfg.sweep.eps), "acc": acc}
+                for f in epsilon_checks(cfg.sweep.eps, acc, 1.0 / self.num_classes,
+                                        huge_eps=cfg.sweep.huge_eps):
+                    flags.append(f"{dname}: {f}")
+        self._bar.close()
+        return self._write(rows, cells, curves, flags)
+
+    def _write(self, rows, cells, curves, flags) -> Dict[str, Any]:
+        out = self.run_dir
+        hist_s, hist_t = {}, {}
+        for dname, model in self.defenses.items():
+            if model is None or type(model.reweight).__name__ == "ConstantReweight":
+                continue
+            clean = cells.get(f"{dname}/clean", {})
+            groups_s = {"clean": clean.get("score_norm", [])}
+            groups_t = {"clean": clean.get("t_star", [])}
+            for spec in self.cfg.attacks:
+                c = cells.get(f"{dname}/{spec.name}")
+                if c:
+                    groups_s[spec.name] = c["score_norm"]
+                    groups_t[spec.name] = c["t_star"]
+            hist_s[dname], hist_t[dname] = groups_s, groups_t
+        plots = {}
+        for key, path in (("score_norms", plot_histograms(hist_s, out / "score_norms.png", "score norm",
+                                                          "score norms: clean vs adversarial")),
+                          ("t_star", plot_histograms(hist_t, out / "t_star.png", "t*",
+                                                     "per-sample t*")),
+                          ("accuracy_vs_eps", plot_accuracy_vs_eps(
+                              curves, out / "accuracy_vs_eps.png",
+                              f"{self.cfg.sweep.attack}: accuracy vs epsilon"))):
+            if path is not None:
+                plots[key] = str(path)
+        table = markdown_table(rows)
+        results = {"rows": rows, "curves": curves, "flags": flags, "plots": plots,
+                   "n": int(self.x.shape[0]), "draws": self.cfg.draws,
+                   "attacks": [to_dict(a) for a in self.cfg.attacks],
+                   "per_sample": {k: {"t_star": v["t_star"], "score_norm": v["score_norm"]}
+                                  for k, v in cells.items()}}
+        atomic_write_json(out / "results.json", results)
+        md = ["# Evaluation report", "", f"{results['n']} images of `{self.cfg.data.name}` "
+              f"({self.cfg.split}), {self.cfg.draws} defense draws per image; intervals are 95% "
+              "Wilson intervals over images.", "", table, "## Self-checks", ""]
+        md += [f"- FLAG: {f}" for f in flags] or ["- no flags raised"]
+        md += ["", "## Attacks", ""]
+        md += [f"- `{a.name}`: {a.attack} {a.kwargs}, EOT {a.eot}, view `{a.view}`"
+               for a in self.cfg.attacks]
+        md += [""] + [f"![{k}]({Path(v).name})" for k, v in plots.items()]
+        atomic_write_text(out / "report.md", "\n".join(md) + "\n")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            w = SummaryWriter(str(out / "tb"))
+            for r in rows:
+                tag = f"{r['defense']}/{r['attack']}"
+                w.add_scalar(f"clean/{r['defense']}", r["clean"], 0)
+                w.add_scalar(f"robust_expected/{tag}", r["robust_expected"], 0)
+                w.add_scalar(f"robust_worst/{tag}", r["robust_worst"], 0)
+            w.close()
+        except Exception:  # TensorBoard is a convenience; results are already on disk
+            pass
+        return {"table": table, "flags": flags, "report": str(out / "report.md"),
+                "results": str(out / "results.json")}
+
+
+def run_evaluate(cfg: EvaluateConfig) -> Dict[str, Any]:
+    """Entry point of `ssni evaluate`."""
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    save_config(cfg, cfg.run_dir)
+    result = Evaluation(cfg).run()
+    print(result["table"])
+    for f in result["flags"]:
+        print(f"FLAG: {f}")
+    return {"report": result["report"], "results": result["results"], "flags": result["flags"]}
