@@ -47,6 +47,8 @@ register_command("finetune-classifier", "ssni.training.finetune:FinetuneConfig",
 register_command("evaluate", "ssni.evaluate.runner:EvaluateConfig",
                  "ssni.evaluate.runner:run_evaluate",
                  "evaluate defenses under attacks (expected and worst-of-N accuracy, report)")
+register_command("demo", "ssni.demo:DemoConfig", "ssni.demo:run_demo",
+                 "the whole pipeline on embedded digits: train, calibrate, fit, evaluate")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attacks import ATTACKS, EOT
-from ..config import save_config, to_dict
+from ..config import load_config, save_config, to_dict
 from ..data import DataConfig, build_dataset
 from ..defense import DefenseConfig, RobustClassifier, build_defense, resolve_device
 from ..io import atomic_write_json, atomic_write_text
@@ -66,6 +66,8 @@ class EvaluateConfig:
     seed: int = 0
     draws: int = 4  # defense draws per sample: expected accuracy and worst-of-N
     defense: DefenseConfig = field(default_factory=DefenseConfig)  # shared by every defense
+    defense_recipe: Optional[str] = None  # or: a defense recipe (replaces `defense`) ...
+    defense_overrides: List[str] = field(default_factory=list)  # ... with key=value overrides
     defenses: List[DefenseSpec] = field(default_factory=list)
     attacks: List[AttackSpec] = field(default_factory=list)
     sweep: SweepConfig = field(default_factory=SweepConfig)
@@ -84,7 +86,8 @@ class Evaluation:
     def __init__(self, cfg: EvaluateConfig, stop_after_batches: Optional[int] = None):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        base_cfg = cfg.defense
+        base_cfg = (load_config(DefenseConfig, cfg.defense_recipe, cfg.defense_overrides)
+                    if cfg.defense_recipe else cfg.defense)
         self.base = build_defense(base_cfg, device=self.device)
         self.bare = BareView(self.base)
         self.defenses: Dict[str, Optional[nn.Module]] = {}
@@ -110,7 +113,8 @@ class Evaluation:
         self.x, self.y = ds.images[:n].to(self.device), ds.labels[:n].to(self.device)
         self.num_classes = ds.num_classes
         self.run_dir = Path(cfg.run_dir)
-        self.state = EvalState(self.run_dir, config_fingerprint(to_dict(cfg)))
+        self.state = EvalState(self.run_dir, config_fingerprint(
+            {**to_dict(cfg), "resolved_defense": to_dict(base_cfg)}))
         self.stop_after = stop_after_batches
         self._batches_done = 0
 
