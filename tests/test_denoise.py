@@ -11,7 +11,7 @@ from ssni.data import DATASETS, DataConfig, build_dataset
 from ssni.denoise.data import PHOTO_TEST, photo_names, squares
 from ssni.denoise.metrics import psnr, ssim
 from ssni.denoise.patches import RandomPatches
-from ssni.models import MODELS, create_model, list_models, load_model, save_model
+from ssni.models import create_model, list_models, load_model, save_model
 
 
 @pytest.fixture(autouse=True)

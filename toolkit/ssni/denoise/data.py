@@ -22,8 +22,11 @@ from torch import Tensor
 
 from ..data import DATASETS, DataConfig, TensorImageDataset, resize, split_indices
 
+
 def _sk(name: str) -> Callable[[], np.ndarray]:
+    """A loader of scikit-image's bundled photo `name` (read lazily, only when used)."""
     def load() -> np.ndarray:
+        """The photo as a numpy array (HxW or HxWxC, uint8)."""
         import skimage.data
 
         return getattr(skimage.data, name)()

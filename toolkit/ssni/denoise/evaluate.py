@@ -103,6 +103,15 @@ def _apply(model: nn.Module, y: Tensor, batch_size: int, device: torch.device) -
                       for k in range(0, len(y), batch_size)])
 
 
+def _blocks(r: Tensor, size: int) -> Tensor:
+    """Non-overlapping size x size blocks of r [N,C,H,W] -> [N*K, C, size, size] (for histograms
+    with more samples than images; the statistic of a block uses that block's d)."""
+    n, c, h, w = r.shape
+    r = r[..., :h - h % size, :w - w % size]
+    r = r.reshape(n, c, h // size, size, w // size, size).permute(0, 2, 4, 1, 3, 5)
+    return r.reshape(-1, c, size, size)
+
+
 def _quality(out: Tensor, x: Tensor) -> Dict[str, float]:
     return {"psnr": psnr(out, x).mean().item(), "ssim": ssim(out, x).mean().item()}
 
@@ -255,13 +264,16 @@ def evaluate_models(models: Dict[str, nn.Module], x: Tensor, sigma: float,
     res["transfer"] = {"attack": transfer, "sources": names, "targets": names, "psnr": matrix,
                        "no_attack": [res["models"][n]["clean"]["psnr"] for n in names]}
     i = min(max(example_index, 0), len(x) - 1)
+    block = min(32, *x.shape[-2:])
     tensors = {"x": x[i], "y": y[i], "example_index": i,
                "rows": {n: {"clean": x[i], "noisy": y[i], "attacked": y[i] + deltas[n][transfer][i],
                             "denoised (noisy)": outs[n]["clean"][i],
                             "denoised (attacked)": outs[n][transfer][i]} for n in names},
-               "stats": {"Gaussian": typicality_statistic(y - x, sigma / 255.0),
-                         **{f"{n} / {transfer}": typicality_statistic(y + deltas[n][transfer] - x,
-                                                                      sigma / 255.0) for n in names}}}
+               "block": block,
+               "stats": {"Gaussian": typicality_statistic(_blocks(y - x, block), sigma / 255.0),
+                         **{f"{n} / {transfer}": typicality_statistic(
+                             _blocks(y + deltas[n][transfer] - x, block), sigma / 255.0)
+                            for n in names}}}
     return {"results": res, "tensors": tensors}
 
 
@@ -326,8 +338,11 @@ def write_outputs(out: Dict[str, Any], run_dir: str | Path, title: str = "Denois
                    "denoised (noisy)": f"{psnr(row['denoised (noisy)'][None], row['clean'][None]).item():.2f} dB",
                    "denoised (attacked)": f"{psnr(row['denoised (attacked)'][None], row['clean'][None]).item():.2f} dB"}
     paths["examples_png"] = str(example_grid(ten["rows"], run_dir / "examples.png", caps))
-    paths["ts_png"] = str(statistic_histogram(ten["stats"], run_dir / "ts_statistic.png",
-                                              band=2 * res["typical_eps"]))
+    b = ten["block"]
+    d_block = res["image_shape"][0] * b * b
+    paths["ts_png"] = str(statistic_histogram(
+        ten["stats"], run_dir / "ts_statistic.png", band=4.0 * math.sqrt(2.0 / d_block),
+        title=f"||r||^2/(d s^2) - 1 over {b}x{b} blocks (band: +-4 std of the Gaussian value)"))
     return paths
 
 

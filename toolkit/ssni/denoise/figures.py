@@ -98,8 +98,10 @@ def statistic_histogram(values: Dict[str, Tensor], path: str | Path, band: float
     fig, ax = plt.subplots(figsize=(6, 3.2))
     allv = torch.cat([v.flatten().float() for v in values.values()])
     bins = np.linspace(float(allv.min()), float(allv.max()) + 1e-9, 40)
-    for name, v in values.items():
-        ax.hist(v.flatten().float().numpy(), bins=bins, alpha=0.55, label=name)
+    for i, (name, v) in enumerate(values.items()):
+        # the first series (the reference) filled, the others as outlines so overlaps stay legible
+        ax.hist(v.flatten().float().numpy(), bins=bins, label=name,
+                **(dict(alpha=0.5) if i == 0 else dict(histtype="step", linewidth=1.4)))
     if band is not None:
         ax.axvspan(-band, band, color="grey", alpha=0.15, label="typical set")
     ax.set_title(title, fontsize=10)

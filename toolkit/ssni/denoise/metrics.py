@@ -41,8 +41,9 @@ def ssim(x: Tensor, y: Tensor, data_range: float = 1.0, win_size: int = 7,
         raise ValueError(f"ssim: images of size {list(x.shape[-2:])} are smaller than the "
                          f"{win_size}x{win_size} window")
     x, y = x.double(), y.double()
-    # a valid (unpadded) box filter is the uniform filter cropped by (win_size - 1) / 2
     def box(t: Tensor) -> Tensor:
+        """Window means [B,C,H-w+1,W-w+1]: a valid (unpadded) box filter is skimage's uniform
+        filter with its (win_size - 1) / 2 border cropped, which SSIM discards anyway."""
         return F.avg_pool2d(t, win_size, stride=1)
 
     n = win_size * win_size

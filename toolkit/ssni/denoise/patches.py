@@ -83,4 +83,5 @@ class RandomPatches:
 
     @property
     def image_shape(self) -> Tuple[int, int, int]:
+        """(C, p, p) of every patch."""
         return (self.sources[0].shape[0], self.patch_size, self.patch_size)
