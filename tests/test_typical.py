@@ -1,5 +1,6 @@
 """Typical-set utilities and the TS noise sampler: concentration, shell membership, radii."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,7 +176,8 @@ def test_train_score_with_ts_recipe(tmp_path):
     from ssni.config import load_config
     from ssni.training.score import ScoreTrainConfig, train_score
 
-    cfg = load_config(ScoreTrainConfig, "recipes/score/digits_ts.yaml", [
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "score" / "digits_ts.yaml"
+    cfg = load_config(ScoreTrainConfig, recipe, [
         f"run_dir={tmp_path}", "data.image_size=8", "model.name=unet_tiny", "loop.steps=3",
         "loop.batch_size=8", "loop.progress=false", "loop.sample_every=0", "eval_draws=1",
         "sample_count=4", "sample_steps=4"])
