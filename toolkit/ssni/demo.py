@@ -29,6 +29,7 @@ class DemoConfig:
     calibrate_recipe: str = "recipes/calibrate/digits.yaml"
     calibrate_overrides: List[str] = field(default_factory=list)
     defense_recipe: str = "recipes/defense/digits.yaml"
+    defense_overrides: List[str] = field(default_factory=list)  # for fit-reweight and evaluate
     reweight_recipe: str = "recipes/reweight/digits.yaml"
     reweight_overrides: List[str] = field(default_factory=list)
     evaluate_recipe: str = "recipes/eval/digits.yaml"
@@ -63,7 +64,7 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
                                root / "reweight", root / "eval")
     prog = [f"loop.progress={str(cfg.progress).lower()}"]
     links = [f"score_model={score}", f"calibration={cal / 'calibration.json'}",
-             f"classifier.checkpoint={clf}"]
+             f"classifier.checkpoint={clf}"] + list(cfg.defense_overrides)
     log: Dict[str, Any] = {}
     t_start = time.perf_counter()
 

@@ -1,0 +1,36 @@
+"""The whole `ssni demo` pipeline at toy sizes (8x8 digits, a few steps per stage)."""
+import json
+
+from ssni.cli import main
+
+ATTACK = "{name: pgd-eot, attack: pgd, eot: 2, view: full, kwargs: {eps: 0.1, steps: 1, step_size: 0.05}}"
+ADAPTIVE = ("{name: ssni-adaptive, attack: pgd, eot: 2, view: adaptive, only_sample_specific: true, "
+            "kwargs: {eps: 0.1, steps: 1, step_size: 0.05}}")
+
+
+def test_demo_runs_every_stage_then_reuses_its_cache(tmp_path, capsys):
+    small = "data.image_size=8"
+    args = [
+        "demo", f"run_dir={tmp_path / 'demo'}", "progress=false",
+        f"score_overrides=[model.name=unet_tiny, {small}, loop.steps=3, sample_count=4, sample_steps=3, loop.device=cpu]",
+        f"classifier_overrides=[model.name=resnet10t, {small}, loop.steps=40, loop.device=cpu]",
+        f"calibrate_overrides=[{small}, count=16, score_norm.timesteps=4, device=cpu]",
+        "defense_overrides=[score_norm.timesteps=4, purifier.sampler=ddpm, purifier.steps=2, "
+        "attack_purifier.steps=1, device=cpu]",
+        f"reweight_overrides=[{small}, count=32, pgd_steps=1, 'pgd_eps=[0.05]', 'noise_std=[0.1]', "
+        "'t_grid=[0.0, 0.05, 0.1]', fit.steps=10, device=cpu]",
+        f"evaluate_overrides=[{small}, num_samples=4, batch_size=4, draws=2, device=cpu, "
+        f"'attacks=[{ATTACK}, {ADAPTIVE}]', sweep.attack=null]",
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| ssni-learned | ssni-adaptive |" in out and "| none | pgd-eot |" in out
+    summary = json.loads((tmp_path / "demo/demo_summary.json").read_text())
+    assert not any(s.get("cached") for s in summary["stages"].values())
+    report = (tmp_path / "demo/report.md").read_text()
+    for name in ("none", "dbp", "ssni-l", "ssni-n", "ssni-learned"):
+        assert f"| {name} |" in report
+    # a second run reuses every stage and the evaluation state
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "demo/demo_summary.json").read_text())
+    assert all(s.get("cached") for k, s in summary["stages"].items() if k != "evaluation")
