@@ -62,7 +62,8 @@ class Purifier(nn.Module):
     grad=None) -> [B,C,H,W] in [0,1]. Seeds: LongTensor[B], one per sample; else per-sample seeds
     are drawn from `generator` (or torch's global RNG). grad: "full" | "bpda" | "surrogate"
     (None: this purifier's default). `nfe_last` / `calls_last`: network evaluations in sample-steps
-    / batched network calls of the last forward.
+    / batched network calls of the last forward. The score network is put, and kept, in eval
+    mode (see `train`). `surrogate`: a (cheaper) Purifier whose gradient grad="surrogate" uses.
     """
 
     def __init__(self, score_model: nn.Module, sampler: str | Sampler = "diffpure", *,
