@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--override", action="append", default=[], help="key=value for the recipe")
     ap.add_argument("--learned", default=None, help="reweight.json from `ssni fit-reweight`")
     ap.add_argument("--count", type=int, default=360, help="test images (digits has 359)")
-    ap.add_argument("--eps", type=float, default=8 / 255)
+    ap.add_argument("--eps", type=float, nargs="+", default=[8 / 255, 32 / 255])
     ap.add_argument("--pgd-steps", type=int, default=20)
     ap.add_argument("--t-star", type=float, default=None,
                     help="t* of the constant/linear/sigmoid curves (default: the recipe's)")
@@ -79,20 +79,7 @@ def main() -> None:
 
     with torch.no_grad():
         bare_clean = int((defense.classify(x).argmax(1) == y).sum())
-    g = torch.Generator(device=device).manual_seed(args.seed)
-    x_adv = torch.cat([pgd_linf(defense.classify, x[a:a + args.batch], y[a:a + args.batch],
-                                args.eps, args.pgd_steps, generator=g)
-                       for a in range(0, n, args.batch)])
-    with torch.no_grad():
-        bare_adv = int((defense.classify(x_adv).argmax(1) == y).sum())
         s_clean = compute_norms(defense.scorer, x, args.batch, args.seed, device, True, "clean")
-        s_adv = compute_norms(defense.scorer, x_adv, args.batch, args.seed, device, True, "adv")
-
-    from sklearn.metrics import roc_auc_score
-
-    labels = torch.cat([torch.zeros(n), torch.ones(n)]).numpy()
-    auroc = float(roc_auc_score(labels, torch.cat([s_clean, s_adv]).numpy()))
-
     recipe_rw = defense.recipe["reweight"]
     t_star = args.t_star if args.t_star is not None else recipe_rw["kwargs"].get("t_star", 0.1)
     curves: Dict[str, torch.nn.Module] = {
@@ -102,51 +89,81 @@ def main() -> None:
     }
     if args.learned:
         curves["learned"] = build_reweight("learned", path=args.learned)
-    rows = {}
+
+    from sklearn.metrics import roc_auc_score
+
+    clean_rows = {}
     for name, rw in curves.items():
         with torch.no_grad():
-            t_c, t_a = rw(s_clean), rw(s_adv)
+            t_c = rw(s_clean)
         k_c = purified_accuracy(defense, x, y, t_c, args.seed + 7, args.batch)
-        k_a = purified_accuracy(defense, x_adv, y, t_a, args.seed + 7, args.batch)
-        rows[name] = {"mean_t_clean": float(t_c.mean()), "mean_t_adv": float(t_a.mean()),
-                      "acc_clean": k_c / n, "acc_clean_ci95": wilson(k_c, n),
-                      "acc_adv_transfer": k_a / n, "acc_adv_transfer_ci95": wilson(k_a, n)}
-        print(f"{name:>28}: mean t* clean {rows[name]['mean_t_clean']:.4f} adv "
-              f"{rows[name]['mean_t_adv']:.4f}; acc clean {k_c / n:.3f} adv(transfer) {k_a / n:.3f}")
+        clean_rows[name] = {"mean_t": float(t_c.mean()), "acc": k_c / n, "acc_ci95": wilson(k_c, n)}
+        print(f"clean {name:>28}: mean t* {float(t_c.mean()):.4f} acc {k_c / n:.3f}")
+    attacks, adv_norms = {}, {}
+    for eps in args.eps:
+        label = f"{round(eps * 255)}/255" if abs(eps * 255 - round(eps * 255)) < 0.05 \
+            else f"{eps * 255:.1f}/255"
+        g = torch.Generator(device=device).manual_seed(args.seed)
+        x_adv = torch.cat([pgd_linf(defense.classify, x[a:a + args.batch], y[a:a + args.batch],
+                                    eps, args.pgd_steps, generator=g)
+                           for a in range(0, n, args.batch)])
+        with torch.no_grad():
+            bare_adv = int((defense.classify(x_adv).argmax(1) == y).sum())
+            s_adv = compute_norms(defense.scorer, x_adv, args.batch, args.seed, device, True,
+                                  f"adv {label}")
+        adv_norms[f"PGD {label}"] = s_adv
+        scores = torch.cat([s_clean, s_adv]).numpy()
+        auroc = float(roc_auc_score(torch.cat([torch.zeros(n), torch.ones(n)]).numpy(), scores))
+        rows = {}
+        for name, rw in curves.items():
+            with torch.no_grad():
+                t_a = rw(s_adv)
+            k_a = purified_accuracy(defense, x_adv, y, t_a, args.seed + 7, args.batch)
+            rows[name] = {"mean_t_clean": clean_rows[name]["mean_t"], "mean_t_adv": float(t_a.mean()),
+                          "acc_clean": clean_rows[name]["acc"],
+                          "acc_clean_ci95": clean_rows[name]["acc_ci95"],
+                          "acc_adv_transfer": k_a / n, "acc_adv_transfer_ci95": wilson(k_a, n)}
+            print(f"PGD {label} {name:>28}: mean t* {float(t_a.mean()):.4f} acc {k_a / n:.3f}")
+        attacks[label] = {"eps": eps, "bare_accuracy_adv": bare_adv / n,
+                          "bare_accuracy_adv_ci95": wilson(bare_adv, n),
+                          "score_norm_mean_adv": float(s_adv.mean()),
+                          "auroc_score_norm_clean_vs_adv": auroc, "reweights": rows}
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    png = plot_reweight(curves, out / "reweights.png", clean=s_clean,
-                        perturbed={f"PGD {args.eps * 255:.3g}/255": s_adv},
-                        title=f"digits: score norms (AUROC {auroc:.3f}) and t*(s)")
+    png = plot_reweight(curves, out / "reweights.png", clean=s_clean, perturbed=adv_norms,
+                        title="digits test set: score norms, clean vs PGD (bare classifier), "
+                              "and t*(s)")
     report = {
         "recipe": args.recipe, "overrides": args.override, "recipe_resolved": defense.recipe,
-        "test_count": n, "pgd": {"eps": args.eps, "steps": args.pgd_steps, "norm": "Linf",
+        "test_count": n, "pgd": {"steps": args.pgd_steps, "norm": "Linf",
                                  "target": "bare classifier"},
         "bare_accuracy_clean": bare_clean / n, "bare_accuracy_clean_ci95": wilson(bare_clean, n),
-        "bare_accuracy_adv": bare_adv / n, "bare_accuracy_adv_ci95": wilson(bare_adv, n),
-        "score_norm_mean_clean": float(s_clean.mean()), "score_norm_mean_adv": float(s_adv.mean()),
+        "score_norm_mean_clean": float(s_clean.mean()),
         "calibration_mean": defense.calibration.mean if defense.calibration else None,
-        "auroc_score_norm_clean_vs_adv": auroc, "reweights": rows, "plot": str(png),
-        "seconds": round(time.time() - start, 1),
+        "attacks": attacks, "plot": str(png), "seconds": round(time.time() - start, 1),
     }
     atomic_write_json(out / "report.json", report)
-    lines = [f"# SSNI on digits ({n} test images, Linf PGD eps={args.eps * 255:.3g}/255, "
-             f"{args.pgd_steps} steps, against the bare classifier)", "",
-             f"- bare classifier: clean {bare_clean / n:.3f}, PGD {bare_adv / n:.3f}",
-             f"- score norm: clean mean {float(s_clean.mean()):.2f}, PGD mean "
-             f"{float(s_adv.mean()):.2f}; AUROC clean vs PGD {auroc:.3f}", "",
-             "| reweight | mean t* clean | mean t* PGD | acc clean | acc PGD (transfer) |",
-             "|---|---|---|---|---|"]
-    for name, r in rows.items():
-        lines.append(f"| {name} | {r['mean_t_clean']:.4f} | {r['mean_t_adv']:.4f} | "
-                     f"{r['acc_clean']:.3f} {r['acc_clean_ci95']} | {r['acc_adv_transfer']:.3f} "
-                     f"{r['acc_adv_transfer_ci95']} |")
-    lines += ["", "PGD examples target the bare classifier and are transferred to the defense; "
+    lines = [f"# SSNI on digits ({n} test images; Linf PGD, {args.pgd_steps} steps, against the "
+             f"bare classifier)", "",
+             f"- bare classifier clean accuracy {bare_clean / n:.3f}; clean score norm mean "
+             f"{float(s_clean.mean()):.1f}", ""]
+    for label, a in attacks.items():
+        lines += [f"## PGD {label}: bare accuracy {a['bare_accuracy_adv']:.3f}, score norm mean "
+                  f"{a['score_norm_mean_adv']:.1f}, AUROC clean vs PGD "
+                  f"{a['auroc_score_norm_clean_vs_adv']:.3f}", "",
+                  "| reweight | mean t* clean | mean t* PGD | acc clean [95% CI] | "
+                  "acc PGD, transferred [95% CI] |", "|---|---|---|---|---|"]
+        for name, r in a["reweights"].items():
+            lines.append(f"| {name} | {r['mean_t_clean']:.4f} | {r['mean_t_adv']:.4f} | "
+                         f"{r['acc_clean']:.3f} {r['acc_clean_ci95']} | "
+                         f"{r['acc_adv_transfer']:.3f} {r['acc_adv_transfer_ci95']} |")
+        lines.append("")
+    lines += ["PGD examples target the bare classifier and are transferred to the defense; "
               "they are not an adaptive attack on it."]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(json.dumps({"auroc": auroc, "report": str(out / "report.json"), "plot": str(png)}))
+    print(json.dumps({"report": str(out / "report.json"), "plot": str(png)}))
 
 
 if __name__ == "__main__":

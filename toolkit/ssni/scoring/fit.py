@@ -44,6 +44,12 @@ class FitReweightConfig:
     progress: bool = True
 
 
+def _over_255(eps: float) -> str:
+    """8/255-style label for an Linf budget (one decimal unless it is a whole number)."""
+    v = eps * 255
+    return f"{round(v)}/255" if abs(v - round(v)) < 0.05 else f"{v:.1f}/255"
+
+
 def make_perturbed(classify, images: torch.Tensor, labels: torch.Tensor, cfg: FitReweightConfig,
                    device: torch.device) -> Dict[str, torch.Tensor]:
     """The clean images plus their noisy and PGD copies: {kind: [N,C,H,W] in [0,1]}."""
@@ -59,7 +65,7 @@ def make_perturbed(classify, images: torch.Tensor, labels: torch.Tensor, cfg: Fi
                       desc=f"pgd {eps:.4f}"):
             out.append(pgd_linf(classify, images[a:a + cfg.batch_size],
                                 labels[a:a + cfg.batch_size], eps, cfg.pgd_steps, generator=g))
-        sets[f"pgd {eps * 255:.3g}/255"] = torch.cat(out)
+        sets[f"pgd {_over_255(eps)}"] = torch.cat(out)
     return sets
 
 
