@@ -23,9 +23,10 @@ class DemoConfig:
 
     run_dir: str = "runs/demo"
     score_recipe: str = "recipes/score/digits.yaml"
-    score_overrides: List[str] = field(default_factory=list)
+    # shorter than the stand-alone recipes so the whole demo fits a CPU budget
+    score_overrides: List[str] = field(default_factory=lambda: ["loop.steps=800"])
     classifier_recipe: str = "recipes/classifier/digits_resnet18.yaml"
-    classifier_overrides: List[str] = field(default_factory=list)
+    classifier_overrides: List[str] = field(default_factory=lambda: ["loop.steps=400"])
     calibrate_recipe: str = "recipes/calibrate/digits.yaml"
     calibrate_overrides: List[str] = field(default_factory=list)
     defense_recipe: str = "recipes/defense/digits.yaml"
