@@ -7,6 +7,7 @@ import torch
 # tiny models gain nothing from more threads, and extra threads thrash on a busy machine
 torch.set_num_threads(1)
 os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ["SSNI_THREADS"] = "1"  # CLI calls inside tests keep one thread too
 
 
 @pytest.fixture

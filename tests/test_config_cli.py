@@ -68,3 +68,23 @@ def test_cli_train_score_end_to_end(tmp_path):
 
     m = load_model(run, weights="ema")
     assert m.input_shape == (1, 8, 8)
+
+
+def test_cpu_threads_respects_env_and_idle_cores(monkeypatch):
+    import os
+
+    from ssni.cli import cpu_threads
+
+    monkeypatch.setenv("SSNI_THREADS", "3")
+    assert cpu_threads() == 3
+    monkeypatch.setenv("SSNI_THREADS", "zero")
+    with pytest.raises(ValueError, match="SSNI_THREADS"):
+        cpu_threads()
+    monkeypatch.delenv("SSNI_THREADS")
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.2, 0.0, 0.0))
+    assert cpu_threads() == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert cpu_threads() == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+    assert cpu_threads() == 4

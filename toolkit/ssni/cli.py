@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from typing import Callable, List, Optional, Tuple
 
@@ -51,6 +52,25 @@ register_command("demo", "ssni.demo:DemoConfig", "ssni.demo:run_demo",
                  "the whole pipeline on embedded digits: train, calibrate, fit, evaluate")
 
 
+def cpu_threads() -> int:
+    """Threads for CPU work: $SSNI_THREADS if set, else the cores not already busy.
+
+    On a shared machine, asking torch for more threads than idle cores makes every parallel
+    region wait for a descheduled thread (tens of times slower), so idle cores are the default.
+    """
+    env = os.environ.get("SSNI_THREADS")
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"SSNI_THREADS must be a positive integer, got {env!r}")
+        return int(env)
+    cores = os.cpu_count() or 1
+    try:
+        busy = int(round(os.getloadavg()[0]))
+    except OSError:  # not available on this platform
+        busy = 0
+    return max(1, cores - busy)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the `ssni` console command."""
     parser = argparse.ArgumentParser(prog="ssni", description=__doc__.splitlines()[0])
@@ -70,6 +90,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         recipe = None
     config_path, run_path = COMMANDS.get(args.command)
     try:
+        import torch
+
+        torch.set_num_threads(cpu_threads())
         cfg = load_config(_resolve(config_path), recipe, overrides)
         result = _resolve(run_path)(cfg)
     except (ConfigError, UnknownNameError, FileNotFoundError, ValueError) as e:
