@@ -33,7 +33,8 @@ class DemoConfig:
     defense_recipe: str = "recipes/defense/digits.yaml"
     defense_overrides: List[str] = field(default_factory=list)  # for fit-reweight and evaluate
     reweight_recipe: str = "recipes/reweight/digits.yaml"
-    reweight_overrides: List[str] = field(default_factory=list)
+    reweight_overrides: List[str] = field(default_factory=lambda: [  # a smaller oracle search
+        "count=96", "pgd_steps=10", "t_grid=[0.0, 0.02, 0.05, 0.1, 0.15, 0.3]"])
     evaluate_recipe: str = "recipes/eval/digits.yaml"
     evaluate_overrides: List[str] = field(default_factory=list)
     progress: bool = True
