@@ -87,6 +87,7 @@ def test_cli_train_score_end_to_end(tmp_path):
 def test_cpu_threads_respects_env_and_idle_cores(monkeypatch):
     import os
 
+    from ssni import cli
     from ssni.cli import cpu_threads
 
     monkeypatch.setenv("SSNI_THREADS", "3")
@@ -96,9 +97,11 @@ def test_cpu_threads_respects_env_and_idle_cores(monkeypatch):
         cpu_threads()
     monkeypatch.delenv("SSNI_THREADS")
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
-    monkeypatch.setattr(os, "getloadavg", lambda: (3.2, 0.0, 0.0))
+    monkeypatch.setattr(cli, "_busy_cores", lambda: 3)
     assert cpu_threads() == 1
-    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    monkeypatch.setattr(cli, "_busy_cores", lambda: 9)
     assert cpu_threads() == 1
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+    monkeypatch.setattr(cli, "_busy_cores", lambda: 0)
     assert cpu_threads() == 4
+    monkeypatch.undo()
+    assert 0 <= cli._busy_cores(0.05) <= (os.cpu_count() or 1)

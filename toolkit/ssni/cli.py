@@ -52,6 +52,29 @@ register_command("demo", "ssni.demo:DemoConfig", "ssni.demo:run_demo",
                  "the whole pipeline on embedded digits: train, calibrate, fit, evaluate")
 
 
+def _busy_cores(interval: float = 0.3) -> int:
+    """Cores in use by other work right now (/proc/stat over `interval` s; else load average)."""
+    def sample():
+        with open("/proc/stat") as fh:
+            vals = [int(v) for v in fh.readline().split()[1:]]
+        return vals[3] + (vals[4] if len(vals) > 4 else 0), sum(vals)  # idle + iowait, total
+
+    try:
+        import time
+
+        i0, t0 = sample()
+        time.sleep(interval)
+        i1, t1 = sample()
+        if t1 > t0:
+            return int(round((1.0 - (i1 - i0) / (t1 - t0)) * (os.cpu_count() or 1)))
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(round(os.getloadavg()[0]))
+    except OSError:
+        return 0
+
+
 def cpu_threads() -> int:
     """Threads for CPU work: $SSNI_THREADS if set, else the cores not already busy.
 
@@ -64,10 +87,7 @@ def cpu_threads() -> int:
             raise ValueError(f"SSNI_THREADS must be a positive integer, got {env!r}")
         return int(env)
     cores = os.cpu_count() or 1
-    try:
-        busy = int(round(os.getloadavg()[0]))
-    except OSError:  # not available on this platform
-        busy = 0
+    busy = _busy_cores()
     return max(1, cores - busy)
 
 
