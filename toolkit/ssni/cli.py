@@ -52,8 +52,9 @@ register_command("demo", "ssni.demo:DemoConfig", "ssni.demo:run_demo",
                  "the whole pipeline on embedded digits: train, calibrate, fit, evaluate")
 
 
-def _busy_cores(interval: float = 0.3) -> int:
-    """Cores in use by other work right now (/proc/stat over `interval` s; else load average)."""
+def _busy_cores(interval: float = 0.2, windows: int = 3) -> int:
+    """Cores kept busy by other work (/proc/stat; the least over a few short windows, so a
+    passing process does not count); falls back to the load average."""
     def sample():
         with open("/proc/stat") as fh:
             vals = [int(v) for v in fh.readline().split()[1:]]
@@ -62,11 +63,16 @@ def _busy_cores(interval: float = 0.3) -> int:
     try:
         import time
 
+        cores, counts = os.cpu_count() or 1, []
         i0, t0 = sample()
-        time.sleep(interval)
-        i1, t1 = sample()
-        if t1 > t0:
-            return int(round((1.0 - (i1 - i0) / (t1 - t0)) * (os.cpu_count() or 1)))
+        for _ in range(windows):
+            time.sleep(interval)
+            i1, t1 = sample()
+            if t1 > t0:
+                counts.append(int((1.0 - (i1 - i0) / (t1 - t0)) * cores + 0.25))
+            i0, t0 = i1, t1
+        if counts:
+            return min(counts)
     except (OSError, ValueError, IndexError):
         pass
     try:
