@@ -23,8 +23,7 @@ class DemoConfig:
 
     run_dir: str = "runs/demo"
     score_recipe: str = "recipes/score/digits.yaml"
-    # shorter than the stand-alone recipes so the whole demo fits a CPU budget
-    score_overrides: List[str] = field(default_factory=lambda: ["loop.steps=800"])
+    score_overrides: List[str] = field(default_factory=list)
     classifier_recipe: str = "recipes/classifier/digits_resnet18.yaml"
     classifier_overrides: List[str] = field(default_factory=lambda: ["loop.steps=400"])
     calibrate_recipe: str = "recipes/calibrate/digits.yaml"
@@ -36,7 +35,8 @@ class DemoConfig:
     reweight_overrides: List[str] = field(default_factory=lambda: [  # a smaller oracle search
         "count=96", "pgd_steps=10", "t_grid=[0.0, 0.02, 0.05, 0.1, 0.15, 0.3]"])
     evaluate_recipe: str = "recipes/eval/digits.yaml"
-    evaluate_overrides: List[str] = field(default_factory=list)
+    evaluate_overrides: List[str] = field(default_factory=lambda: [  # fits a CPU budget
+        "num_samples=64", "sweep.eps=[0.0627, 0.25]"])
     progress: bool = True
 
 
