@@ -16,14 +16,6 @@ SN = ScoreNormConfig(timesteps=4)
 PURIFY = {"sampler": "ddpm", "steps": 2}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _score_model(mean=0.1):
     return GaussianScoreModel(mean=mean, std=0.4, shape=SHAPE)
 

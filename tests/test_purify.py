@@ -13,15 +13,6 @@ from ssni.purify import (GRAD_MODES, SAMPLERS, Purifier, PurifierConfig, build_p
 SAMPLER_NAMES = SAMPLERS.names()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks run fastest on one thread (and the test machine is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class SmallEps(EpsModel):
     """A two-layer conv eps network on 1x8x8 that runs in any dtype (fast, nonlinear in x and t)."""
 

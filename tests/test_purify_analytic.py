@@ -17,14 +17,6 @@ STD = 0.15
 M = 6000  # samples per t* group
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def gaussian():
     """The exact score model and 2M clean draws in [0, 1] (first M for t* = 0.05, rest 0.3)."""

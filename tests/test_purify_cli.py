@@ -13,15 +13,6 @@ from ssni.models import create_model, save_model
 RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "purify" / "digits.yaml")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """A tiny network runs fastest on one thread (and the test machine is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def checkpoint(tmp_path):
     torch.manual_seed(0)

@@ -11,14 +11,6 @@ from ssni.scoring import (REWEIGHTS, Calibration, LearnedFitConfig, LearnedRewei
 from ssni.scoring.learned import asymmetric_loss
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _calibration(seed=0) -> Calibration:
     g = torch.Generator().manual_seed(seed)
     norms = 50.0 + 5.0 * torch.randn(500, generator=g)

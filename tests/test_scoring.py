@@ -14,15 +14,6 @@ from ssni.scoring import (Calibration, CalibrationMismatchError, ScoreNorm, Scor
 SHAPE = (1, 8, 8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small networks run fastest on one thread; two threads on a loaded 2-core box spin-wait.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _gauss(mean=0.2, std=0.1):
     return GaussianScoreModel(mean=mean, std=std, shape=SHAPE).double()
 
