@@ -24,6 +24,20 @@ def test_overrides_are_typed_and_nested():
         load_config(ScoreTrainConfig, None, ["loop.steps=abc"])
 
 
+def test_overrides_address_list_items():
+    from ssni.evaluate.runner import EvaluateConfig
+
+    base = load_config(EvaluateConfig, "recipes/eval/digits.yaml")
+    cfg = load_config(EvaluateConfig, "recipes/eval/digits.yaml",
+                      ["attacks.0.eot=2", "attacks.-1.kwargs.steps=3", "defenses.1.name=dbp2"])
+    assert cfg.attacks[0].eot == 2 and cfg.attacks[1].eot == base.attacks[1].eot
+    assert cfg.attacks[-1].kwargs == {**base.attacks[-1].kwargs, "steps": 3}
+    assert cfg.attacks[0].kwargs == base.attacks[0].kwargs  # untouched items keep their values
+    assert [d.name for d in cfg.defenses][:2] == ["none", "dbp2"]
+    with pytest.raises(ConfigError, match=r"attacks.7: index out of range.*2 items"):
+        load_config(EvaluateConfig, "recipes/eval/digits.yaml", ["attacks.7.eot=2"])
+
+
 def test_every_recipe_loads_with_its_command():
     """Each recipe parses into the config of its command (named in its usage comment, or by
     its folder)."""

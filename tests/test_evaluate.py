@@ -100,3 +100,17 @@ def test_changed_config_in_same_run_dir_is_refused(tiny_setup, tmp_path):
                    sweep={}, draws=3)
     with pytest.raises(ValueError, match="different evaluation config"):
         Evaluation(cfg2)
+
+
+def test_sweep_reuses_the_main_cell_at_the_attacks_own_epsilon(tiny_setup, tmp_path):
+    sweep = {"attack": "pgd-eot", "defenses": ["dbp"], "eps": [0.1, 0.5], "num_samples": 3,
+             "huge_eps": 0.4}
+    cfg = _config(tiny_setup, tmp_path / "ev", sweep=sweep)
+    Evaluation(cfg).run()
+    state = tmp_path / "ev/state"
+    # only the new epsilon was attacked again; 0.1 is the main pgd-eot cell's first batch
+    assert sorted(p.name for p in state.iterdir() if p.name.startswith("sweep")) == ["sweep_dbp_0.5"]
+    first = json.loads((state / "dbp_pgd-eot/batch_00000.json").read_text())["correct"]
+    expected = sum(sum(r) for r in first) / (3 * 2)
+    curves = json.loads((tmp_path / "ev/results.json").read_text())["curves"]
+    assert curves["dbp"]["acc"][0] == pytest.approx(expected)

@@ -38,13 +38,31 @@ def parse_overrides(items: Sequence[str]) -> Dict[str, Any]:
 
 
 def merge(base: Dict[str, Any], extra: Mapping[str, Any]) -> Dict[str, Any]:
-    """Recursive dict merge; `extra` wins."""
+    """Recursive dict merge; `extra` wins. Integer keys address list items (`attacks.0.eot=2`)."""
     out = dict(base)
     for k, v in extra.items():
         if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
             out[k] = merge(dict(out[k]), v)
+        elif isinstance(v, Mapping) and isinstance(out.get(k), list) and v \
+                and all(str(i).lstrip("-").isdigit() for i in v):
+            out[k] = _merge_list(out[k], v, str(k))
         else:
             out[k] = v
+    return out
+
+
+def _merge_list(items: List[Any], extra: Mapping[Any, Any], where: str) -> List[Any]:
+    """Apply {index: value} to a copy of a list; mappings merge into mapping items."""
+    out = list(items)
+    for i, v in extra.items():
+        idx = int(i)
+        if not -len(out) <= idx < len(out):
+            raise ConfigError(f"override {where}.{i}: index out of range, {where} has "
+                              f"{len(out)} items (valid indices 0..{len(out) - 1})")
+        if isinstance(v, Mapping) and isinstance(out[idx], Mapping):
+            out[idx] = merge(dict(out[idx]), v)
+        else:
+            out[idx] = v
     return out
 
 

@@ -76,6 +76,12 @@ class EvaluateConfig:
     device: str = "auto"
 
 
+def _same_eps(spec: AttackSpec, eps: float) -> bool:
+    """Whether a sweep epsilon is the attack's own (so its main cell can be reused)."""
+    own = spec.kwargs.get("eps")
+    return own is not None and abs(float(own) - float(eps)) <= 1e-9 * max(1.0, abs(float(eps)))
+
+
 def _seed(*parts: Any) -> int:
     return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
 
@@ -183,7 +189,7 @@ class Evaluation:
         res = draw_accuracy(correct)
         ts = [v for p in parts for v in (p["t_star"] or [])]
         sn = [v for p in parts for v in (p["score_norm"] or [])]
-        return {"metrics": res, "t_star": ts, "score_norm": sn,
+        return {"metrics": res, "t_star": ts, "score_norm": sn, "correct": correct.tolist(),
                 "seconds": sum(p["seconds"] for p in parts),
                 "flags": [f for p in parts for f in p["flags"]]}
 
@@ -242,6 +248,12 @@ class Evaluation:
                     raise ValueError(f"sweep.defenses: {dname!r} is not one of {list(self.defenses)}")
                 acc = []
                 for eps in cfg.sweep.eps:
+                    main = cells.get(f"{dname}/{sweep_attack.name}")
+                    if main is not None and _same_eps(sweep_attack, eps):
+                        # the main cell already ran this attack at this epsilon: reuse its images
+                        acc.append(draw_accuracy(torch.tensor(main["correct"][:ns]))["expected"])
+                        self._bar.update(-(-ns // cfg.batch_size))
+                        continue
                     r = self._cell(f"sweep/{dname}/{eps:g}", self.defenses[dname], sweep_attack,
                                    self.x[:ns], self.y[:ns], eps=eps)
                     acc.append(r["metrics"]["expected"])
