@@ -114,3 +114,13 @@ def test_sweep_reuses_the_main_cell_at_the_attacks_own_epsilon(tiny_setup, tmp_p
     expected = sum(sum(r) for r in first) / (3 * 2)
     curves = json.loads((tmp_path / "ev/results.json").read_text())["curves"]
     assert curves["dbp"]["acc"][0] == pytest.approx(expected)
+
+
+def test_sweep_scales_the_step_size_with_epsilon(tiny_setup, tmp_path):
+    ev = Evaluation(_config(tiny_setup, tmp_path / "ev"))
+    spec = ev.cfg.attacks[0]  # eps 0.1, step 0.05, EOT 2
+    assert ev._make_attack(spec).step_size == pytest.approx(0.05)
+    assert ev._make_attack(spec, eps=0.5).step_size == pytest.approx(0.25)
+    assert ev._make_attack(spec, eps=0.5).eps == pytest.approx(0.5)
+    ev.cfg.sweep.scale_step = False
+    assert ev._make_attack(spec, eps=0.5).step_size == pytest.approx(0.05)

@@ -52,6 +52,9 @@ class SweepConfig:
     eps: List[float] = field(default_factory=list)
     num_samples: int = 32
     huge_eps: Optional[float] = None
+    # the attack's step size scales with eps (step * eps / the attack's own eps), so every
+    # sweep point can reach the edge of its ball in the same number of steps
+    scale_step: bool = True
 
 
 @dataclass
@@ -147,6 +150,9 @@ class Evaluation:
     def _make_attack(self, spec: AttackSpec, eps: Optional[float] = None):
         kwargs = dict(spec.kwargs)
         if eps is not None:
+            own = kwargs.get("eps")
+            if self.cfg.sweep.scale_step and own and "step_size" in kwargs:
+                kwargs["step_size"] = float(kwargs["step_size"]) * float(eps) / float(own)
             kwargs["eps"] = eps
         if spec.attack == "transfer":
             kwargs["source"] = self.bare
