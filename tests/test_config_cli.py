@@ -83,6 +83,13 @@ def test_cli_reports_unknown_key_and_name(capsys):
     assert "unet_digits" in capsys.readouterr().err
 
 
+def test_cli_takes_a_first_override_whose_value_is_a_yaml_path(tmp_path, capsys):
+    # `ssni demo score_recipe=X.yaml`: an override, not the demo's own recipe
+    assert main(["demo", "score_recipe=recipes/score/nope.yaml", f"run_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "recipe file not found: recipes/score/nope.yaml" in err and "score_recipe=" not in err
+
+
 def test_cli_train_score_end_to_end(tmp_path):
     run = tmp_path / "s"
     rc = main(["train-score", "recipes/score/digits.yaml", f"run_dir={run}", "loop.steps=3",

@@ -5,7 +5,9 @@ import argparse
 import importlib
 import json
 import os
+import re
 import sys
+from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
 from .config import ConfigError, load_config
@@ -97,6 +99,11 @@ def cpu_threads() -> int:
     return max(1, cores - busy)
 
 
+def _looks_like_override(arg: str) -> bool:
+    """`key=value` (a dotted key) that is not the name of an existing recipe file."""
+    return re.match(r"^[A-Za-z_][\w.\-]*=", arg) is not None and not Path(arg).is_file()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the `ssni` console command."""
     parser = argparse.ArgumentParser(prog="ssni", description=__doc__.splitlines()[0])
@@ -111,7 +118,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     overrides = list(args.overrides) + extra
     recipe = args.recipe
-    if recipe is not None and "=" in recipe and not recipe.endswith((".yaml", ".yml")):
+    if recipe is not None and _looks_like_override(recipe):
         overrides.insert(0, recipe)
         recipe = None
     config_path, run_path = COMMANDS.get(args.command)
