@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -23,20 +22,15 @@ import torch
 
 from ssni.data import DataConfig, build_dataset
 from ssni.defense import RobustClassifier, mix_seeds
+from ssni.evaluate.metrics import wilson_interval
 from ssni.io import atomic_write_json, atomic_write_text
 from ssni.scoring import build_reweight, compute_norms, pgd_linf
 from ssni.scoring.plots import plot_reweight
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> List[float]:
-    """95% Wilson score interval of a proportion k / n."""
-    if n == 0:
-        return [0.0, 1.0]
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return [round(c - h, 4), round(c + h, 4)]
+def wilson(k: int, n: int) -> List[float]:
+    """95% Wilson score interval of a proportion k / n, rounded for the report."""
+    return [round(v, 4) for v in wilson_interval(k, n)]
 
 
 @torch.no_grad()
