@@ -126,3 +126,16 @@ def test_cpu_threads_respects_env_and_idle_cores(monkeypatch):
     assert cpu_threads() == 4
     monkeypatch.undo()
     assert 0 <= cli._busy_cores(0.05) <= (os.cpu_count() or 1)
+
+
+def test_cli_flushes_denormals():
+    import torch
+
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        assert torch.tensor([1e-323], dtype=torch.float64).item() != 0.0
+        assert main(["train-score", "recipes/score/digits.yaml", "loop.nope=1"]) == 2  # after set-up
+        assert torch.tensor([1e-323], dtype=torch.float64).item() == 0.0
+    finally:
+        torch.set_flush_denormal(False)

@@ -126,6 +126,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         import torch
 
         torch.set_num_threads(cpu_threads())
+        # Denormal floats are up to ~20x slower on CPUs. Gradients through a saturated smooth
+        # reweight are that tiny and flow through the whole score network: flush them to zero.
+        torch.set_flush_denormal(True)
         cfg = load_config(_resolve(config_path), recipe, overrides)
         result = _resolve(run_path)(cfg)
     except (ConfigError, UnknownNameError, FileNotFoundError, ValueError) as e:

@@ -211,8 +211,15 @@ class Evaluation:
 
     # -- the whole run -------------------------------------------------------------------------
     def run(self) -> Dict[str, Any]:
-        """Evaluate every cell; write results.json, report.md, plots and TensorBoard scalars."""
+        """Evaluate every cell; write results.json, report.md, plots and TensorBoard scalars.
+
+        Turns on torch's flush-denormal mode (values below ~1e-38 become zero): an adaptive attack
+        through a saturated smooth reweight otherwise back-propagates denormals through the score
+        network, measured 17x slower on CPU (87 s vs 5 s for one gradient on 48 digits).
+        """
         from tqdm.auto import tqdm
+
+        torch.set_flush_denormal(True)
 
         cfg = self.cfg
         nb = -(-self.x.shape[0] // cfg.batch_size)
