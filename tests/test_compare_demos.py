@@ -36,8 +36,8 @@ def test_compare_demos_auroc_and_table(tmp_path, capsys):
     b = _run(tmp_path / "b", [1.0, 3.0], [2.0, 4.0], 0.25)
     assert tool.main([str(a), str(b), "--labels", "A", "B", "--out", str(tmp_path / "c.md")]) == 0
     out = (tmp_path / "c.md").read_text()
-    assert "| A | 10.00 ± 1.00 | 1.50 | pgd (ssni-n) | 3.50 | 1.000 |" in out
-    assert "| B | 10.00 ± 1.00 | 2.00 | pgd (ssni-n) | 3.00 | 0.750 |" in out
+    assert "| A | 10.00 ± 1.00 | pgd (ssni-n) | 1.50 | 3.50 | 1.000 |" in out
+    assert "| B | 10.00 ± 1.00 | pgd (ssni-n) | 2.00 | 3.00 | 0.750 |" in out
     assert "| ssni-n | pgd | 100.0 [50, 100] | 50.0 [10, 90] | 25.0 [0, 80] | 0.100 | " \
            "100.0 [50, 100] | 25.0 [10, 90] | 12.5 [0, 80] | 0.100 |" in out
     with pytest.raises(SystemExit):

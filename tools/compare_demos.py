@@ -44,24 +44,27 @@ def _auroc(clean: Sequence[float], adv: Sequence[float]) -> float:
 
 
 def score_norm_rows(runs: Dict[str, Dict]) -> List[str]:
-    """Markdown rows: calibration stats, clean/adversarial means and AUROC per run and attack."""
-    lines = ["| run | calibration mean ± std | eval clean mean | attack | adv mean | AUROC clean vs adv |",
-             "|---|---|---|---|---|---|"]
+    """Markdown rows: calibration stats, clean/adversarial means and AUROC per run and attack.
+
+    All defenses share one score network, so each attack is shown once, from the first defense
+    that has both its clean and its attacked score norms.
+    """
+    lines = ["| run | calibration mean ± std | attack (cell) | eval clean mean | adv mean | "
+             "AUROC clean vs adv |", "|---|---|---|---|---|---|"]
     for label, r in runs.items():
-        per = r["res"]["per_sample"]
-        defense = next((k.split("/")[0] for k, v in per.items()
-                        if k.endswith("/clean") and v.get("score_norm")), None)
-        if defense is None:
-            lines.append(f"| {label} | {r['cal']['mean']:.2f} ± {r['cal']['std']:.2f} | — | — | — | — |")
-            continue
-        clean = per[f"{defense}/clean"]["score_norm"]
+        per, cal = r["res"]["per_sample"], f"{r['cal']['mean']:.2f} ± {r['cal']['std']:.2f}"
+        shown = []
         for key, cell in per.items():
-            if not key.startswith(f"{defense}/") or key.endswith("/clean"):
+            defense, attack = key.split("/", 1)
+            clean = (per.get(f"{defense}/clean") or {}).get("score_norm")
+            if attack == "clean" or attack in shown or not clean or not cell.get("score_norm"):
                 continue
+            shown.append(attack)
             adv = cell["score_norm"]
-            lines.append(f"| {label} | {r['cal']['mean']:.2f} ± {r['cal']['std']:.2f} | "
-                         f"{_mean(clean):.2f} | {key.split('/', 1)[1]} ({defense}) | "
+            lines.append(f"| {label} | {cal} | {attack} ({defense}) | {_mean(clean):.2f} | "
                          f"{_mean(adv):.2f} | {_auroc(clean, adv):.3f} |")
+        if not shown:
+            lines.append(f"| {label} | {cal} | — | — | — | — |")
     return lines
 
 
