@@ -124,3 +124,12 @@ def test_sweep_scales_the_step_size_with_epsilon(tiny_setup, tmp_path):
     assert ev._make_attack(spec, eps=0.5).eps == pytest.approx(0.5)
     ev.cfg.sweep.scale_step = False
     assert ev._make_attack(spec, eps=0.5).step_size == pytest.approx(0.05)
+
+
+def test_histogram_bins_cover_every_group_and_survive_equal_values():
+    from ssni.evaluate.report import _shared_bins
+
+    b = _shared_bins([0.02, 0.05, 0.105, 0.105], n=10)
+    assert len(b) == 11 and b[0] == 0.02 and b[-1] == pytest.approx(0.105)
+    b = _shared_bins([0.105] * 5)  # a saturated reweight: every t* the same
+    assert b[0] < 0.105 < b[-1] and b[-1] - b[0] == pytest.approx(2e-3)

@@ -29,6 +29,15 @@ def markdown_table(rows: List[Dict[str, Any]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def _shared_bins(values: List[float], n: int = 30) -> List[float]:
+    """n equal bins over the range of all values (padded when they are all equal)."""
+    lo, hi = min(values), max(values)
+    if hi - lo <= 1e-12 * max(1.0, abs(hi)):
+        pad = max(1e-3, 0.01 * abs(hi))
+        lo, hi = lo - pad, hi + pad
+    return [lo + (hi - lo) * i / n for i in range(n + 1)]
+
+
 def plot_histograms(series: Dict[str, Dict[str, List[float]]], path: Path, xlabel: str,
                     title: str) -> Path | None:
     """One panel per defense: overlaid histograms (e.g. clean vs adversarial)."""
@@ -43,11 +52,14 @@ def plot_histograms(series: Dict[str, Dict[str, List[float]]], path: Path, xlabe
     n = len(series)
     fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.2), squeeze=False)
     for ax, (name, groups) in zip(axes[0], series.items()):
+        bins = _shared_bins([v for vals in groups.values() for v in vals])
         for label, values in groups.items():
-            if values:
-                ax.hist(values, bins=30, alpha=0.55, label=label, density=True)
+            if values:  # each group sums to 1: groups of different sizes stay comparable
+                ax.hist(values, bins=bins, alpha=0.55, label=label,
+                        weights=[1.0 / len(values)] * len(values))
         ax.set_title(name)
         ax.set_xlabel(xlabel)
+        ax.set_ylabel("fraction of images")
         ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
