@@ -132,4 +132,4 @@ def test_histogram_bins_cover_every_group_and_survive_equal_values():
     b = _shared_bins([0.02, 0.05, 0.105, 0.105], n=10)
     assert len(b) == 11 and b[0] == 0.02 and b[-1] == pytest.approx(0.105)
     b = _shared_bins([0.105] * 5)  # a saturated reweight: every t* the same
-    assert b[0] < 0.105 < b[-1] and b[-1] - b[0] == pytest.approx(2e-3)
+    assert b[0] < 0.105 < b[-1] and b[-1] - b[0] == pytest.approx(2 * 0.01 * 0.105)
