@@ -27,19 +27,19 @@ class DemoConfig:
     classifier_recipe: str = "recipes/classifier/digits_resnet18.yaml"
     classifier_overrides: List[str] = field(default_factory=lambda: ["loop.steps=400"])
     calibrate_recipe: str = "recipes/calibrate/digits.yaml"
-    calibrate_overrides: List[str] = field(  # 500 clean digits instead of all 1438
-        default_factory=lambda: ["count=500", "plot_noise_std=[0.1]"])
+    calibrate_overrides: List[str] = field(  # 300 clean digits instead of all 1438
+        default_factory=lambda: ["count=300", "plot_noise_std=[0.1]"])
     defense_recipe: str = "recipes/defense/digits.yaml"
     defense_overrides: List[str] = field(default_factory=list)  # for fit-reweight and evaluate
     reweight_recipe: str = "recipes/reweight/digits.yaml"
     reweight_overrides: List[str] = field(default_factory=lambda: [  # a smaller oracle search
-        "count=96", "pgd_steps=10", "t_grid=[0.0, 0.02, 0.05, 0.1, 0.15, 0.3]"])
+        "count=64", "pgd_steps=10", "t_grid=[0.0, 0.02, 0.05, 0.1, 0.15, 0.3]"])
     evaluate_recipe: str = "recipes/eval/digits.yaml"
     # A CPU budget: 48 images, 20-step DDPM as the defense, a 5-step DDPM attack surrogate,
     # 6 PGD iterations with EOT 2 (the recipe: 10 with EOT 4). With DiffPure at dt 1e-3 and a
     # 10-step surrogate, 64 images took over 20 minutes; with the recipe's attacks, about 16.
     evaluate_overrides: List[str] = field(default_factory=lambda: [
-        "num_samples=48", "sweep.eps=[0.0627, 0.25]",
+        "num_samples=48", "sweep.eps=[0.0627, 0.25]", "sweep.num_samples=24",
         "attacks.0.kwargs.steps=6", "attacks.0.eot=2", "attacks.1.kwargs.steps=6", "attacks.1.eot=2",
         "defense_overrides=[purifier.sampler=ddpm, purifier.steps=20, attack_purifier.steps=5]"])
     progress: bool = True
