@@ -23,6 +23,11 @@ from typing import Dict, List, Sequence
 
 from sklearn.metrics import roc_auc_score
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "toolkit"))
+
+from ssni.evaluate.report import pct_ci  # noqa: E402
+from ssni.io import atomic_write_text  # noqa: E402
+
 
 def _load(run: Path) -> Dict:
     cal, res = run / "calibration" / "calibration.json", run / "eval" / "results.json"
@@ -80,7 +85,6 @@ def accuracy_rows(runs: Dict[str, Dict]) -> List[str]:
         for row in r["res"]["rows"]:
             if (row["defense"], row["attack"]) not in keys:
                 keys.append((row["defense"], row["attack"]))
-    pct = lambda v, ci: f"{100 * v:.1f} [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]"  # noqa: E731
     for d, a in keys:
         cells = []
         for r in runs.values():
@@ -89,9 +93,9 @@ def accuracy_rows(runs: Dict[str, Dict]) -> List[str]:
                 cells += ["—"] * 4
                 continue
             t = row.get("mean_t_adv")
-            cells += [pct(row["clean"], row["clean_ci"]),
-                      pct(row["robust_expected"], row["robust_expected_ci"]),
-                      pct(row["robust_worst"], row["robust_worst_ci"]),
+            cells += [pct_ci(row["clean"], row["clean_ci"]),
+                      pct_ci(row["robust_expected"], row["robust_expected_ci"]),
+                      pct_ci(row["robust_worst"], row["robust_worst_ci"]),
                       "—" if t is None else f"{t:.3f}"]
         lines.append(f"| {d} | {a} | " + " | ".join(cells) + " |")
     return lines
@@ -114,9 +118,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = "\n".join(md) + "\n"
     print(text)
     if args.out is not None:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "toolkit"))
-        from ssni.io import atomic_write_text
-
         atomic_write_text(args.out, text)
     return 0
 

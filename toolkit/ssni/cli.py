@@ -7,6 +7,7 @@ import json
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
@@ -63,8 +64,6 @@ def _busy_cores(interval: float = 0.2, windows: int = 3) -> int:
         return vals[3] + (vals[4] if len(vals) > 4 else 0), sum(vals)  # idle + iowait, total
 
     try:
-        import time
-
         cores, counts = os.cpu_count() or 1, []
         i0, t0 = sample()
         for _ in range(windows):

@@ -70,7 +70,8 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
     save_config(cfg, root, "demo_config.yaml")
     score, clf, cal, rw, ev = (root / "score", root / "classifier", root / "calibration",
                                root / "reweight", root / "eval")
-    prog = [f"loop.progress={str(cfg.progress).lower()}"]
+    progress = str(cfg.progress).lower()
+    prog = [f"loop.progress={progress}"]
     links = [f"score_model={score}", f"calibration={cal / 'calibration.json'}",
              f"classifier.checkpoint={clf}"] + list(cfg.defense_overrides)
     log: Dict[str, Any] = {}
@@ -83,13 +84,12 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
         cfg.classifier_overrides + prog + [f"run_dir={clf}"])), log)
     _stage("calibration", cal / "calibration.json", lambda: run_calibrate(load_config(
         CalibrateConfig, cfg.calibrate_recipe, cfg.calibrate_overrides + [
-            f"output={cal}", f"score_model={score}", f"progress={str(cfg.progress).lower()}"])),
+            f"output={cal}", f"score_model={score}", f"progress={progress}"])),
         log)
     _stage("learned reweight", rw / "reweight.json", lambda: _fit_reweight(cfg, rw, links), log)
 
     ev_cfg = load_config(EvaluateConfig, cfg.evaluate_recipe, cfg.evaluate_overrides + [
-        f"run_dir={ev}", f"defense_recipe={cfg.defense_recipe}",
-        f"progress={str(cfg.progress).lower()}"])
+        f"run_dir={ev}", f"defense_recipe={cfg.defense_recipe}", f"progress={progress}"])
     ev_cfg.defense_overrides = list(ev_cfg.defense_overrides) + links
     for d in ev_cfg.defenses:
         if d.reweight is not None and d.reweight.name == "learned":

@@ -13,6 +13,11 @@ def _ci(ci: Sequence[float] | None) -> str:
     return "" if not ci else f" [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]"
 
 
+def pct_ci(v: float | None, ci: Sequence[float] | None = None) -> str:
+    """A proportion as a percentage with its interval: '81.2 [68, 90]' ('—' when missing)."""
+    return f"{_pct(v)}{_ci(ci)}"
+
+
 def markdown_table(rows: List[Dict[str, Any]]) -> str:
     """Rows of cell results -> a markdown table (percentages with 95% Wilson intervals)."""
     head = ("| defense | attack | n | clean % | robust % (expected) | robust % (worst-of-N) "
@@ -21,9 +26,9 @@ def markdown_table(rows: List[Dict[str, Any]]) -> str:
     for r in rows:
         tc, ta = r.get("mean_t_clean"), r.get("mean_t_adv")
         lines.append(
-            f"| {r['defense']} | {r['attack']} | {r['n']} | {_pct(r['clean'])}{_ci(r.get('clean_ci'))} "
-            f"| {_pct(r['robust_expected'])}{_ci(r.get('robust_expected_ci'))} "
-            f"| {_pct(r['robust_worst'])}{_ci(r.get('robust_worst_ci'))} "
+            f"| {r['defense']} | {r['attack']} | {r['n']} | {pct_ci(r['clean'], r.get('clean_ci'))} "
+            f"| {pct_ci(r['robust_expected'], r.get('robust_expected_ci'))} "
+            f"| {pct_ci(r['robust_worst'], r.get('robust_worst_ci'))} "
             f"| {'—' if tc is None else f'{tc:.3f}'} | {'—' if ta is None else f'{ta:.3f}'} "
             f"| {r['seconds']:.0f} |")
     return head + "\n".join(lines) + "\n"

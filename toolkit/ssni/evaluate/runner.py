@@ -228,7 +228,8 @@ class Evaluation:
             raise ValueError(f"sweep.attack {cfg.sweep.attack!r} is not one of the attacks "
                              f"{[a.name for a in cfg.attacks]}")
         ns = min(cfg.sweep.num_samples, self.x.shape[0])
-        n_sweep = (-(-ns // cfg.batch_size)) * len(cfg.sweep.eps) * len(cfg.sweep.defenses)
+        nb_sweep = -(-ns // cfg.batch_size)  # batches per sweep point
+        n_sweep = nb_sweep * len(cfg.sweep.eps) * len(cfg.sweep.defenses)
         total = nb * len(self.defenses) * (1 + len(cfg.attacks)) + (n_sweep if sweep_attack else 0)
         self._bar = tqdm(total=total, desc="evaluate", disable=not cfg.progress, dynamic_ncols=True)
         rows, cells = [], {}
@@ -265,7 +266,7 @@ class Evaluation:
                     if main is not None and _same_eps(sweep_attack, eps):
                         # the main cell already ran this attack at this epsilon: reuse its images
                         acc.append(draw_accuracy(torch.tensor(main["correct"][:ns]))["expected"])
-                        self._bar.update(-(-ns // cfg.batch_size))
+                        self._bar.update(nb_sweep)
                         continue
                     r = self._cell(f"sweep/{dname}/{eps:g}", self.defenses[dname], sweep_attack,
                                    self.x[:ns], self.y[:ns], eps=eps)
