@@ -124,7 +124,7 @@ def test_quantisation_defense_trips_gradient_check(toy_classifier):
     assert gradient_check(Quantised(), x, y)["flag"] is not None
     assert gradient_check(toy_classifier, x, y)["flag"] is None
     # and the attack fails against it even at a huge epsilon: the epsilon check catches that
-    x_adv = PGD(eps=0.45, steps=10, step_size=0.1, random_init=False)(Quantised(), x, y)
+    x_adv = PGD(eps=0.45, steps=10, step_size=0.1, random_start=False)(Quantised(), x, y)
     acc_huge = (Quantised()(x_adv).argmax(1) == y).float().mean().item()
     assert epsilon_checks([0.0, 0.45], [1.0, acc_huge], chance=0.5, huge_eps=0.4)
     assert not epsilon_checks([0.0, 0.1, 0.45], [1.0, 0.4, 0.0], chance=0.5, huge_eps=0.4)

@@ -1,10 +1,11 @@
 import pytest
 import yaml
 
-from ssni.cli import COMMANDS, main
+from ssni.cli import main
+from ssni.commands import COMMANDS
 from ssni.config import ConfigError, load_config
 from ssni.data import DataConfig, build_dataset
-from ssni.training.score import ScoreTrainConfig
+from ssni.commands.train_score import ScoreTrainConfig
 
 
 def test_unknown_key_names_it(tmp_path):
@@ -41,7 +42,6 @@ def test_overrides_address_list_items():
 def test_every_recipe_loads_with_its_command():
     """Each recipe parses into the config of its command (named in its usage comment, or by
     its folder)."""
-    import importlib
     import pathlib
     import re
 
@@ -60,9 +60,7 @@ def test_every_recipe_loads_with_its_command():
             checked += 1
             continue
         assert cmd in COMMANDS, f"{path}: no command for this recipe"
-        cfg_path, _ = COMMANDS.get(cmd)
-        module, attr = cfg_path.split(":")
-        load_config(getattr(importlib.import_module(module), attr), path, [])
+        load_config(COMMANDS.meta(cmd)["config"], path, [])
         checked += 1
     assert checked >= 10
 

@@ -3,12 +3,13 @@ import pytest
 import torch
 import yaml
 
-from ssni.defense import (VOTES, RobustClassifier, build_defense, mix_seeds,
+from ssni.defense import (VOTES, RobustClassifier, build_defense,
                           resolve_preprocessing, wrap_timm)
 from ssni.io import atomic_save_safetensors, atomic_write_json
 from ssni.models import classifier_spec, create_classifier, create_model, save_model
 from ssni.models.analytic import GaussianScoreModel
 from ssni.purify import PurifierConfig, build_purifier
+from ssni.seeding import mix_seeds
 from ssni.scoring import (CalibrationMismatchError, ScoreNormConfig, build_reweight, calibrate)
 
 SHAPE = (1, 8, 8)
@@ -44,7 +45,7 @@ def test_wrapper_around_timm_families(family):
     sm = _score_model()
     torch.manual_seed(0)
     wrapper = wrap_timm(name, score_model=sm, calibration=_calibration(sm), reweight="sigmoid",
-                        reweight_kwargs={"t_star": 0.1}, purifier_config=PURIFY, score_norm=SN,
+                        reweight_kwargs={"t_base": 0.1}, purifier_config=PURIFY, score_norm=SN,
                         num_classes=5, input_size=size, **kw)
     assert isinstance(wrapper, torch.nn.Module) and wrapper.input_size == (size, size)
     # 1-channel input: timm's 3-value normalisation is averaged to one value
@@ -83,19 +84,19 @@ def test_gradients_reach_input_through_whole_wrapper():
                         reweight="sigmoid", purifier_config=PURIFY,
                         attack_purifier_config={"sampler": "ddpm", "steps": 1}, score_norm=SN,
                         num_classes=3, input_size=16)
-    surrogate = wrapper.surrogate()
+    surrogate = wrapper.view("adaptive")
     x = _images(2).requires_grad_(True)
     seeds = torch.tensor([1, 2])
     surrogate(x, seeds=seeds).logsumexp(1).sum().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     # the t*(x) branch alone carries gradient too (smooth reweight through the score norm)
     x2 = x.detach().clone().requires_grad_(True)
-    t, s = wrapper.t_star(x2, seeds=seeds, smooth=True)
+    t, s = wrapper.noise_levels(x2, seeds=seeds, smooth=True)
     (g,) = torch.autograd.grad(t.sum(), x2)
     assert torch.isfinite(g).all() and g.abs().sum() > 0
     # ... while the defense's own rounded t* has none
     x3 = x.detach().clone().requires_grad_(True)
-    t_hard, _ = wrapper.t_star(x3, seeds=seeds, smooth=False)
+    t_hard, _ = wrapper.noise_levels(x3, seeds=seeds, smooth=False)
     g_hard = (torch.autograd.grad(t_hard.sum(), x3, allow_unused=True)[0]
               if t_hard.requires_grad else None)
     assert g_hard is None or (g_hard == 0).all()
@@ -192,14 +193,14 @@ def test_build_from_recipe(tmp_path):
     atomic_write_json(tmp_path / "clf" / "model.json", classifier_spec(clf))
     recipe = {"score_model": str(tmp_path / "score"), "calibration": str(tmp_path),
               "score_norm": {"timesteps": 4}, "reweight": {"name": "linear",
-                                                           "kwargs": {"t_star": 0.05}},
+                                                           "kwargs": {"t_base": 0.05}},
               "purifier": PURIFY, "attack_purifier": {"sampler": "ddim", "steps": 1},
               "classifier": {"checkpoint": str(tmp_path / "clf")}, "mean": [0.0], "std": [1.0],
               "ensemble": 2, "vote": "majority", "device": "cpu"}
     path = tmp_path / "defense.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    w = RobustClassifier.from_recipe(path, ["reweight.kwargs.t_star=0.08"])
-    assert w.reweight.t_star == 0.08 and w.recipe["vote"] == "majority"
+    w = RobustClassifier.from_recipe(path, ["reweight.kwargs.t_base=0.08"])
+    assert w.reweight.t_base == 0.08 and w.recipe["vote"] == "majority"
     assert w.attack_purifier is not w.purifier
     x = _images(3)
     with torch.no_grad():
@@ -232,7 +233,7 @@ def _tiny_defense_recipe(tmp_path):
     atomic_write_json(tmp_path / "clf" / "model.json", classifier_spec(clf))
     recipe = {"score_model": str(tmp_path / "score"),
               "calibration": str(tmp_path / "calibration.json"), "score_norm": {"timesteps": 4},
-              "reweight": {"name": "sigmoid", "kwargs": {"t_star": 0.05}}, "purifier": PURIFY,
+              "reweight": {"name": "sigmoid", "kwargs": {"t_base": 0.05}}, "purifier": PURIFY,
               "classifier": {"checkpoint": str(tmp_path / "clf")}, "mean": [0.0], "std": [1.0],
               "device": "cpu"}
     path = tmp_path / "defense.yaml"
@@ -268,9 +269,9 @@ def test_shipped_recipes_load():
 
     from ssni.config import load_config
     from ssni.defense import DefenseConfig
-    from ssni.scoring.calibration import CalibrateConfig
-    from ssni.scoring.fit import FitReweightConfig
-    from ssni.training.finetune import FinetuneConfig
+    from ssni.commands.calibrate import CalibrateConfig
+    from ssni.commands.fit_reweight import FitReweightConfig
+    from ssni.commands.finetune import FinetuneConfig
 
     root = Path(__file__).resolve().parents[1] / "recipes"
     for cls, rel in [(DefenseConfig, "defense/digits.yaml"), (CalibrateConfig, "calibrate/digits.yaml"),
@@ -280,5 +281,4 @@ def test_shipped_recipes_load():
         assert cfg is not None
     d = load_config(DefenseConfig, root / "defense/digits.yaml")
     assert d.mean == [0.0] and d.std == [1.0] and d.reweight.name == "sigmoid"
-    PurifierConfig(**d.purifier)  # the purifier fields are valid PurifierConfig fields
-    PurifierConfig(**d.attack_purifier)
+    assert isinstance(d.purifier, PurifierConfig) and isinstance(d.attack_purifier, PurifierConfig)

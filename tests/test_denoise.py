@@ -8,7 +8,7 @@ import torch
 from ssni.attacks.denoiser import (DENOISER_ATTACKS, DenoisePGD, RandomPerturbation,
                                    delta_norm, denoising_error, project_delta, random_on_sphere)
 from ssni.data import DATASETS, DataConfig, build_dataset
-from ssni.denoise.data import PHOTO_TEST, photo_names, squares
+from ssni.data.photos import PHOTO_TEST, photo_names, squares
 from ssni.denoise.metrics import psnr, ssim
 from ssni.denoise.patches import RandomPatches
 from ssni.models import create_model, list_models, load_model, save_model
@@ -262,7 +262,7 @@ def test_attack_registry_and_random_baseline():
 # -- jobs -------------------------------------------------------------------------------------
 def _train(tmp_path, name, noise, steps=4, extra=()):
     from ssni.config import load_config
-    from ssni.denoise.train import DenoiserTrainConfig, train_denoiser
+    from ssni.commands.train_denoiser import DenoiserTrainConfig, train_denoiser
 
     cfg = load_config(DenoiserTrainConfig, None, [
         f"run_dir={tmp_path / name}", "data.image_size=32", "model.name=dncnn_tiny",
@@ -273,7 +273,7 @@ def _train(tmp_path, name, noise, steps=4, extra=()):
 
 def test_train_denoiser_gaussian_and_ts_then_evaluate(tmp_path):
     from ssni.config import load_config
-    from ssni.denoise.evaluate import DenoiserEvalConfig, evaluate_denoiser
+    from ssni.commands.evaluate_denoiser import DenoiserEvalConfig, evaluate_denoiser
 
     a = _train(tmp_path, "a", "gaussian")
     b = _train(tmp_path, "b", "typical_set", extra=["noise.kwargs.off_shell_fraction=1.0"])
@@ -318,7 +318,7 @@ def test_train_denoiser_rejects_score_models(tmp_path):
 
 
 def test_cli_lists_denoiser_commands(capsys):
-    from ssni.cli import COMMANDS
+    from ssni.commands import COMMANDS
 
     assert {"train-denoiser", "evaluate-denoiser"} <= set(COMMANDS.names())
     from ssni.cli import main

@@ -30,6 +30,14 @@ class SmallEps(EpsModel):
         return 0.5 * self.conv2(h)
 
 
+
+def _opts(name, steps=None, dt=None):
+    """The given options that sampler `name` takes (diffpure: dt; the others: steps)."""
+    from ssni.purify import sampler_option_names
+
+    own = sampler_option_names(name)
+    return {k: v for k, v in (("steps", steps), ("dt", dt)) if v is not None and k in own}
+
 def _tiny(dtype=torch.float32, seed=0):
     """A small eps network (SmallEps) in the given dtype."""
     return SmallEps(seed).eval().to(dtype)
@@ -68,7 +76,7 @@ class CountingModel(nn.Module):
 @pytest.mark.parametrize("name", SAMPLER_NAMES)
 def test_t_star_zero_returns_input_unchanged(name):
     m, x = _tiny(), _images(3)
-    p = Purifier(m, name, steps=5)
+    p = Purifier(m, name, **_opts(name, steps=5))
     out = p(x, 0.0, seeds=torch.arange(3))
     assert torch.equal(out, x) and p.nfe_last == 0
     # mixed batch: the t* = 0 sample is untouched, the others are purified
@@ -81,7 +89,7 @@ def test_t_star_zero_returns_input_unchanged(name):
 @pytest.mark.parametrize("name", SAMPLER_NAMES)
 def test_batched_equals_one_by_one(name):
     m, x = _tiny(torch.float64), _images(4, torch.float64)
-    p = Purifier(m, name, steps=8, dt=2e-3)
+    p = Purifier(m, name, **_opts(name, steps=8, dt=2e-3))
     t = torch.tensor([0.03, 0.1, 0.0, 0.06], dtype=torch.float64)
     seeds = torch.tensor([11, 7, 5, 2024])
     out = p(x, t, seeds=seeds)
@@ -169,7 +177,7 @@ def test_checkpointed_gradients_equal_plain_autograd(name):
     grads = {}
     for ckpt in (False, True):
         cm = CountingModel(m)
-        p = Purifier(cm, name, steps=6, checkpoint=ckpt)
+        p = Purifier(cm, name, checkpoint=ckpt, **_opts(name, steps=6))
         x = x0.clone().requires_grad_(True)
         m.zero_grad()
         out = p(x, t, seeds=seeds)
@@ -187,7 +195,7 @@ def test_checkpointed_gradients_equal_plain_autograd(name):
 @pytest.mark.parametrize("name", SAMPLER_NAMES)
 def test_gradients_match_finite_differences(name):
     m, x = _tiny(torch.float64), _images(2, torch.float64)
-    p = Purifier(m, name, steps=8, dt=4e-3)
+    p = Purifier(m, name, **_opts(name, steps=8, dt=4e-3))
     t, seeds = torch.tensor([0.03, 0.06], dtype=torch.float64), torch.tensor([1, 2])
     w = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
@@ -215,24 +223,6 @@ def test_bpda_is_identity_backward_with_the_purified_value():
     assert torch.equal(out, full)
     (out * w).sum().backward()
     assert torch.equal(x.grad, w)
-
-
-def test_surrogate_gives_defense_value_and_surrogate_gradient():
-    m, x0 = _tiny(), _images(2)
-    cfg = PurifierConfig(sampler="ddpm", steps=10, surrogate={"steps": 3}, grad="surrogate")
-    p = build_purifier(m, cfg)
-    assert p.surrogate is not None and p.surrogate.sampler.steps == 3 and p.surrogate.grad == "full"
-    seeds, t, w = torch.tensor([4, 5]), torch.tensor([0.05, 0.1]), torch.randn(2, 1, 8, 8)
-    x = x0.clone().requires_grad_(True)
-    out = p(x, t, seeds=seeds)
-    assert p.nfe_last == 10 + 10 + 3 + 3  # defense value + surrogate gradient pass
-    assert torch.equal(out.detach(), p(x0, t, seeds=seeds, grad="full"))
-    (out * w).sum().backward()
-    xs = x0.clone().requires_grad_(True)
-    (p.surrogate(xs, t, seeds=seeds) * w).sum().backward()
-    torch.testing.assert_close(x.grad, xs.grad)
-    with pytest.raises(ValueError, match="surrogate"):
-        Purifier(m, "ddpm")(x0, 0.1, grad="surrogate")
 
 
 def test_purifier_never_switches_gradients_off_by_itself():
@@ -306,21 +296,32 @@ def test_bad_input_names_samples_and_expected_values():
 
 def test_config_from_yaml_and_registries_complete(tmp_path):
     assert set(SAMPLER_NAMES) >= {"diffpure", "ddpm", "ddim", "gns", "gdmp"}
-    assert set(GRAD_MODES.names()) == {"full", "bpda", "surrogate"}
+    assert set(GRAD_MODES.names()) == {"full", "bpda"}
     recipe = tmp_path / "p.yaml"
     recipe.write_text("sampler: ddim\nsteps: 4\n")
-    cfg = load_config(PurifierConfig, recipe, ["surrogate={steps: 2}", "grad=bpda"])
+    cfg = load_config(PurifierConfig, recipe, ["grad=bpda"])
     p = build_purifier(_tiny(), cfg)
-    assert p.sampler.steps == 4 and p.grad == "bpda" and p.surrogate.sampler.steps == 2
+    assert p.sampler.steps == 4 and p.grad == "bpda"
     with pytest.raises(ConfigError, match="valid keys"):
-        build_purifier(_tiny(), PurifierConfig(surrogate={"stepz": 2}))
+        load_config(PurifierConfig, recipe, ["stepz=2"])
+
+
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+def test_an_option_the_sampler_does_not_take_is_an_error_listing_its_options(name):
+    from ssni.purify import UnknownOptionError, sampler_option_names
+
+    own = sampler_option_names(name)
+    foreign = "dt" if "dt" not in own else "steps"
+    with pytest.raises(UnknownOptionError, match=rf"sampler '{name}' has no option '{foreign}'; its options: "
+                       + ", ".join(own)):
+        build_purifier(_tiny(), PurifierConfig(sampler=name, **{foreign: 3}))
 
 
 @pytest.mark.parametrize("name", SAMPLER_NAMES)
 def test_t_star_gradient_passes_straight_through_the_diffusion_level(name):
     m, x = _tiny(), _images(3)
     seeds = torch.tensor([1, 2, 3])
-    p = Purifier(m, name, steps=5, dt=5e-3)
+    p = Purifier(m, name, **_opts(name, steps=5, dt=5e-3))
     t0 = torch.tensor([0.0, 0.04, 0.1])
     plain = p(x, t0, seeds=seeds)
     t = t0.clone().requires_grad_(True)

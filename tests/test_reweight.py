@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ssni.attacks import PGD
 from ssni.scoring import (REWEIGHTS, Calibration, LearnedFitConfig, LearnedReweight,
-                          build_reweight, fit_learned, oracle_t_star, pgd_linf, summarize)
+                          build_reweight, fit_learned, oracle_t_star, summarize)
 from ssni.scoring.learned import asymmetric_loss
 
 
@@ -48,7 +49,7 @@ def test_smooth_variants_pass_gradients(name):
 
 def test_sigmoid_matches_formula():
     cal = _calibration()
-    rw = build_reweight("sigmoid", cal, t_star=0.1, b=0.005, tau=2.0)
+    rw = build_reweight("sigmoid", cal, t_base=0.1, b=0.005, tau=2.0)
     s = torch.tensor([cal.mean - 10, cal.mean - 1, cal.mean, cal.mean + 3, cal.mean + 50])
     expected = torch.sigmoid((s - cal.mean) / 2.0) * 0.105
     torch.testing.assert_close(rw(s, smooth=True), expected)
@@ -61,7 +62,7 @@ def test_sigmoid_matches_formula():
 
 def test_linear_is_batch_independent_and_uses_calibrated_range():
     cal = _calibration()
-    rw = build_reweight("linear", cal, t_star=0.1, b=0.005, q_low=0.05, q_high=0.95)
+    rw = build_reweight("linear", cal, t_base=0.1, b=0.005, q_low=0.05, q_high=0.95)
     lo, hi = cal.quantile(0.05), cal.quantile(0.95)
     s = torch.tensor([lo, (lo + hi) / 2, hi, hi + 100])
     torch.testing.assert_close(rw(s, smooth=False), torch.tensor([0.005, 0.055, 0.105, 0.105]))
@@ -152,12 +153,12 @@ def test_oracle_t_star_finds_smallest_good_level():
     assert res["correct"].shape == (5, 4)
 
 
-def test_private_pgd_stays_in_budget_and_hurts():
+def test_pgd_on_a_bare_classifier_stays_in_budget_and_hurts():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
     x = torch.rand(32, 1, 4, 4)
     y = net(x).argmax(1)  # the net is right on all of them by construction
-    adv = pgd_linf(net, x, y, eps=0.1, steps=10)
+    adv = PGD(eps=0.1, steps=10, step_size=0.025)(net, x, y)
     assert (adv - x).abs().max() <= 0.1 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
     assert F.cross_entropy(net(adv), y) > F.cross_entropy(net(x), y)
     assert (net(adv).argmax(1) == y).float().mean() < 1.0

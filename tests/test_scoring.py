@@ -9,7 +9,7 @@ from ssni.diffusion import VPDiffusion
 from ssni.models import create_model, save_model
 from ssni.models.analytic import GaussianScoreModel
 from ssni.scoring import (Calibration, CalibrationMismatchError, ScoreNorm, ScoreNormConfig,
-                          calibrate, eps_statistic, score_norm, score_times)
+                          calibrate, mean_score, score_norm, score_times)
 
 SHAPE = (1, 8, 8)
 
@@ -40,7 +40,7 @@ def test_score_norm_matches_gaussian_closed_form(timesteps, draws):
     n = 3000
     xs = x.repeat_interleave(n, 0)
     seeds = torch.arange(xs.shape[0])
-    eps = eps_statistic(model, xs, timesteps, draws, seeds=seeds, max_batch=4096)
+    eps = mean_score(model, xs, timesteps, draws, seeds=seeds, max_batch=4096)
     sq = eps.flatten(1).pow(2).sum(1).reshape(2, n)
     dim = math.prod(SHAPE)
     for k in range(2):

@@ -6,9 +6,8 @@ import torch
 from ssni.data import TensorImageDataset
 from ssni.io import UnsafeCheckpointError, safe_torch_load
 from ssni.models import create_model, model_spec
-from ssni.training import (DSMLoss, LoopConfig, NonFiniteLossError, OptimConfig, Trainer,
-                           latest_checkpoint, load_checkpoint)
-from ssni.training.score import heldout_dsm_loss
+from ssni.checkpoint import latest_checkpoint, load_checkpoint
+from ssni.training import DSMLoss, LoopConfig, NonFiniteLossError, OptimConfig, Trainer, heldout_dsm_loss
 
 
 def _trainer(tmp_path, ds, steps, name="run", ckpt_every=0, lr=2e-3):

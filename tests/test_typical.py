@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssni.training import NOISE_SAMPLERS, DSMLoss
+from ssni.noise import NOISE_SAMPLERS
+from ssni.training import DSMLoss
 from ssni.typical import (TypicalSetNoise, exact_expected_norm, expected_norm, in_typical_set,
                           noise_with_radii, random_directions, shell_probability,
                           typical_shell, typicality_statistic)
@@ -91,7 +92,7 @@ def test_statistic_is_per_sample_and_by_hand():
 def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="dimension d"):
         expected_norm(0)
-    with pytest.raises(ValueError, match="eps"):
+    with pytest.raises(ValueError, match="tol"):
         typical_shell(10, 1.0, 0.0)
     with pytest.raises(ValueError, match="sigma"):
         typicality_statistic(torch.randn(3, 4), torch.ones(2))
@@ -144,7 +145,7 @@ def test_ts_radii_follow_configuration(cfg):
 def test_ts_default_moves_samples_outside_the_typical_set():
     ts = NOISE_SAMPLERS.create("typical_set")
     noise, kind = ts.draw((2000, 1, 40, 40), torch.Generator().manual_seed(0))
-    inside = in_typical_set(noise, 1.0, eps=0.05)  # radius ratio within about +-0.05
+    inside = in_typical_set(noise, 1.0, tol=0.05)  # radius ratio within about +-0.05
     assert not inside[kind == 1].any()  # every outer sample leaves the eps-typical set
     assert inside[kind == 0].float().mean() > shell_probability(1600, 0.05) - 0.01
 
@@ -174,7 +175,7 @@ def test_dsm_loss_targets_the_ts_noise():
 
 def test_train_score_with_ts_recipe(tmp_path):
     from ssni.config import load_config
-    from ssni.training.score import ScoreTrainConfig, train_score
+    from ssni.commands.train_score import ScoreTrainConfig, train_score
 
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "score" / "digits_ts.yaml"
     cfg = load_config(ScoreTrainConfig, recipe, [

@@ -21,10 +21,12 @@ from typing import Dict, List
 import torch
 
 from ssni.data import DataConfig, build_dataset
-from ssni.defense import RobustClassifier, mix_seeds
+from ssni.defense import RobustClassifier
 from ssni.evaluate.metrics import wilson_interval
 from ssni.io import atomic_write_json, atomic_write_text
-from ssni.scoring import build_reweight, compute_norms, pgd_linf
+from ssni.attacks import PGD
+from ssni.scoring import build_reweight, compute_norms
+from ssni.seeding import mix_seeds
 from ssni.scoring.plots import plot_reweight
 
 
@@ -75,11 +77,11 @@ def main() -> None:
         bare_clean = int((defense.classify(x).argmax(1) == y).sum())
         s_clean = compute_norms(defense.scorer, x, args.batch, args.seed, device, True, "clean")
     recipe_rw = defense.recipe["reweight"]
-    t_star = args.t_star if args.t_star is not None else recipe_rw["kwargs"].get("t_star", 0.1)
+    t_star = args.t_star if args.t_star is not None else recipe_rw["kwargs"].get("t_base", 0.1)
     curves: Dict[str, torch.nn.Module] = {
-        f"constant (DBP, t*={t_star:g})": build_reweight("constant", t_star=t_star),
-        "linear (SSNI-L)": build_reweight("linear", defense.calibration, t_star=t_star),
-        "sigmoid (SSNI-N)": build_reweight("sigmoid", defense.calibration, t_star=t_star),
+        f"constant (DBP, t*={t_star:g})": build_reweight("constant", t_base=t_star),
+        "linear (SSNI-L)": build_reweight("linear", defense.calibration, t_base=t_star),
+        "sigmoid (SSNI-N)": build_reweight("sigmoid", defense.calibration, t_base=t_star),
     }
     if args.learned:
         curves["learned"] = build_reweight("learned", path=args.learned)
@@ -98,8 +100,8 @@ def main() -> None:
         label = f"{round(eps * 255)}/255" if abs(eps * 255 - round(eps * 255)) < 0.05 \
             else f"{eps * 255:.1f}/255"
         g = torch.Generator(device=device).manual_seed(args.seed)
-        x_adv = torch.cat([pgd_linf(defense.classify, x[a:a + args.batch], y[a:a + args.batch],
-                                    eps, args.pgd_steps, generator=g)
+        pgd = PGD(eps=eps, steps=args.pgd_steps, step_size=2.5 * eps / args.pgd_steps)
+        x_adv = torch.cat([pgd.run(defense.classify, x[a:a + args.batch], y[a:a + args.batch], g)
                            for a in range(0, n, args.batch)])
         with torch.no_grad():
             bare_adv = int((defense.classify(x_adv).argmax(1) == y).sum())

@@ -2,58 +2,17 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import re
 import sys
 import time
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional
 
+from .commands import COMMANDS
 from .config import ConfigError, load_config
-from .registry import Registry, UnknownNameError
-
-COMMANDS = Registry("command")
-
-
-def register_command(name: str, config: str, run: str, help: str) -> None:
-    """Register a subcommand by dotted paths to its config class and run function (lazy import)."""
-    COMMANDS.add(name, (config, run), help=help)
-
-
-def _resolve(dotted: str):
-    module, attr = dotted.rsplit(":", 1)
-    return getattr(importlib.import_module(module), attr)
-
-
-register_command("train-score", "ssni.training.score:ScoreTrainConfig",
-                 "ssni.training.score:train_score", "train a score network (DSM) on clean images")
-register_command("train-classifier", "ssni.training.classifier:ClassifierTrainConfig",
-                 "ssni.training.classifier:train_classifier", "train a timm classifier")
-register_command("train-denoiser", "ssni.denoise.train:DenoiserTrainConfig",
-                 "ssni.denoise.train:train_denoiser",
-                 "train a denoiser (DnCNN / U-Net) at one noise level, Gaussian or TS noise")
-register_command("evaluate-denoiser", "ssni.denoise.evaluate:DenoiserEvalConfig",
-                 "ssni.denoise.evaluate:evaluate_denoiser",
-                 "denoiser PSNR/SSIM clean and under attack, typical-set statistic, transfer matrix")
-register_command("purify", "ssni.purify.run:PurifyCommandConfig", "ssni.purify.run:purify_images",
-                 "purify your own images (file or folder) with a score checkpoint and a t*")
-register_command("calibrate", "ssni.scoring.calibration:CalibrateConfig",
-                 "ssni.scoring.calibration:run_calibrate",
-                 "score norms of clean images -> calibration JSON (+ plot)")
-register_command("fit-reweight", "ssni.scoring.fit:FitReweightConfig",
-                 "ssni.scoring.fit:run_fit_reweight",
-                 "learn a monotone reweight from oracle t* of self-perturbed clean images")
-register_command("finetune-classifier", "ssni.training.finetune:FinetuneConfig",
-                 "ssni.training.finetune:run_finetune",
-                 "fine-tune a classifier on purified clean images at the calibrated t*")
-register_command("evaluate", "ssni.evaluate.runner:EvaluateConfig",
-                 "ssni.evaluate.runner:run_evaluate",
-                 "evaluate defenses under attacks (expected and worst-of-N accuracy, report)")
-register_command("demo", "ssni.demo:DemoConfig", "ssni.demo:run_demo",
-                 "the whole pipeline on embedded digits: train, calibrate, fit, evaluate")
-
+from .registry import UnknownNameError
 
 def _busy_cores(interval: float = 0.2, windows: int = 3) -> int:
     """Cores kept busy by other work (/proc/stat; the least over a few short windows, so a
@@ -120,7 +79,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if recipe is not None and _looks_like_override(recipe):
         overrides.insert(0, recipe)
         recipe = None
-    config_path, run_path = COMMANDS.get(args.command)
+    run = COMMANDS.get(args.command)
+    config_cls = COMMANDS.meta(args.command)["config"]
     try:
         import torch
 
@@ -128,8 +88,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         # Denormal floats are up to ~20x slower on CPUs. Gradients through a saturated smooth
         # reweight are that tiny and flow through the whole score network: flush them to zero.
         torch.set_flush_denormal(True)
-        cfg = load_config(_resolve(config_path), recipe, overrides)
-        result = _resolve(run_path)(cfg)
+        cfg = load_config(config_cls, recipe, overrides)
+        result = run(cfg)
     except (ConfigError, UnknownNameError, FileNotFoundError, ValueError) as e:
         print(f"ssni {args.command}: error: {e}", file=sys.stderr)
         return 2

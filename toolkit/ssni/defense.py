@@ -1,39 +1,40 @@
-"""The SSNI defense as one `nn.Module`: images in [0,1] -> logits.
+"""The SSNI defense as one `nn.Module`: images in [0,1] -> logits, and the views attacks see.
 
 score norm -> reweight (t* per sample) -> purifier (diffuse to t*, reverse to 0) -> resize to the
 classifier's input size -> normalisation -> classifier, optionally K purifications voted.
-`RobustClassifier.surrogate()` is the attacker's view: the (cheaper) attack purifier and the
-smooth reweight, with gradients through the score norm and t*(x).
+
+Views (`RobustClassifier.view(name)`, registry VIEWS) are what an attack differentiates, all
+running the one pipeline method `RobustClassifier.run` with the attack purifier:
+- `full`: gradients through every purification step, t*(x) recomputed at every call without
+  gradients (what the SSNI authors' adaptive attack does);
+- `adaptive`: also through the score norm and the smooth reweight, so the attacker can push a
+  sample towards a low t* (our stronger SSNI-adaptive attack);
+- `bpda`: identity in place of the purifier's backward pass, t* without gradients;
+- `bare`: the classifier alone with the wrapper's preprocessing (transfer source, "none").
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import load_config, to_dict
+from .config import from_dict, load_config, to_dict
+from .device import resolve_device
+from .images import check_images
+from .models import create_classifier, load_model
+from .purify import PurifierConfig, build_purifier
 from .registry import Registry
-from .scoring.calibration import Calibration
-from .scoring.reweight import Reweight, ReweightConfig, build_reweight
-from .scoring.score_norm import ScoreNorm, ScoreNormConfig, check_images
+from .scoring import (Calibration, Reweight, ReweightConfig, ScoreNorm, ScoreNormConfig,
+                      build_reweight)
+from .seeding import draw_seeds, mix_seeds
 
 VOTES = Registry("vote rule")
-
-_SEED_MASK = (1 << 62) - 1
-
-
-def mix_seeds(seeds: Tensor, salt: int) -> Tensor:
-    """Derive an independent-looking per-sample seed stream; seeds LongTensor [B] -> [B]."""
-    # Odd 64-bit multipliers (wrapping int64 arithmetic) spread nearby seeds apart, so the
-    # score-norm noise, and each ensemble member's purification noise, differ from one another.
-    s = seeds.long() * 6364136223846793005 + (salt * 2 + 1) * 1442695040888963407
-    s = s ^ (s >> 29)
-    return s & _SEED_MASK
+VIEWS = Registry("attack view")
 
 
 @VOTES.register("mean_prob")
@@ -142,6 +143,7 @@ class RobustClassifier(nn.Module):
         self.register_buffer("mean", torch.tensor(m).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(s).view(1, -1, 1, 1), persistent=False)
         self.ensemble, self.vote, self.purifier_grad = int(ensemble), vote, purifier_grad
+        self.freeze = freeze
         self.last_t_star: Optional[Tensor] = None
         self.last_score_norm: Optional[Tensor] = None
         self.eval()
@@ -169,14 +171,14 @@ class RobustClassifier(nn.Module):
     def _seeds(self, x: Tensor, seeds: Optional[Tensor]) -> Tensor:
         b = x.shape[0]
         if seeds is None:
-            return torch.randint(0, 1 << 62, (b,), dtype=torch.long)
+            return draw_seeds(b)
         seeds = torch.as_tensor(seeds, dtype=torch.long).reshape(-1).cpu()
         if seeds.numel() != b:
             raise ValueError(f"seeds must have one entry per sample ({b}), got {seeds.numel()}")
         return seeds
 
-    def t_star(self, x: Tensor, seeds: Optional[Tensor] = None,
-               smooth: bool = False) -> Tuple[Tensor, Tensor]:
+    def noise_levels(self, x: Tensor, seeds: Optional[Tensor] = None,
+                     smooth: bool = False) -> Tuple[Tensor, Tensor]:
         """Per-sample noise level and score norm; x [B,C,H,W] in [0,1] -> (t* [B], s [B])."""
         seeds = self._seeds(x, seeds)
         # The rounded t* has zero gradient, so its score norm needs no autograd graph.
@@ -187,10 +189,9 @@ class RobustClassifier(nn.Module):
     def run(self, x: Tensor, seeds: Optional[Tensor] = None, attack: bool = False,
             smooth: bool = False, grad: Optional[str] = None, vote: Optional[str] = None) -> Tensor:
         """The full pipeline with explicit choices; x [B,C,H,W] in [0,1] -> logits [B,n]."""
-        check_images(x)
-        self.score_model.check_input(x)
+        check_images(x, self.score_model.input_shape)
         seeds = self._seeds(x, seeds)
-        t, s = self.t_star(x, seeds, smooth=smooth)
+        t, s = self.noise_levels(x, seeds, smooth=smooth)
         self.last_t_star, self.last_score_norm = t.detach(), s.detach()
         k, b = self.ensemble, x.shape[0]
         member_seeds = torch.cat([mix_seeds(seeds, 1 + i) for i in range(k)])
@@ -207,9 +208,28 @@ class RobustClassifier(nn.Module):
         """Defense logits [B,n] for images x [B,C,H,W] in [0,1] (the defense purifier)."""
         return self.run(x, seeds, attack=False, smooth=False, grad=self.purifier_grad)
 
+    def view(self, name: str) -> nn.Module:
+        """The attacker's view `name` (see VIEWS: full, adaptive, bpda, bare) as a plain nn.Module."""
+        return VIEWS.get(name)(self)
+
     def surrogate(self, grad: str = "full", smooth: bool = True) -> nn.Module:
-        """The attacker's view as a plain nn.Module: attack purifier, smooth t*(x), mean-prob vote."""
-        return SurrogateView(self, grad=grad, smooth=smooth)
+        """An attack view with explicit settings: attack purifier, gradient mode, smooth t*(x)."""
+        return AttackView(self, grad=grad, smooth=smooth)
+
+    def replace(self, **changes: Any) -> "RobustClassifier":
+        """A new wrapper sharing this one's networks, with some parts changed (e.g. reweight=...)."""
+        kw: Dict[str, Any] = dict(
+            classifier=self.classifier, score_model=self.score_model, purifier=self.purifier,
+            reweight=self.reweight, calibration=self.calibration,
+            attack_purifier=self.attack_purifier, score_norm=self.scorer.cfg,
+            input_size=self.input_size, mean=self.mean.flatten().tolist(),
+            std=self.std.flatten().tolist(), ensemble=self.ensemble, vote=self.vote,
+            purifier_grad=self.purifier_grad, freeze=self.freeze)
+        unknown = sorted(set(changes) - set(kw))
+        if unknown:
+            raise ValueError(f"replace: unknown part {unknown[0]!r}; parts: {', '.join(sorted(kw))}")
+        dev = self.mean.device
+        return RobustClassifier(**{**kw, **changes}).to(dev)
 
     def extra_repr(self) -> str:
         return (f"input_size={self.input_size}, ensemble={self.ensemble}, vote={self.vote!r}, "
@@ -226,8 +246,12 @@ class RobustClassifier(nn.Module):
         return build_defense(cfg, device=device)
 
 
-class SurrogateView(nn.Module):
-    """Attack view of a RobustClassifier: forward(x [B,C,H,W] in [0,1], seeds=None) -> logits."""
+class AttackView(nn.Module):
+    """Attack view of a RobustClassifier: forward(x [B,C,H,W] in [0,1], seeds=None) -> logits.
+
+    Runs the defense's pipeline with the attack purifier, gradient mode `grad`, the smooth
+    reweight if `smooth` (gradients through the score norm and t*(x)), and a mean-probability vote.
+    """
 
     def __init__(self, parent: RobustClassifier, grad: str = "full", smooth: bool = True):
         super().__init__()
@@ -235,9 +259,45 @@ class SurrogateView(nn.Module):
         self.grad, self.smooth = grad, smooth
 
     def forward(self, x: Tensor, seeds: Optional[Tensor] = None) -> Tensor:
-        """Surrogate logits [B,n]; differentiable in x through purifier, t*(x) and score norm."""
+        """Logits [B,n]; differentiable in x as the view's settings say."""
         return self.parent.run(x, seeds, attack=True, smooth=self.smooth, grad=self.grad,
                                vote="mean_prob")
+
+
+class BareView(nn.Module):
+    """The wrapped classifier without purification; x [B,C,H,W] in [0,1] -> logits."""
+
+    def __init__(self, parent: RobustClassifier):
+        super().__init__()
+        self.parent = parent
+
+    def forward(self, x: Tensor, seeds: Optional[Tensor] = None) -> Tensor:
+        """Bare classifier logits [B,n] (seeds unused: nothing is random)."""
+        return self.parent.classify(x)
+
+
+@VIEWS.register("full")
+def full_view(defense: RobustClassifier) -> nn.Module:
+    """Full gradients through the attack purifier; t*(x) without gradients."""
+    return AttackView(defense, grad="full", smooth=False)
+
+
+@VIEWS.register("adaptive")
+def adaptive_view(defense: RobustClassifier) -> nn.Module:
+    """Full gradients through the attack purifier, the score norm and the smooth t*(x)."""
+    return AttackView(defense, grad="full", smooth=True)
+
+
+@VIEWS.register("bpda")
+def bpda_view(defense: RobustClassifier) -> nn.Module:
+    """Identity backward through the purifier (BPDA); t*(x) without gradients."""
+    return AttackView(defense, grad="bpda", smooth=False)
+
+
+@VIEWS.register("bare")
+def bare_view(defense: RobustClassifier) -> nn.Module:
+    """The classifier alone (transfer attacks, the undefended row)."""
+    return BareView(defense)
 
 
 # -- recipes -----------------------------------------------------------------------------------
@@ -247,7 +307,7 @@ class ClassifierRef:
 
     name: str = "resnet18"
     checkpoint: Optional[str] = None  # run dir or checkpoint dir (train-classifier) or weights file
-    weights: str = "ema"  # for run/checkpoint dirs: "model" or "ema"
+    weights: str = "auto"  # for run/checkpoint dirs: auto (EMA when present) | ema | model
     pretrained: bool = False
     in_chans: Optional[int] = None  # default: the score model's channels
     num_classes: int = 10
@@ -259,12 +319,12 @@ class DefenseConfig:
     """Everything that defines an SSNI defense (saved with evaluations)."""
 
     score_model: str = "runs/score-digits"
-    score_weights: str = "ema"
+    score_weights: str = "auto"  # auto (EMA when present) | ema | model
     calibration: Optional[str] = None  # calibration.json; needed by linear / sigmoid
     score_norm: ScoreNormConfig = field(default_factory=ScoreNormConfig)
     reweight: ReweightConfig = field(default_factory=ReweightConfig)
-    purifier: Dict[str, Any] = field(default_factory=dict)  # PurifierConfig fields
-    attack_purifier: Optional[Dict[str, Any]] = None  # None: the defense purifier
+    purifier: PurifierConfig = field(default_factory=PurifierConfig)
+    attack_purifier: Optional[PurifierConfig] = None  # None: the defense purifier
     purifier_grad: Optional[str] = None  # grad mode of the defense purifier's forward
     classifier: ClassifierRef = field(default_factory=ClassifierRef)
     input_size: Optional[int] = None
@@ -275,49 +335,27 @@ class DefenseConfig:
     device: str = "auto"
 
 
-def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
-    """'auto' -> cuda if available else cpu."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def load_score_model(path: Union[str, os.PathLike, nn.Module], weights: str = "ema") -> nn.Module:
-    """A score network from a checkpoint/run directory (EMA weights by default), or as given."""
-    if isinstance(path, nn.Module):
-        return path
-    from .models import load_model
-
-    try:
-        return load_model(path, weights=weights)
-    except FileNotFoundError:
-        if weights == "ema":  # checkpoints saved with save_model have only model weights
-            return load_model(path, weights="model")
-        raise
+def load_score_model(path: Union[str, os.PathLike, nn.Module], weights: str = "auto") -> nn.Module:
+    """A score network from a checkpoint/run directory (EMA weights when present), or as given."""
+    return path if isinstance(path, nn.Module) else load_model(path, weights=weights)
 
 
 def load_classifier(ref: ClassifierRef, in_chans: int, image_size: int) -> nn.Module:
     """A classifier from a run/checkpoint directory, a weights file, or a fresh timm model."""
-    from .models import create_classifier, load_model
-
     ckpt = Path(ref.checkpoint) if ref.checkpoint else None
     if ckpt is not None and ckpt.is_dir():
-        try:
-            return load_model(ckpt, weights=ref.weights)
-        except FileNotFoundError:
-            return load_model(ckpt, weights="model")
+        return load_model(ckpt, weights=ref.weights)
     return create_classifier(ref.name, in_chans=ref.in_chans or in_chans,
                              num_classes=ref.num_classes, image_size=image_size,
                              pretrained=ref.pretrained,
                              checkpoint=str(ckpt) if ckpt is not None else None, **ref.kwargs)
 
 
-def build_purifier_from_dict(score_model: nn.Module, fields: Dict[str, Any]) -> nn.Module:
-    """ssni.purify.build_purifier with a PurifierConfig made from a plain dict."""
-    from .config import from_dict
-    from .purify import PurifierConfig, build_purifier
-
-    return build_purifier(score_model, from_dict(PurifierConfig, dict(fields), "purifier"))
+def _purifier(score_model: nn.Module, cfg: Union[PurifierConfig, Dict[str, Any], None]) -> nn.Module:
+    """build_purifier from a PurifierConfig or a plain dict of its fields."""
+    if cfg is None or isinstance(cfg, dict):
+        cfg = from_dict(PurifierConfig, dict(cfg or {}), "purifier")
+    return build_purifier(score_model, cfg)
 
 
 def build_defense(cfg: DefenseConfig, device: Union[str, torch.device, None] = None
@@ -327,9 +365,8 @@ def build_defense(cfg: DefenseConfig, device: Union[str, torch.device, None] = N
     score_model = load_score_model(cfg.score_model, cfg.score_weights).to(dev).eval()
     calibration = Calibration.load(cfg.calibration) if cfg.calibration else None
     reweight = build_reweight(cfg.reweight.name, calibration, **cfg.reweight.kwargs)
-    purifier = build_purifier_from_dict(score_model, cfg.purifier)
-    attack = (build_purifier_from_dict(score_model, cfg.attack_purifier)
-              if cfg.attack_purifier is not None else None)
+    purifier = _purifier(score_model, cfg.purifier)
+    attack = _purifier(score_model, cfg.attack_purifier) if cfg.attack_purifier is not None else None
     c, h, _ = score_model.input_shape
     classifier = load_classifier(cfg.classifier, c, cfg.input_size or h).to(dev).eval()
     model = RobustClassifier(classifier=classifier, score_model=score_model, purifier=purifier,
@@ -365,8 +402,6 @@ def wrap_timm(classifier: Union[str, nn.Module], *, score_model: Union[nn.Module
     if isinstance(classifier, str):
         if num_classes is None:
             raise ValueError("wrap_timm with a model name needs num_classes=...")
-        from .models import create_classifier
-
         size = _pair(input_size)[0] if input_size is not None else score_model.input_shape[-1]
         classifier = create_classifier(classifier, in_chans=score_model.input_shape[0],
                                        num_classes=num_classes, image_size=size,
@@ -378,9 +413,9 @@ def wrap_timm(classifier: Union[str, nn.Module], *, score_model: Union[nn.Module
     if not isinstance(reweight, Reweight):
         reweight = build_reweight(reweight, calibration, **(reweight_kwargs or {}))
     if purifier is None:
-        purifier = build_purifier_from_dict(score_model, purifier_config or {})
+        purifier = _purifier(score_model, purifier_config)
     if attack_purifier is None and attack_purifier_config is not None:
-        attack_purifier = build_purifier_from_dict(score_model, attack_purifier_config)
+        attack_purifier = _purifier(score_model, attack_purifier_config)
     dev = next(iter(score_model.parameters()), torch.empty(0)).device
     return RobustClassifier(classifier=classifier.to(dev).eval(), score_model=score_model,
                             purifier=purifier, reweight=reweight, calibration=calibration,

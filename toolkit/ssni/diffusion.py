@@ -27,7 +27,7 @@ def to_pixel_space(xm: Tensor) -> Tensor:
     return (xm + 1.0) * 0.5
 
 
-def _bcast(v: Tensor, like: Tensor) -> Tensor:
+def per_sample(v: Tensor, like: Tensor) -> Tensor:
     """Reshape a per-sample [B] tensor to broadcast against `like` [B, ...]."""
     return v.reshape(v.shape[0], *([1] * (like.dim() - 1))).to(like.dtype)
 
@@ -90,15 +90,15 @@ class VPDiffusion:
         """Draw x_t = sqrt(ab) x0 + sqrt(1-ab) z; x0: [B,...], t: [B] -> [B,...]."""
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        return _bcast(self.mean_coeff(t), x0) * x0 + _bcast(self.sigma(t), x0) * noise
+        return per_sample(self.mean_coeff(t), x0) * x0 + per_sample(self.sigma(t), x0) * noise
 
     def eps_to_score(self, eps: Tensor, t: Tensor) -> Tensor:
         """score = -eps / sigma(t); eps: [B,...], t: [B]."""
-        return -eps / _bcast(self.sigma(t), eps)
+        return -eps / per_sample(self.sigma(t), eps)
 
     def score_to_eps(self, score: Tensor, t: Tensor) -> Tensor:
         """eps = -sigma(t) * score; score: [B,...], t: [B]."""
-        return -score * _bcast(self.sigma(t), score)
+        return -score * per_sample(self.sigma(t), score)
 
     # -- discrete form and the mapping ------------------------------------------------------
     def t_of_step(self, i: Tensor) -> Tensor:

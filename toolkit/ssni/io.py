@@ -10,31 +10,57 @@ from typing import Any, Callable, Dict
 import torch
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once: the process's umask, applied to files made by mkstemp (0600)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a directory, so a rename inside it survives a power cut (no-op where unsupported)."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Write via `write(tmp)` into a temp file beside `path`, fsync it, and rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are ordinary files
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    fsync_dir(path.parent)
     return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write bytes via a temp file and rename, so readers never see a half-written file."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+
+    return _atomic(path, write)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write text via a temp file and rename, so readers never see a half-written file."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-
-    return _atomic(path, write)
+    return atomic_write_bytes(path, text.encode())
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:

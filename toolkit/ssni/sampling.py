@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .diffusion import VPDiffusion, _bcast, to_pixel_space
+from .diffusion import VPDiffusion, per_sample, to_pixel_space
 
 
 def _alpha_bar_at(diffusion: VPDiffusion, i: Tensor) -> Tensor:
@@ -25,7 +25,7 @@ def predict_x0(model: nn.Module, x: Tensor, i: Tensor, clip: bool = True):
     diffusion: VPDiffusion = model.diffusion
     ab = _alpha_bar_at(diffusion, i)
     eps = model(x, diffusion.t_of_step(i).to(x.dtype))  # t in the caller's precision (float64 tests)
-    x0 = (x - _bcast(torch.sqrt(1 - ab), x) * eps) / _bcast(torch.sqrt(ab), x)
+    x0 = (x - per_sample(torch.sqrt(1 - ab), x) * eps) / per_sample(torch.sqrt(ab), x)
     if clip:
         x0 = x0.clamp(-1.0, 1.0)
     return eps, x0
@@ -39,7 +39,7 @@ def ddpm_mean_var(model: nn.Module, x: Tensor, i: Tensor, j: Tensor, clip: bool 
     beta = 1.0 - ab_i / ab_j  # effective beta of the (strided) step
     c0 = torch.sqrt(ab_j) * beta / (1.0 - ab_i)
     ct = torch.sqrt(1.0 - beta) * (1.0 - ab_j) / (1.0 - ab_i)
-    mean = _bcast(c0, x) * x0 + _bcast(ct, x) * x
+    mean = per_sample(c0, x) * x0 + per_sample(ct, x) * x
     var = beta * (1.0 - ab_j) / (1.0 - ab_i)
     return mean, var
 
@@ -51,7 +51,7 @@ def ddpm_step(model: nn.Module, x: Tensor, i: Tensor, j: Tensor, noise: Optional
     if noise is None:
         return mean
     std = torch.where(j < 0, torch.zeros_like(var), torch.sqrt(var.clamp(min=0)))
-    return mean + _bcast(std, x) * noise
+    return mean + per_sample(std, x) * noise
 
 
 def ddim_step(model: nn.Module, x: Tensor, i: Tensor, j: Tensor, clip: bool = True) -> Tensor:
@@ -61,8 +61,8 @@ def ddim_step(model: nn.Module, x: Tensor, i: Tensor, j: Tensor, clip: bool = Tr
     eps, x0 = predict_x0(model, x, i, clip)
     if clip:  # keep eps consistent with the clipped x0
         ab_i = _alpha_bar_at(diffusion, i)
-        eps = (x - _bcast(torch.sqrt(ab_i), x) * x0) / _bcast(torch.sqrt(1 - ab_i), x)
-    return _bcast(torch.sqrt(ab_j), x) * x0 + _bcast(torch.sqrt(1 - ab_j), x) * eps
+        eps = (x - per_sample(torch.sqrt(ab_i), x) * x0) / per_sample(torch.sqrt(1 - ab_i), x)
+    return per_sample(torch.sqrt(ab_j), x) * x0 + per_sample(torch.sqrt(1 - ab_j), x) * eps
 
 
 @torch.no_grad()

@@ -1,8 +1,8 @@
 """Typical-set utilities for Gaussian noise, and the TS (typical-set sampling) noise sampler.
 
 Gaussian noise n ~ N(0, s^2 I_d) concentrates on a thin shell: ||n|| is about s*sqrt(d) with a
-spread of about s/sqrt(2) whatever d. The epsilon-typical set used here is
-    | ||n||^2 / (d s^2) - 1 | <= 2 eps,
+spread of about s/sqrt(2) whatever d. The typical set used here, with tolerance tol, is
+    | ||n||^2 / (d s^2) - 1 | <= 2 tol,
 and the per-sample statistic ||r||^2 / (d s^2) - 1 tells how far a residual r sits off that shell.
 
 `TypicalSetNoise` (registered as the noise sampler "typical_set") draws Gaussian directions whose
@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .training.losses import NOISE_SAMPLERS
+from .noise import NOISE_SAMPLERS
 
 __all__ = ["expected_norm", "exact_expected_norm", "typical_shell", "typicality_statistic",
            "in_typical_set", "shell_probability", "random_directions", "noise_with_radii",
@@ -31,10 +31,10 @@ def _check_dim(d: int) -> int:
     return int(d)
 
 
-def _check_eps(eps: float) -> float:
-    if not (eps > 0):
-        raise ValueError(f"eps must be > 0, got {eps!r}")
-    return float(eps)
+def _check_tol(tol: float) -> float:
+    if not (tol > 0):
+        raise ValueError(f"tol must be > 0, got {tol!r}")
+    return float(tol)
 
 
 def expected_norm(d: int, sigma: float = 1.0) -> float:
@@ -48,11 +48,11 @@ def exact_expected_norm(d: int, sigma: float = 1.0) -> float:
     return float(sigma) * math.sqrt(2.0) * math.exp(math.lgamma((d + 1) / 2) - math.lgamma(d / 2))
 
 
-def typical_shell(d: int, sigma: float = 1.0, eps: float = 0.05) -> Tuple[float, float]:
-    """Radii (r_lo, r_hi) of the eps-typical shell: | r^2/(d s^2) - 1 | <= 2 eps."""
-    d, eps = _check_dim(d), _check_eps(eps)
-    lo = float(sigma) * math.sqrt(d * max(0.0, 1.0 - 2.0 * eps))
-    hi = float(sigma) * math.sqrt(d * (1.0 + 2.0 * eps))
+def typical_shell(d: int, sigma: float = 1.0, tol: float = 0.05) -> Tuple[float, float]:
+    """Radii (r_lo, r_hi) of the typical shell with tolerance tol: | r^2/(d s^2) - 1 | <= 2 tol."""
+    d, tol = _check_dim(d), _check_tol(tol)
+    lo = float(sigma) * math.sqrt(d * max(0.0, 1.0 - 2.0 * tol))
+    hi = float(sigma) * math.sqrt(d * (1.0 + 2.0 * tol))
     return lo, hi
 
 
@@ -80,17 +80,17 @@ def typicality_statistic(residual: Tensor, sigma: float | Tensor) -> Tensor:
     return (flat.pow(2).sum(1) / (d * s * s) - 1.0).float()
 
 
-def in_typical_set(residual: Tensor, sigma: float | Tensor, eps: float = 0.05) -> Tensor:
-    """Bool [B]: does each residual [B, ...] lie in the eps-typical set of N(0, s^2 I)?"""
-    return typicality_statistic(residual, sigma).abs() <= 2.0 * _check_eps(eps)
+def in_typical_set(residual: Tensor, sigma: float | Tensor, tol: float = 0.05) -> Tensor:
+    """Bool [B]: does each residual [B, ...] lie in the typical set (tolerance tol) of N(0, s^2 I)?"""
+    return typicality_statistic(residual, sigma).abs() <= 2.0 * _check_tol(tol)
 
 
-def shell_probability(d: int, eps: float = 0.05) -> float:
-    """Exact P(n in the eps-typical set) for n ~ N(0, s^2 I_d): a chi-square(d) interval mass."""
-    d, eps = _check_dim(d), _check_eps(eps)
+def shell_probability(d: int, tol: float = 0.05) -> float:
+    """Exact P(n in the typical set, tolerance tol) for n ~ N(0, s^2 I_d): a chi-square(d) mass."""
+    d, tol = _check_dim(d), _check_tol(tol)
     k = torch.tensor(d / 2.0, dtype=torch.float64)
-    hi = torch.special.gammainc(k, torch.tensor(d * (1 + 2 * eps) / 2.0, dtype=torch.float64))
-    lo = torch.special.gammainc(k, torch.tensor(d * max(0.0, 1 - 2 * eps) / 2.0, dtype=torch.float64))
+    hi = torch.special.gammainc(k, torch.tensor(d * (1 + 2 * tol) / 2.0, dtype=torch.float64))
+    lo = torch.special.gammainc(k, torch.tensor(d * max(0.0, 1 - 2 * tol) / 2.0, dtype=torch.float64))
     return float(hi - lo)
 
 

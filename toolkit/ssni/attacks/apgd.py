@@ -7,7 +7,8 @@ from typing import List
 import torch
 from torch import Tensor, nn
 
-from .base import ATTACKS, Attack, normalized_step, project, random_start
+from .base import ATTACKS, Attack
+from .geometry import project, random_start, steepest_step
 
 
 def apgd_checkpoints(steps: int) -> List[int]:
@@ -24,16 +25,16 @@ class APGD(Attack):
 
     def __init__(self, eps: float = 8 / 255, norm: str = "linf", steps: int = 100,
                  loss: str = "ce", rho: float = 0.75, momentum: float = 0.75,
-                 random_init: bool = True):
+                 random_start: bool = True):
         super().__init__(eps, norm, loss)
-        self.steps, self.rho, self.momentum, self.random_init = int(steps), rho, momentum, random_init
+        self.steps, self.rho, self.momentum, self.random_start = int(steps), rho, momentum, random_start
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, generator) -> Tensor:
         """Adaptive-step iterations over the eps-ball; x [B,C,H,W] -> x_adv."""
         b = x.shape[0]
         shape = (b,) + (1,) * (x.dim() - 1)
         eta = torch.full(shape, 2.0 * self.eps, device=x.device)
-        x_k = random_start(x, self.eps, self.norm, generator) if self.random_init else x.clone()
+        x_k = random_start(x, self.eps, self.norm, generator) if self.random_start else x.clone()
         loss, grad, _ = self.grad_fn(model, x_k, y, self.loss)
         x_best, loss_best, grad_best = x_k.clone(), loss.clone(), grad.clone()
         x_prev = x_k.clone()
@@ -41,7 +42,7 @@ class APGD(Attack):
         last_ckpt, successes = 0, torch.zeros(b, device=x.device)
         loss_best_at_ckpt, eta_at_ckpt = loss_best.clone(), eta.clone()
         for k in range(self.steps):
-            z = project(x_k + eta * normalized_step(grad, self.norm), x, self.eps, self.norm)
+            z = project(x_k + eta * steepest_step(grad, self.norm), x, self.eps, self.norm)
             a = self.momentum if k > 0 else 1.0
             x_new = project(x_k + a * (z - x_k) + (1 - a) * (x_k - x_prev), x, self.eps, self.norm)
             x_prev, x_k = x_k, x_new

@@ -1,4 +1,4 @@
-"""Attack base class, losses, projections, and the gradient oracle that EOT replaces.
+"""Attack base class, losses, and the gradient oracle that EOT replaces (geometry: geometry.py).
 
 Every attack maps (model, x [B,C,H,W] in [0,1], y [B]) -> x_adv with ||x_adv - x|| <= eps
 (Linf or L2) and x_adv in [0,1]. Gradients come from `self.grad_fn(model, x, y, loss)` so
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..registry import Registry
+from .geometry import check_norm, project
 
 ATTACKS = Registry("attack")
 LOSSES = Registry("attack loss")
@@ -55,48 +56,13 @@ def plain_gradient(model: nn.Module, x: Tensor, y: Tensor, loss: Callable) -> Tu
     return per_sample.detach(), grad.detach(), logits.detach()
 
 
-def project(x_adv: Tensor, x: Tensor, eps: float, norm: str) -> Tensor:
-    """Project x_adv onto the eps-ball around x (Linf or L2), then onto [0,1]."""
-    delta = x_adv - x
-    if norm == "linf":
-        delta = delta.clamp(-eps, eps)
-    elif norm == "l2":
-        n = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
-        delta = delta * (eps / n).clamp(max=1.0).view(-1, *([1] * (x.dim() - 1)))
-    else:
-        raise ValueError(f"unknown norm {norm!r}; valid choices: linf, l2")
-    return (x + delta).clamp(0.0, 1.0)
-
-
-def random_start(x: Tensor, eps: float, norm: str, generator: Optional[torch.Generator]) -> Tensor:
-    """A uniformly random point of the eps-ball (Linf) or of the L2 ball, clipped to [0,1]."""
-    if norm == "linf":
-        d = (torch.rand(x.shape, generator=generator, device=x.device) * 2 - 1) * eps
-    else:
-        d = torch.randn(x.shape, generator=generator, device=x.device)
-        d = d / d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
-        r = torch.rand(x.shape[0], generator=generator, device=x.device) ** (1.0 / x[0].numel())
-        d = d * (eps * r).view(-1, *([1] * (x.dim() - 1)))
-    return project(x + d, x, eps, norm)
-
-
-def normalized_step(grad: Tensor, norm: str) -> Tensor:
-    """Steepest-ascent direction: sign (Linf) or unit-L2 gradient, per sample."""
-    if norm == "linf":
-        return grad.sign()
-    n = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
-    return grad / n.view(-1, *([1] * (grad.dim() - 1)))
-
-
 class Attack:
     """Base class. Subclasses implement `run(model, x, y, generator) -> x_adv`."""
 
     def __init__(self, eps: float = 8 / 255, norm: str = "linf", loss: str = "ce"):
         if eps < 0:
             raise ValueError(f"eps must be >= 0, got {eps}")
-        if norm not in ("linf", "l2"):
-            raise ValueError(f"unknown norm {norm!r}; valid choices: linf, l2")
-        self.eps, self.norm = float(eps), norm
+        self.eps, self.norm = float(eps), check_norm(norm)
         self.loss_name = loss
         self.loss = LOSSES.get(loss)
         self.grad_fn: Callable = plain_gradient

@@ -1,9 +1,6 @@
-"""Denoisers at a fixed noise level: photo data, patch training (Gaussian or TS noise), metrics,
-attacks, evaluation with a transfer matrix, and figures.
-
-Importing this package registers the `photos` and `photofolder` data sets.
-"""
-from . import data  # noqa: F401  (registers photos / photofolder into ssni.data.DATASETS)
+"""Denoisers at a fixed noise level: patch training (Gaussian or TS noise), metrics, evaluation
+with a transfer matrix, and figures. The photo data sets live in ssni.data."""
+from . import evaluate, figures, train  # noqa: F401  (the package's public modules)
 from .metrics import mse, psnr, ssim
 from .patches import RandomPatches
 

@@ -1,4 +1,4 @@
-"""`ssni evaluate-denoiser`: PSNR/SSIM clean and under attack, the typical-set statistic of attacked
+"""Denoiser evaluation (the engine of `ssni evaluate-denoiser`): PSNR/SSIM clean and under attack, the typical-set statistic of attacked
 vs Gaussian inputs, a transfer matrix across denoisers, a markdown report and PNG figures.
 
 Every model sees the same clean images x and the same Gaussian observation y = x + (sigma/255) n
@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
 
-from ..attacks.denoiser import DENOISER_ATTACKS, RandomPerturbation, delta_norm, random_on_sphere
-from ..config import save_config
-from ..data import DataConfig, build_dataset
+from ..attacks.denoiser import DENOISER_ATTACKS, RandomPerturbation
+from ..attacks.geometry import delta_norm, random_on_sphere
 from ..io import atomic_save_safetensors, atomic_write_json, atomic_write_text, load_safetensors
-from ..models import load_model, weights_fingerprint
+from ..models import weights_fingerprint
+from ..seeding import derive_seed
 from ..typical import in_typical_set, shell_probability, typicality_statistic
-from . import data as _photo_data  # noqa: F401  (registers the photos / photofolder data sets)
 from .figures import example_grid, statistic_histogram, transfer_heatmap
 from .metrics import psnr, ssim
 from .train import noisy_observation
@@ -56,44 +55,9 @@ class AttackConfig:
         return per_pixel * (math.sqrt(math.prod(shape[1:])) if self.norm == "l2" else 1.0)
 
 
-def _default_attacks() -> List[AttackConfig]:
+def default_attacks() -> List[AttackConfig]:
+    """Denoising-PGD Linf at 2/255 and 4/255."""
     return [AttackConfig(norm="linf", eps=2.0), AttackConfig(norm="linf", eps=4.0)]
-
-
-@dataclass
-class DenoiserEvalConfig:
-    """Everything `ssni evaluate-denoiser` needs. models: label -> checkpoint (run or ckpt dir)."""
-
-    run_dir: str = "runs/denoiser-eval"
-    models: Dict[str, str] = field(default_factory=dict)
-    weights: str = "ema"  # ema | model
-    data: DataConfig = field(default_factory=lambda: DataConfig(name="photos", image_size=128,
-                                                                channels=1))
-    sigma: float = 0.0  # noise std on the 0..255 scale; 0: the models' training sigma
-    attacks: List[AttackConfig] = field(default_factory=_default_attacks)
-    transfer_attack: str = ""  # label of the attack for the transfer matrix; "": the last one
-    typical_eps: float = 0.0  # 0: 2*eps = 4 std of the Gaussian statistic (sqrt(2/d) each)
-    max_images: int = 0  # 0: all test images
-    batch_size: int = 4
-    seed: int = 0
-    example_index: int = 0
-    device: str = "auto"
-    progress: bool = True
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed from a base seed and labels; separate streams never share a seed (e.g. the
-    random baseline must not reuse the Gaussian noise of the observation)."""
-    import hashlib
-
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @torch.no_grad()
@@ -116,9 +80,9 @@ def _quality(out: Tensor, x: Tensor) -> Dict[str, float]:
     return {"psnr": psnr(out, x).mean().item(), "ssim": ssim(out, x).mean().item()}
 
 
-def _stat(residual: Tensor, sigma255: float, eps: float) -> Dict[str, float]:
+def _stat(residual: Tensor, sigma255: float, tol: float) -> Dict[str, float]:
     s = typicality_statistic(residual, sigma255 / 255.0)
-    inside = in_typical_set(residual, sigma255 / 255.0, eps)
+    inside = in_typical_set(residual, sigma255 / 255.0, tol)
     return {"ts_stat_mean": s.mean().item(), "ts_stat_std": s.std().item() if len(s) > 1 else 0.0,
             "in_typical": inside.float().mean().item()}
 
@@ -178,7 +142,7 @@ def run_attack(model: nn.Module, attack, x: Tensor, y: Tensor, batch_size: int, 
 
 def evaluate_models(models: Dict[str, nn.Module], x: Tensor, sigma: float,
                     attacks: List[AttackConfig], transfer_attack: str = "", seed: int = 0,
-                    batch_size: int = 4, typical_eps: float = 0.0, cache_dir: Optional[Path] = None,
+                    batch_size: int = 4, typical_tol: float = 0.0, cache_dir: Optional[Path] = None,
                     device: torch.device | str = "cpu", progress: bool = False,
                     example_index: int = 0) -> Dict[str, Any]:
     """Evaluate denoisers on clean images x [N,C,H,W] at noise `sigma` (/255).
@@ -201,15 +165,15 @@ def evaluate_models(models: Dict[str, nn.Module], x: Tensor, sigma: float,
                          f"{', '.join(labels)}")
     device = torch.device(device)
     d = math.prod(x.shape[1:])
-    eps_ts = typical_eps or 2.0 * math.sqrt(2.0 / d)
+    tol_ts = typical_tol or 2.0 * math.sqrt(2.0 / d)
     y = noisy_observation(x, sigma, seed)
     cache = DeltaCache(cache_dir)
     for m in models.values():
         m.eval().to(device)
     res: Dict[str, Any] = {
         "sigma": sigma, "images": len(x), "image_shape": list(x.shape[1:]), "seed": seed,
-        "typical_eps": eps_ts, "gaussian_in_typical_exact": shell_probability(d, eps_ts),
-        "noisy": {**_quality(y.clamp(0, 1), x), **_stat(y - x, sigma, eps_ts)},
+        "typical_tol": tol_ts, "gaussian_in_typical_exact": shell_probability(d, tol_ts),
+        "noisy": {**_quality(y.clamp(0, 1), x), **_stat(y - x, sigma, tol_ts)},
         "attacks": [asdict(a) | {"key": a.key()} for a in attacks], "models": {}}
     deltas: Dict[str, Dict[str, Tensor]] = {}
     outs: Dict[str, Dict[str, Tensor]] = {}
@@ -245,8 +209,8 @@ def evaluate_models(models: Dict[str, nn.Module], x: Tensor, sigma: float,
                 **q, "random_psnr": qr["psnr"], "random_ssim": qr["ssim"],
                 "psnr_drop": entry["clean"]["psnr"] - q["psnr"],
                 "budget": a.eps * scale, "delta_norm_mean": delta_norm(delta, a.norm).mean().item(),
-                **_stat(y + delta - x, sigma, eps_ts),
-                **{f"random_{k}": v for k, v in _stat(y + rnd - x, sigma, eps_ts).items()}}
+                **_stat(y + delta - x, sigma, tol_ts),
+                **{f"random_{k}": v for k, v in _stat(y + rnd - x, sigma, tol_ts).items()}}
             outs[name][a.key()] = adv_out
         res["models"][name] = entry
     bar.close()
@@ -295,7 +259,7 @@ def markdown_report(res: Dict[str, Any], title: str = "Denoiser evaluation") -> 
             a = m["attacks"][k]
             cells += [f"{a['psnr']:.2f} / {a['ssim']:.4f}", f"{a['random_psnr']:.2f} / {a['random_ssim']:.4f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    eps = res["typical_eps"]
+    eps = res["typical_tol"]
     lines += ["", "## Typical-set statistic ||y' - x||^2 / (d s^2) - 1", "",
               f"Mean +- std over images; 'in set': share inside the eps-typical set, eps = {eps:.4f} "
               f"(a Gaussian residual is inside with probability {res['gaussian_in_typical_exact']:.4f}, "
@@ -344,39 +308,3 @@ def write_outputs(out: Dict[str, Any], run_dir: str | Path, title: str = "Denois
         ten["stats"], run_dir / "ts_statistic.png", band=4.0 * math.sqrt(2.0 / d_block),
         title=f"||r||^2/(d s^2) - 1 over {b}x{b} blocks (band: +-4 std of the Gaussian value)"))
     return paths
-
-
-def evaluate_denoiser(cfg: DenoiserEvalConfig) -> Dict[str, Any]:
-    """Run the evaluation described by `cfg`; returns a summary with the output paths."""
-    if not cfg.models:
-        raise ValueError("models is empty: set models.<label>=<checkpoint dir> (one or more)")
-    device = _device(cfg.device)
-    models = {label: load_model(path, weights=cfg.weights) for label, path in cfg.models.items()}
-    sigmas = {label: getattr(m, "sigma", None) for label, m in models.items()}
-    sigma = cfg.sigma
-    if not sigma:
-        known = {s for s in sigmas.values() if s is not None}
-        if len(known) != 1:
-            raise ValueError(f"the models were trained at different or unknown noise levels "
-                             f"{sigmas}; set sigma=<value on the 0..255 scale>")
-        sigma = known.pop()
-    test = build_dataset(cfg.data, "test")
-    x = test.images[:cfg.max_images] if cfg.max_images else test.images
-    for label, m in models.items():
-        want = getattr(m, "in_channels", x.shape[1])
-        if want != x.shape[1]:
-            raise ValueError(f"model {label!r} takes {want}-channel images but the data has "
-                             f"{x.shape[1]} (set data.channels)")
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir)
-    out = evaluate_models(models, x, sigma, cfg.attacks, cfg.transfer_attack, cfg.seed,
-                          cfg.batch_size, cfg.typical_eps, run_dir / "deltas", device,
-                          cfg.progress, cfg.example_index)
-    paths = write_outputs(out, run_dir)
-    res = out["results"]
-    summary = {"run_dir": str(run_dir), "sigma": sigma, "images": res["images"], **paths,
-               "psnr": {n: {"no_attack": m["clean"]["psnr"],
-                            **{k: a["psnr"] for k, a in m["attacks"].items()}}
-                        for n, m in res["models"].items()}}
-    return summary

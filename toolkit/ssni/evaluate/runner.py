@@ -1,8 +1,8 @@
-"""`ssni evaluate`: defenses x attacks on a data split, resumable, with self-checks and a report."""
+"""Evaluation of defenses x attacks on a data split, resumable, with self-checks and a report
+(the engine of `ssni evaluate`)."""
 from __future__ import annotations
 
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -11,16 +11,17 @@ import torch
 from torch import Tensor, nn
 
 from ..attacks import ATTACKS, EOT
-from ..config import load_config, save_config, to_dict
+from ..config import load_config, to_dict
 from ..data import DataConfig, build_dataset
-from ..defense import DefenseConfig, RobustClassifier, build_defense, resolve_device
+from ..defense import DefenseConfig, build_defense
+from ..device import resolve_device
 from ..io import atomic_write_json, atomic_write_text
 from ..scoring import ReweightConfig, build_reweight
+from ..seeding import derive_seed
 from .checks import epsilon_checks, gradient_check, randomness_check
 from .metrics import draw_accuracy
 from .report import markdown_table, plot_accuracy_vs_eps, plot_histograms
 from .state import EvalState, config_fingerprint
-from .views import BareView, make_view
 
 
 @dataclass
@@ -85,10 +86,6 @@ def _same_eps(spec: AttackSpec, eps: float) -> bool:
     return own is not None and abs(float(own) - float(eps)) <= 1e-9 * max(1.0, abs(float(eps)))
 
 
-def _seed(*parts: Any) -> int:
-    return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
-
-
 class Evaluation:
     """Runs the cells of an EvaluateConfig batch by batch, saving each batch as it finishes."""
 
@@ -98,20 +95,12 @@ class Evaluation:
         base_cfg = (load_config(DefenseConfig, cfg.defense_recipe, cfg.defense_overrides)
                     if cfg.defense_recipe else cfg.defense)
         self.base = build_defense(base_cfg, device=self.device)
-        self.bare = BareView(self.base)
+        self.bare = self.base.view("bare")
         self.defenses: Dict[str, Optional[nn.Module]] = {}
         for spec in cfg.defenses:
-            if spec.reweight is None:
-                self.defenses[spec.name] = None
-                continue
-            rw, b = spec.reweight, self.base
-            self.defenses[spec.name] = RobustClassifier(
-                classifier=b.classifier, score_model=b.score_model, purifier=b.purifier,
-                reweight=build_reweight(rw.name, b.calibration, **rw.kwargs),
-                calibration=b.calibration, attack_purifier=b.attack_purifier,
-                score_norm=base_cfg.score_norm, input_size=b.input_size,
-                mean=b.mean.flatten().tolist(), std=b.std.flatten().tolist(),
-                ensemble=b.ensemble, vote=b.vote, purifier_grad=b.purifier_grad).to(self.device)
+            rw = spec.reweight
+            self.defenses[spec.name] = None if rw is None else self.base.replace(
+                reweight=build_reweight(rw.name, self.base.calibration, **rw.kwargs))
         if not self.defenses:
             raise ValueError("evaluate: `defenses` is empty; list at least one (e.g. name: none)")
         labels = [a.name for a in cfg.attacks]
@@ -138,7 +127,7 @@ class Evaluation:
                     logits = self.bare(x)
                 else:
                     idx = torch.arange(first, first + x.shape[0])
-                    seeds = torch.tensor([_seed(self.cfg.seed, cell, int(i), m) for i in idx])
+                    seeds = torch.tensor([derive_seed(self.cfg.seed, cell, int(i), m) for i in idx])
                     logits = model(x, seeds=seeds)
                     if m == 0:
                         out["t_star"] = model.last_t_star.cpu().tolist()
@@ -176,12 +165,12 @@ class Evaluation:
                 t0 = time.perf_counter()
                 flags: List[str] = []
                 if attack_spec is not None:
-                    view = make_view(attack_spec.view, model, self.bare)
+                    view = self.bare if model is None else model.view(attack_spec.view)
                     attack = self._make_attack(attack_spec, eps)
                     if self.cfg.checks and bi == 0 and eps is None:
                         flags += self._self_check(view, x[:8], y[:8], attack_spec)
-                    torch.manual_seed(_seed(self.cfg.seed, cell, bi))  # view randomness
-                    x_in = attack(view, x, y, seed=_seed(self.cfg.seed, cell, bi, "start"))
+                    torch.manual_seed(derive_seed(self.cfg.seed, cell, bi))  # view randomness
+                    x_in = attack(view, x, y, seed=derive_seed(self.cfg.seed, cell, bi, "start"))
                 else:
                     x_in = x
                 saved = self._draw_correct(model, x_in, y, k, cell)
@@ -234,7 +223,7 @@ class Evaluation:
         self._bar = tqdm(total=total, desc="evaluate", disable=not cfg.progress, dynamic_ncols=True)
         rows, cells = [], {}
         for dname, model in self.defenses.items():
-            sample_specific = model is not None and type(model.reweight).__name__ != "ConstantReweight"
+            sample_specific = model is not None and model.reweight.sample_specific
             clean = self._cell(f"{dname}/clean", model, None, self.x, self.y)
             cells[f"{dname}/clean"] = clean
             for spec in cfg.attacks:
@@ -282,7 +271,7 @@ class Evaluation:
         out = self.run_dir
         hist_s, hist_t = {}, {}
         for dname, model in self.defenses.items():
-            if model is None or type(model.reweight).__name__ == "ConstantReweight":
+            if model is None or not model.reweight.sample_specific:
                 continue
             clean = cells.get(f"{dname}/clean", {})
             groups_s = {"clean": clean.get("score_norm", [])}
@@ -333,14 +322,3 @@ class Evaluation:
             pass
         return {"table": table, "flags": flags, "report": str(out / "report.md"),
                 "results": str(out / "results.json")}
-
-
-def run_evaluate(cfg: EvaluateConfig) -> Dict[str, Any]:
-    """Entry point of `ssni evaluate`."""
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    save_config(cfg, cfg.run_dir)
-    result = Evaluation(cfg).run()
-    print(result["table"])
-    for f in result["flags"]:
-        print(f"FLAG: {f}")
-    return {"report": result["report"], "results": result["results"], "flags": result["flags"]}

@@ -13,7 +13,7 @@ from typing import Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..diffusion import VPDiffusion, _bcast
+from ..diffusion import VPDiffusion, per_sample
 from .base import EpsModel
 
 
@@ -60,8 +60,8 @@ class GaussianScoreModel(EpsModel):
             t = t.expand(x.shape[0])
         t = t.to(x.dtype)  # the closed form is evaluated in the caller's precision
         d = self.diffusion
-        ab = _bcast(d.alpha_bar(t), x)
-        sig = _bcast(d.sigma(t), x)
+        ab = per_sample(d.alpha_bar(t), x)
+        sig = per_sample(d.sigma(t), x)
         m, s2 = self.mean.to(x.dtype), self.std.to(x.dtype) ** 2
         return sig * (x - torch.sqrt(ab) * m) / (ab * s2 + 1.0 - ab)
 

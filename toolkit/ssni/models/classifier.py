@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional
 from torch import nn
 
 from ..io import load_safetensors, safe_torch_load
-from .factory import CHECKPOINT_FORMATS
+from .factory import CHECKPOINT_FORMATS, weights_file
 
 
 def create_classifier(name: str, in_chans: int, num_classes: int, image_size: int,
@@ -48,5 +48,7 @@ def classifier_spec(model: nn.Module) -> Dict[str, Any]:
 @CHECKPOINT_FORMATS.register("timm")
 def _load_timm(path: Path, spec: Dict[str, Any], weights: str = "model") -> nn.Module:
     model = create_classifier(spec["name"], **spec["config"])
-    model.load_state_dict(load_safetensors(path / f"{weights}.safetensors"))
+    file = weights_file(path, weights)
+    model.load_state_dict(load_safetensors(file))
+    model.loaded_weights = file.stem
     return model

@@ -1,19 +1,30 @@
 """Model registry, `create_model`, and checkpoint I/O (safetensors weights + JSON config)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
-import torch
 from torch import nn
 
+from ..checkpoint import latest_checkpoint
 from ..io import atomic_save_safetensors, atomic_write_json, load_safetensors
 from ..registry import Registry
 
 MODELS = Registry("model")
 CHECKPOINT_FORMATS = Registry("checkpoint format")
+WEIGHTS = ("auto", "ema", "model")
+
+
+@dataclass
+class ModelConfig:
+    """A registered model name plus keyword overrides of its defaults."""
+
+    name: str = "unet_digits"
+    kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
 def register_model(name: str, builder: Callable[..., nn.Module], defaults: Dict[str, Any],
@@ -56,34 +67,47 @@ def save_model(path: str | os.PathLike, model: nn.Module, extra: Dict[str, Any] 
     return path
 
 
+def weights_file(path: Path, weights: str) -> Path:
+    """The weights file of a checkpoint directory: "ema", "model", or "auto" (EMA when present)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    if weights == "auto":
+        weights = "ema" if (path / "ema.safetensors").is_file() else "model"
+    file = path / f"{weights}.safetensors"
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint {path} has no {file.name} (weights={weights!r}; "
+                                f"weights=auto takes EMA weights when present, else model)")
+    return file
+
+
 @CHECKPOINT_FORMATS.register("ssni")
 def _load_ssni(path: Path, spec: Dict[str, Any], weights: str = "model") -> nn.Module:
     """Native format: model.json (name + config) and <weights>.safetensors."""
     model = create_model(spec["name"], **spec.get("config", {}))
-    file = path / f"{weights}.safetensors"
-    if not file.is_file():
-        raise FileNotFoundError(f"checkpoint {path} has no {file.name}")
+    file = weights_file(path, weights)
     model.load_state_dict(load_safetensors(file))
+    model.loaded_weights = file.stem  # "ema" or "model": what weights="auto" chose
     return model
 
 
 def load_model(path: str | os.PathLike, weights: str = "model") -> nn.Module:
     """Load a model from a checkpoint directory (or a run directory with checkpoints/latest).
 
-    `weights` picks the file: "model" or "ema". Other checkpoint formats (public score_sde,
-    guided-diffusion, diffusers weights) plug in via CHECKPOINT_FORMATS.
+    `weights` picks the file: "ema", "model", or "auto" (EMA weights when the checkpoint has
+    them, else the model's). Other checkpoint formats plug in via CHECKPOINT_FORMATS.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint path does not exist: {path}")
-    if (path / "checkpoints" / "latest.json").is_file():
-        from ..training.checkpoint import latest_checkpoint
-
+    if (path / "checkpoints").is_dir() and not (path / "model.json").is_file():
         path = latest_checkpoint(path / "checkpoints")
     spec_file = path / "model.json"
     if not spec_file.is_file():
         raise FileNotFoundError(f"{path} is not a model checkpoint: model.json is missing")
-    spec = json.loads(spec_file.read_text())
+    try:
+        spec = json.loads(spec_file.read_text())
+    except ValueError as e:
+        raise ValueError(f"{spec_file} is not valid JSON ({e})") from None
     loader = CHECKPOINT_FORMATS.get(spec.get("format", "ssni"))
     model = loader(path, spec, weights=weights)
     model.eval()
@@ -92,8 +116,6 @@ def load_model(path: str | os.PathLike, weights: str = "model") -> nn.Module:
 
 def weights_fingerprint(model: nn.Module) -> str:
     """Stable SHA-256 over parameter names, shapes and values (identifies a score network)."""
-    import hashlib
-
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())

@@ -2,50 +2,51 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from torch import nn
 
-from ..config import ConfigError, from_dict
 from .purifier import Purifier
+from .samplers import SAMPLERS
 
 
 @dataclass
 class PurifierConfig:
-    """Purification settings; each sampler reads the fields it uses and ignores the rest."""
+    """Purification settings: the sampler, its own options, and how gradients flow.
 
-    sampler: str = "diffpure"       # diffpure | ddpm | ddim | gdmp | gns (see SAMPLERS)
-    dt: float = 1e-3                # diffpure: SDE step size (t* = 0.1 -> 100 steps)
-    steps: Optional[int] = None     # ddpm/ddim/gdmp: reverse steps per sample; None = every step
-    stages: List[float] = field(default_factory=lambda: [0.5, 1.0])  # gns: multiples of t*
-    inner: str = "ddpm"             # gns: the sampler run in each stage
-    guidance_scale: float = 10.0    # gdmp: pull of each step towards the input
-    clip: bool = True               # discrete samplers: clip x0 predictions to [-1, 1]
-    grad: str = "full"              # default gradient mode: full | bpda | surrogate
-    checkpoint: bool = True         # full gradients: checkpoint every reverse step
-    surrogate: Optional[Dict[str, Any]] = None  # field overrides for the attack's surrogate
+    Sampler options left at None take the sampler's default; setting one that the chosen sampler
+    does not take is an error listing the options it does (see each sampler's docstring).
+    """
+
+    sampler: str = "diffpure"                # diffpure | ddpm | ddim | gdmp | gns (see SAMPLERS)
+    grad: str = "full"                       # default gradient mode: full | bpda
+    checkpoint: bool = True                  # full gradients: checkpoint every reverse step
+    # -- sampler options ----------------------------------------------------------------------
+    dt: Optional[float] = None               # diffpure: SDE step size (default 1e-3: t* 0.1 = 100 steps)
+    steps: Optional[int] = None              # ddpm/ddim/gdmp: reverse steps per sample (default: every step)
+    clip: Optional[bool] = None              # ddpm/ddim/gdmp: clip x0 predictions to [-1, 1] (default true)
+    guidance_scale: Optional[float] = None   # gdmp: pull of each step towards the input (default 10)
+    stages: Optional[List[float]] = None     # gns: multiples of t* (default [0.5, 1.0])
+    inner: Optional[str] = None              # gns: the sampler run in each stage (default ddpm)
+
+    def sampler_options(self) -> Dict[str, Any]:
+        """The sampler options that are set (not None)."""
+        skip = ("sampler", "grad", "checkpoint")
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in skip and getattr(self, f.name) is not None}
 
 
-def _kwargs(cfg: PurifierConfig) -> Dict[str, Any]:
-    d = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-    d.pop("surrogate")
-    return d
+def sampler_option_names(name: str) -> List[str]:
+    """The options the registered sampler `name` takes."""
+    return SAMPLERS.get(name).option_names()
 
 
 def build_purifier(score_model: nn.Module, cfg: Optional[PurifierConfig] = None,
                    **overrides: Any) -> Purifier:
-    """Purifier for `score_model` from cfg (defaults if None) plus field overrides; a surrogate
-    is built from cfg.surrogate (overrides of the same fields) next to the defense settings."""
+    """Purifier for `score_model` from cfg (defaults if None) plus field overrides."""
     cfg = cfg or PurifierConfig()
     if overrides:
         cfg = dataclasses.replace(cfg, **overrides)
-    surrogate = None
-    if cfg.surrogate:
-        base = _kwargs(cfg)
-        base["grad"] = "full"  # the surrogate exists to be differentiated
-        sub = from_dict(PurifierConfig, {**base, **cfg.surrogate}, where="surrogate")
-        if sub.surrogate:
-            raise ConfigError("surrogate: a surrogate cannot have its own surrogate")
-        surrogate = Purifier(score_model, **_kwargs(sub))
-    return Purifier(score_model, surrogate=surrogate, **_kwargs(cfg))
+    return Purifier(score_model, cfg.sampler, grad=cfg.grad, checkpoint=cfg.checkpoint,
+                    **cfg.sampler_options())

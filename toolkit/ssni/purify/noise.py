@@ -16,31 +16,6 @@ from torch import Tensor
 # Draws per generator call. Part of the definition of the stream (changing it changes the noise).
 CHUNK = 16
 
-_SEED_HIGH = 2 ** 62  # seeds are drawn in [0, 2^62): positive and valid for manual_seed
-
-
-def draw_seeds(batch: int, generator: Optional[torch.Generator] = None) -> Tensor:
-    """Per-sample seeds [B] (int64, CPU) from `generator`, or torch's global RNG if None."""
-    device = generator.device if generator is not None else "cpu"
-    return torch.randint(0, _SEED_HIGH, (batch,), generator=generator, device=device).cpu()
-
-
-def check_seeds(seeds: Tensor | Sequence[int], batch: int) -> List[int]:
-    """Validate per-sample seeds (LongTensor [B] or a list of B ints) -> list of Python ints."""
-    if not torch.is_tensor(seeds):
-        seeds = torch.as_tensor(list(seeds))
-    if seeds.dim() != 1 or seeds.shape[0] != batch:
-        raise ValueError(f"seeds must be an integer tensor of shape [{batch}] (one per sample), "
-                         f"got shape {list(seeds.shape)}")
-    if seeds.dtype.is_floating_point or seeds.dtype.is_complex or seeds.dtype == torch.bool:
-        raise ValueError(f"seeds must be integers (torch.long), got dtype {seeds.dtype}")
-    values = [int(s) for s in seeds.tolist()]
-    bad = [b for b, s in enumerate(values) if s < 0]
-    if bad:
-        raise ValueError(f"seeds must be >= 0; negative for samples {bad}")
-    return values
-
-
 class NoiseStream:
     """Standard normal draws per sample; draw(rows) -> [len(rows), *shape], each row's next draw."""
 

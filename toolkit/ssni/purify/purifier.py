@@ -19,40 +19,19 @@ of the continuous VP process at t*: the value is unchanged, and an attacker can 
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from ..diffusion import _bcast, to_model_space, to_pixel_space
+from ..diffusion import per_sample, to_model_space, to_pixel_space
+from ..images import check_images
+from ..seeding import check_seeds, draw_seeds
 from .grads import GRAD_MODES
-from .noise import NoiseStream, check_seeds, draw_seeds
+from .noise import NoiseStream
 from .samplers import Plan, Sampler, build_sampler
-
-
-def check_images(x: Tensor, input_shape: Sequence[int]) -> None:
-    """Raise a clear error unless x is [B,C,H,W] of `input_shape`, finite, with pixels in [0, 1]."""
-    c, h, w = input_shape
-    if not torch.is_tensor(x) or not x.is_floating_point():
-        raise ValueError(f"images must be a floating-point tensor [B, {c}, {h}, {w}] in [0, 1], "
-                         f"got {type(x).__name__} {getattr(x, 'dtype', '')}")
-    if x.dim() != 4 or tuple(x.shape[1:]) != tuple(input_shape):
-        raise ValueError(f"the score network was built for images of shape [B, {c}, {h}, {w}] "
-                         f"(channels {c}, size {h}x{w}); got {list(x.shape)}")
-    flat = x.detach().flatten(1)
-    finite = torch.isfinite(flat).all(1)
-    if not bool(finite.all()):
-        bad = torch.nonzero(~finite).flatten().tolist()
-        raise ValueError(f"images hold NaN/Inf in samples {bad}; expected finite pixels in [0, 1]")
-    lo, hi = flat.min(1).values, flat.max(1).values
-    out = (lo < 0) | (hi > 1)
-    if bool(out.any()):
-        bad = torch.nonzero(out).flatten().tolist()
-        ranges = [(round(lo[b].item(), 4), round(hi[b].item(), 4)) for b in bad[:8]]
-        raise ValueError(f"pixels outside [0, 1] in samples {bad} (min, max per sample: {ranges}); "
-                         f"expected images in [0, 1] (convert from [-1, 1] or [0, 255] first)")
 
 
 class Purifier(nn.Module):
@@ -60,18 +39,16 @@ class Purifier(nn.Module):
 
     forward(x [B,C,H,W] in [0,1], t_star float | Tensor[B] in [0,1], seeds=None, generator=None,
     grad=None) -> [B,C,H,W] in [0,1]. Seeds: LongTensor[B], one per sample; else per-sample seeds
-    are drawn from `generator` (or torch's global RNG). grad: "full" | "bpda" | "surrogate"
-    (None: this purifier's default). `nfe_last` / `calls_last`: network evaluations in sample-steps
-    / batched network calls of the last forward. The score network is put, and kept, in eval
-    mode (see `train`). `surrogate`: a (cheaper) Purifier whose gradient grad="surrogate" uses.
+    are drawn from `generator` (or torch's global RNG). grad: "full" | "bpda" (None: this
+    purifier's default). `nfe_last` / `calls_last`: network evaluations in sample-steps / batched
+    network calls of the last forward. The score network is put, and kept, in eval mode (see
+    `train`). `options` are the sampler's own (e.g. steps for ddpm, dt for diffpure); one the
+    sampler does not take is an error listing those it does.
     """
 
     def __init__(self, score_model: nn.Module, sampler: str | Sampler = "diffpure", *,
-                 dt: float = 1e-3, steps: Optional[int] = None,
-                 stages: Sequence[float] = (0.5, 1.0), inner: str = "ddpm",
-                 guidance_scale: float = 10.0, clip: bool = True, grad: str = "full",
-                 checkpoint: bool = True, surrogate: Optional["Purifier"] = None,
-                 progress: bool = False):
+                 grad: str = "full", checkpoint: bool = True, progress: bool = False,
+                 **options: Any):
         super().__init__()
         for attr in ("diffusion", "input_shape"):
             if not hasattr(score_model, attr):
@@ -79,17 +56,15 @@ class Purifier(nn.Module):
                                  f"got {type(score_model).__name__}")
         self.model = score_model
         if isinstance(sampler, Sampler):
+            if any(v is not None for v in options.values()):
+                raise ValueError("options apply to a sampler given by name, not to a Sampler object")
             self.sampler = sampler
         else:
-            self.sampler = build_sampler(sampler, dt=dt, steps=steps, stages=stages, inner=inner,
-                                         guidance_scale=guidance_scale, clip=clip)
+            self.sampler = build_sampler(sampler, **options)
         self.sampler_name = sampler if isinstance(sampler, str) else type(sampler).__name__
         GRAD_MODES.get(grad)  # unknown modes fail here, listing the choices
-        if surrogate is not None and not isinstance(surrogate, Purifier):
-            raise ValueError(f"surrogate must be a Purifier, got {type(surrogate).__name__}")
         self.grad = grad
         self.checkpoint = bool(checkpoint)
-        self.surrogate = surrogate
         self.progress = bool(progress)
         self.nfe_last = 0
         self.calls_last = 0
@@ -192,7 +167,7 @@ class Purifier(nn.Module):
         untouched = steps == 0
         if untouched.any():  # t* = 0 (or below one step): return the input exactly
             keep = torch.as_tensor(untouched, device=x.device)
-            out = torch.where(_bcast(keep, x).bool(), x, out)
+            out = torch.where(per_sample(keep, x).bool(), x, out)
         return out
 
     def _diffuse(self, sampler: Sampler, plan: Plan, xm: Tensor, stream: NoiseStream,
@@ -205,7 +180,7 @@ class Purifier(nn.Module):
             ac, sc = self.diffusion.mean_coeff(tc), self.diffusion.sigma(tc)
             a, s = a + (ac - ac.detach()), s + (sc - sc.detach())
         z = stream.draw()
-        return _bcast(a, xm) * xm + _bcast(s, xm) * z
+        return per_sample(a, xm) * xm + per_sample(s, xm) * z
 
     def _reverse(self, sampler: Sampler, plan: Plan, xm: Tensor, ref: Tensor,
                  stream: NoiseStream, use_ckpt: bool) -> Tensor:

@@ -19,11 +19,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..diffusion import VPDiffusion, _bcast
+from ..diffusion import VPDiffusion, per_sample
 from ..registry import Registry
 from ..sampling import ddim_step, ddpm_mean_var
 
 SAMPLERS = Registry("sampler")
+
+
+class UnknownOptionError(ValueError):
+    """A purifier option that the chosen sampler does not take."""
 
 
 @dataclass
@@ -64,10 +68,21 @@ class Sampler:
     needs_reference: bool = False  # step() uses the purifier's input image
 
     @classmethod
-    def from_options(cls, **options: Any) -> "Sampler":
-        """Build from a superset of options (a PurifierConfig's fields); unrelated keys are ignored."""
+    def option_names(cls, **options: Any) -> List[str]:
+        """The options this sampler takes (given `options`, for samplers that nest another)."""
         params = inspect.signature(cls.__init__).parameters
-        return cls(**{k: v for k, v in options.items() if k in params and k != "self"})
+        return [k for k, p in params.items() if k != "self" and p.kind == p.POSITIONAL_OR_KEYWORD]
+
+    @classmethod
+    def from_options(cls, name: str = "", **options: Any) -> "Sampler":
+        """Build from options; one this sampler does not take is an error listing those it does."""
+        allowed = cls.option_names(**options)
+        unknown = sorted(k for k in options if k not in allowed)
+        if unknown:
+            raise UnknownOptionError(
+                f"sampler {name or cls.__name__!r} has no option {unknown[0]!r}; its options: "
+                f"{', '.join(allowed) or '(none)'}")
+        return cls(**options)
 
     def stages(self, t_star: Tensor) -> List[Tuple["Sampler", Tensor]]:
         """(sampler, t* [B]) for each diffuse-then-reverse stage; one stage by default."""
@@ -123,10 +138,10 @@ class DiffPureSampler(Sampler):
         d: VPDiffusion = model.diffusion
         t = cur.to(x.dtype) * self.dt
         beta, sigma = d.beta(t), d.sigma(t)
-        score = -model(x, t) / _bcast(sigma, x)
+        score = -model(x, t) / per_sample(sigma, x)
         # reverse-time drift f - g^2 score with f = -beta x / 2, g^2 = beta, stepped by -dt
-        x = x + _bcast(beta * self.dt, x) * (0.5 * x + score)
-        return x + _bcast(torch.sqrt(beta * self.dt), x) * noise
+        x = x + per_sample(beta * self.dt, x) * (0.5 * x + score)
+        return x + per_sample(torch.sqrt(beta * self.dt), x) * noise
 
 
 class _DiscreteSampler(Sampler):
@@ -171,7 +186,7 @@ class DDPMSampler(_DiscreteSampler):
     def step(self, model, x, cur, nxt, noise, ref):
         mean, var = ddpm_mean_var(model, x, cur, nxt, self.clip)
         std = torch.where(nxt < 0, torch.zeros_like(var), torch.sqrt(var.clamp(min=0)))
-        return mean + _bcast(std, x) * noise
+        return mean + per_sample(std, x) * noise
 
 
 @SAMPLERS.register("ddim")
@@ -211,9 +226,9 @@ class GDMPSampler(_DiscreteSampler):
         ab_i = d.alpha_bar_discrete(cur)
         # capped at 1 so a large scale on a strided grid stops at the reference, never past it
         pull = (self.guidance_scale * var).clamp(max=1.0)
-        mean = mean - _bcast(pull, x) * (x - _bcast(torch.sqrt(ab_i), x) * ref)
+        mean = mean - per_sample(pull, x) * (x - per_sample(torch.sqrt(ab_i), x) * ref)
         std = torch.where(nxt < 0, torch.zeros_like(var), torch.sqrt(var.clamp(min=0)))
-        return mean + _bcast(std, x) * noise
+        return mean + per_sample(std, x) * noise
 
 
 @SAMPLERS.register("gns")
@@ -232,14 +247,15 @@ class GNSSampler(Sampler):
                              f"{[n for n in SAMPLERS.names() if n != 'gns']}")
         self.stage_scales = stages
         self.inner_name = inner
-        self.inner = SAMPLERS.get(inner).from_options(**inner_options)
+        self.inner = SAMPLERS.get(inner).from_options(inner, **inner_options)
         self.stochastic = self.inner.stochastic
         self.needs_reference = self.inner.needs_reference
 
     @classmethod
-    def from_options(cls, **options: Any) -> "GNSSampler":
-        opts = dict(options)
-        return cls(stages=opts.pop("stages", (0.5, 1.0)), inner=opts.pop("inner", "ddpm"), **opts)
+    def option_names(cls, **options: Any) -> List[str]:
+        """stages and inner, plus the options of the inner sampler."""
+        inner = SAMPLERS.get(options.get("inner", "ddpm"))
+        return ["stages", "inner"] + [k for k in inner.option_names() if k not in ("stages", "inner")]
 
     def options(self) -> Dict[str, Any]:
         return {"stages": self.stage_scales, "inner": self.inner_name, **self.inner.options()}
@@ -249,5 +265,6 @@ class GNSSampler(Sampler):
 
 
 def build_sampler(name: str, **options: Any) -> Sampler:
-    """A registered sampler from a superset of options (unrelated ones ignored)."""
-    return SAMPLERS.get(name).from_options(**options)
+    """A registered sampler from its options (None means "the sampler's default"); an option the
+    sampler does not take is an error that lists the ones it does."""
+    return SAMPLERS.get(name).from_options(name, **{k: v for k, v in options.items() if v is not None})

@@ -16,8 +16,9 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from ..data import DataConfig
 from ..io import atomic_write_json
+from ..models import weights_fingerprint
+from ..seeding import block_seeds
 from .score_norm import ScoreNorm, ScoreNormConfig
 
 # Stored quantile levels; `Calibration.quantile` interpolates between them.
@@ -32,8 +33,6 @@ class CalibrationMismatchError(ValueError):
 
 def model_fingerprint(model: nn.Module) -> str:
     """Fingerprint of a score network's weights (SHA-256 prefix over names, shapes, values)."""
-    from ..models import weights_fingerprint
-
     return weights_fingerprint(model)
 
 
@@ -103,7 +102,13 @@ class Calibration:
         if not path.is_file():
             raise FileNotFoundError(f"calibration file not found: {path} (make one with "
                                     f"`ssni calibrate`)")
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as e:
+            raise ValueError(f"{path} is not a readable calibration file ({e}); it may be "
+                             f"truncated: rerun `ssni calibrate`") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} is not a calibration file: expected a JSON object")
         names = {f.name for f in dataclasses.fields(cls)}
         missing = [f.name for f in dataclasses.fields(cls)
                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
@@ -142,13 +147,14 @@ def histogram(norms: Tensor, bins: int = 50, lo: float | None = None,
 def compute_norms(scorer: ScoreNorm, images: Tensor, batch_size: int = 256, seed: int = 0,
                   device: torch.device | str = "cpu", progress: bool = False,
                   desc: str = "score norms") -> Tensor:
-    """Score norms [N] of images [N,C,H,W] in [0,1], batched, with per-sample seeds seed + i."""
+    """Score norms [N] of images [N,C,H,W] in [0,1], batched; sample i's seed is seed block
+    `seed`, index i (so a sample's norm does not depend on the batching)."""
     from tqdm.auto import tqdm
 
     out = []
     for a in tqdm(range(0, images.shape[0], batch_size), disable=not progress, desc=desc):
         x = images[a:a + batch_size].to(device)
-        seeds = torch.arange(a, a + x.shape[0]) + seed * 1_000_003
+        seeds = block_seeds(seed, a, x.shape[0])
         out.append(scorer(x, seeds=seeds).float().cpu())
     return torch.cat(out)
 
@@ -168,72 +174,3 @@ def calibrate(model: nn.Module, images: Tensor, score_norm: ScoreNormConfig | No
                       model_name=getattr(model, "model_name", type(model).__name__),
                       image_shape=list(images.shape[1:]), data=dict(data_info or {}))
     return cal, norms
-
-
-# -- `ssni calibrate` ----------------------------------------------------------------------------
-@dataclass
-class CalibrateConfig:
-    """Everything `ssni calibrate` needs."""
-
-    output: str = "runs/calibration-digits"  # directory: calibration.json, score_norms.png
-    score_model: str = "runs/score-digits"  # checkpoint or run directory
-    score_weights: str = "ema"
-    data: DataConfig = field(default_factory=DataConfig)
-    split: str = "train"
-    count: int = 5000  # clean images (all if fewer)
-    score_norm: ScoreNormConfig = field(default_factory=ScoreNormConfig)
-    batch_size: int = 256
-    seed: int = 0
-    bins: int = 50
-    # Gaussian-noise copies, only for the plot's "perturbed" histograms (cheap, no classifier)
-    plot_noise_std: List[float] = field(default_factory=lambda: [0.05, 0.1])
-    plot_t_star: float = 0.1  # t* of the constant / linear / sigmoid curves drawn in the plot
-    device: str = "auto"
-    progress: bool = True
-
-
-def run_calibrate(cfg: CalibrateConfig) -> Dict[str, Any]:
-    """Calibrate a score network on clean images; writes calibration.json and a plot."""
-    from ..config import save_config
-    from ..data import build_dataset
-    from ..defense import load_score_model, resolve_device
-    from .plots import plot_reweight
-    from .reweight import build_reweight
-
-    device = resolve_device(cfg.device)
-    model = load_score_model(cfg.score_model, cfg.score_weights).to(device).eval()
-    ds = build_dataset(cfg.data, cfg.split)
-    if tuple(ds.image_shape) != tuple(model.input_shape):
-        raise ValueError(f"data images are {list(ds.image_shape)} but the score network expects "
-                         f"{list(model.input_shape)}; set data.image_size / data.channels")
-    n = len(ds)
-    idx = torch.arange(n)
-    if cfg.count < n:
-        g = torch.Generator().manual_seed(cfg.seed)
-        idx = torch.sort(torch.randperm(n, generator=g)[:cfg.count]).values
-    images = ds.images[idx]
-    info = {"name": cfg.data.name, "split": cfg.split, "image_size": cfg.data.image_size,
-            "indices_seed": cfg.seed}
-    cal, norms = calibrate(model, images, cfg.score_norm, cfg.batch_size, cfg.seed, cfg.bins,
-                           cfg.progress, info)
-    scorer = ScoreNorm.from_config(model, cfg.score_norm)
-    perturbed = {}
-    g = torch.Generator().manual_seed(cfg.seed + 1)
-    for std in cfg.plot_noise_std:
-        noisy = (images + std * torch.randn(images.shape, generator=g)).clamp(0, 1)
-        pn = compute_norms(scorer, noisy, cfg.batch_size, cfg.seed + 2, device, cfg.progress,
-                           f"noise {std:g}")
-        perturbed[f"gaussian {std:g}"] = pn
-        cal.perturbed[f"gaussian {std:g}"] = histogram(pn, cfg.bins)
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out)
-    path = cal.save(out / "calibration.json")
-    curves = {name: build_reweight(name, cal, t_star=cfg.plot_t_star)
-              for name in ("constant", "linear", "sigmoid")}
-    png = plot_reweight(curves, out / "score_norms.png", clean=norms, perturbed=perturbed,
-                        title=f"{cal.model_name} score norms (T'={cfg.score_norm.timesteps})")
-    return {"calibration": str(path), "plot": str(png), "count": cal.count, "mean": cal.mean,
-            "std": cal.std, "q01": cal.quantile(0.01), "q99": cal.quantile(0.99),
-            "fingerprint": cal.fingerprint,
-            "perturbed_mean": {k: float(v.mean()) for k, v in perturbed.items()}}

@@ -1,7 +1,7 @@
 """Learning the reweight: self-made perturbations, oracle t* per sample, and the monotone fit.
 
-The fit uses clean training images only. It perturbs them itself (random noise at several
-strengths, Linf PGD against the bare classifier), finds for each perturbed copy the smallest t*
+The fit uses clean training images only. Its caller perturbs them (random noise at several
+strengths, Linf PGD against the bare classifier: `ssni fit-reweight`); this module finds for each perturbed copy the smallest t*
 on a grid at which purification keeps the classifier right (the oracle t*), and fits a
 `LearnedReweight` to (score norm, oracle t*) pairs with an asymmetric squared loss in which
 under-noising (predicting t* below the oracle) costs `under_cost` times more than over-noising.
@@ -12,34 +12,10 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from ..seeding import draw_seeds_of
 from .reweight import LearnedReweight
-
-
-# -- a minimal private Linf PGD (the attacks package will replace it) ---------------------------
-def pgd_linf(classify: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, eps: float,
-             steps: int = 20, step_size: Optional[float] = None, random_start: bool = True,
-             generator: Optional[torch.Generator] = None) -> Tensor:
-    """Untargeted Linf PGD on cross-entropy; x [B,C,H,W] in [0,1], y [B] -> x_adv [B,C,H,W]."""
-    if eps <= 0:
-        return x.detach().clone()
-    alpha = step_size if step_size is not None else 2.5 * eps / max(steps, 1)
-    x = x.detach()
-    delta = torch.zeros_like(x)
-    if random_start:
-        delta = (torch.rand(x.shape, generator=generator, device=x.device) * 2 - 1) * eps
-    delta = ((x + delta).clamp(0, 1) - x).requires_grad_(True)
-    for _ in range(steps):
-        with torch.enable_grad():
-            loss = F.cross_entropy(classify(x + delta), y)
-            (g,) = torch.autograd.grad(loss, delta)
-        with torch.no_grad():
-            delta += alpha * g.sign()
-            delta.clamp_(-eps, eps)
-            delta.copy_((x + delta).clamp(0, 1) - x)
-    return (x + delta).detach()
 
 
 def gaussian_noise(x: Tensor, std: float, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -80,7 +56,7 @@ def oracle_t_star(purify: Callable[..., Tensor], classify: Callable[[Tensor], Te
         out = xb.clone()
         todo = tb > 0
         if todo.any():
-            sd = (seeds[si] * 7919 + di * 104_729)[todo]
+            sd = draw_seeds_of(seeds[si], di)[todo]
             out[todo] = purify(xb[todo], tb[todo], seeds=sd)
         ok = (classify(out).argmax(1).cpu() == y[si].cpu()).float()
         frac.index_put_((si, ti), ok / draws, accumulate=True)

@@ -8,6 +8,7 @@ a sample's t* does not depend on its batch companions.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from dataclasses import dataclass, field
@@ -57,6 +58,14 @@ def soft_ramp(u: Tensor, width: float) -> Tensor:
     return torch.where(u <= 0.5, half(u), 1.0 - half(1.0 - u))
 
 
+def check_level(value: float, name: str) -> float:
+    """A noise level in [0, 1] as a float, or a clear error (nothing is clamped)."""
+    v = float(value)
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"reweight {name} must be a noise level in [0, 1], got {value!r}")
+    return v
+
+
 def _check_norms(s: Tensor) -> Tensor:
     if not torch.is_tensor(s) or s.dim() != 1:
         shape = list(s.shape) if torch.is_tensor(s) else type(s).__name__
@@ -82,6 +91,8 @@ class Reweight(nn.Module):
         self.calibration = calibration
         self.num_steps = int(num_steps)
         self.smooth_width = float(smooth_width)
+
+    sample_specific: bool = True  # whether t* depends on the sample (False: plain DBP)
 
     def curve(self, s: Tensor, smooth: bool) -> Tensor:
         """The unclamped reweighting curve; s [B] -> [B] (subclasses implement)."""
@@ -115,32 +126,34 @@ class Reweight(nn.Module):
 
 @REWEIGHTS.register("constant")
 class ConstantReweight(Reweight):
-    """Plain DBP: the same t* for every sample."""
+    """Plain DBP: the same t* (= t_base) for every sample."""
 
-    def __init__(self, t_star: float = 0.1, **kw: Any):
+    sample_specific = False
+
+    def __init__(self, t_base: float = 0.1, **kw: Any):
         super().__init__(**kw)
-        self.t_star = float(t_star)
+        self.t_base = check_level(t_base, "t_base")
 
     def curve(self, s: Tensor, smooth: bool) -> Tensor:
-        """t_star for all; s [B] -> [B]."""
-        return torch.full_like(s, self.t_star)
+        """t_base for all; s [B] -> [B]."""
+        return torch.full_like(s, self.t_base)
 
     def config(self) -> Dict[str, Any]:
-        return {**super().config(), "t_star": self.t_star}
+        return {**super().config(), "t_base": self.t_base}
 
 
 @REWEIGHTS.register("linear")
 class LinearReweight(Reweight):
-    """SSNI-L: t = b + t_star * ramp((s - s_low) / (s_high - s_low)).
+    """SSNI-L: t = b + t_base * ramp((s - s_low) / (s_high - s_low)).
 
     s_low / s_high are calibrated clean quantiles (levels q_low / q_high), never batch statistics.
     """
 
-    def __init__(self, t_star: float = 0.1, b: float = 0.005, q_low: float = 0.0,
+    def __init__(self, t_base: float = 0.1, b: float = 0.005, q_low: float = 0.0,
                  q_high: float = 1.0, s_low: Optional[float] = None,
                  s_high: Optional[float] = None, **kw: Any):
         super().__init__(**kw)
-        self.t_star, self.b, self.q_low, self.q_high = float(t_star), float(b), q_low, q_high
+        self.t_base, self.b, self.q_low, self.q_high = check_level(t_base, "t_base"), float(b), q_low, q_high
         self.s_low = self._need(s_low, "s_low", lambda c: c.quantile(q_low))
         self.s_high = self._need(s_high, "s_high", lambda c: c.quantile(q_high))
         if not self.s_high > self.s_low:
@@ -148,36 +161,36 @@ class LinearReweight(Reweight):
                              f"{self.s_low} (check the calibration's quantiles)")
 
     def curve(self, s: Tensor, smooth: bool) -> Tensor:
-        """b + t_star * ramp(normalised s); s [B] -> [B]."""
+        """b + t_base * ramp(normalised s); s [B] -> [B]."""
         u = (s - self.s_low) / (self.s_high - self.s_low)
         r = soft_ramp(u, self.smooth_width) if smooth else hard_ramp(u)
-        return self.b + self.t_star * r
+        return self.b + self.t_base * r
 
     def config(self) -> Dict[str, Any]:
-        return {**super().config(), "t_star": self.t_star, "b": self.b, "q_low": self.q_low,
+        return {**super().config(), "t_base": self.t_base, "b": self.b, "q_low": self.q_low,
                 "q_high": self.q_high, "s_low": self.s_low, "s_high": self.s_high}
 
 
 @REWEIGHTS.register("sigmoid")
 class SigmoidReweight(Reweight):
-    """SSNI-N: t = sigmoid((s - mu) / tau) * (t_star + b); mu (and tau by default) from the
+    """SSNI-N: t = sigmoid((s - mu) / tau) * (t_base + b); mu (and tau by default) from the
     calibration's clean mean (std)."""
 
-    def __init__(self, t_star: float = 0.1, b: float = 0.005, tau: Optional[float] = None,
+    def __init__(self, t_base: float = 0.1, b: float = 0.005, tau: Optional[float] = None,
                  mu: Optional[float] = None, **kw: Any):
         super().__init__(**kw)
-        self.t_star, self.b = float(t_star), float(b)
+        self.t_base, self.b = check_level(t_base, "t_base"), float(b)
         self.mu = self._need(mu, "mu", lambda c: c.mean)
         self.tau = self._need(tau, "tau", lambda c: c.std)
         if not self.tau > 0:
             raise ValueError(f"sigmoid reweight needs tau > 0, got {self.tau}")
 
     def curve(self, s: Tensor, smooth: bool) -> Tensor:
-        """sigmoid((s - mu) / tau) * (t_star + b); s [B] -> [B]."""
-        return torch.sigmoid((s - self.mu) / self.tau) * (self.t_star + self.b)
+        """sigmoid((s - mu) / tau) * (t_base + b); s [B] -> [B]."""
+        return torch.sigmoid((s - self.mu) / self.tau) * (self.t_base + self.b)
 
     def config(self) -> Dict[str, Any]:
-        return {**super().config(), "t_star": self.t_star, "b": self.b, "mu": self.mu,
+        return {**super().config(), "t_base": self.t_base, "b": self.b, "mu": self.mu,
                 "tau": self.tau}
 
 
@@ -252,10 +265,25 @@ def load_learned_json(path: str | os.PathLike) -> Dict[str, Any]:
     return data
 
 
+def reweight_options(name: str) -> List[str]:
+    """The keyword arguments the registered reweight `name` takes (its own and the base's)."""
+    own = [k for k in inspect.signature(REWEIGHTS.get(name).__init__).parameters
+           if k not in ("self", "kw")]
+    base = [k for k in inspect.signature(Reweight.__init__).parameters if k not in ("self",)]
+    return own + [k for k in base if k not in own and k != "calibration"]
+
+
 def build_reweight(name: str, calibration: Optional[Calibration] = None,
                    **kwargs: Any) -> Reweight:
     """Create a registered reweight; the calibration supplies mu / std / quantiles."""
-    return REWEIGHTS.get(name)(calibration=calibration, **kwargs)
+    cls = REWEIGHTS.get(name)
+    allowed = reweight_options(name)
+    unknown = sorted(k for k in kwargs if k not in allowed)
+    if unknown:
+        hint = " (renamed t_base: the base noise level)" if unknown[0] == "t_star" else ""
+        raise ValueError(f"reweight {name!r} has no option {unknown[0]!r}{hint}; its options: "
+                         f"{', '.join(allowed)}")
+    return cls(calibration=calibration, **kwargs)
 
 
 def list_reweights() -> List[str]:

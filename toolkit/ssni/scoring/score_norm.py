@@ -1,4 +1,5 @@
-"""The EPS statistic: the mean score over the first T' diffusion times, and its L2 norm per sample.
+"""The score norm: the mean score over the first T' diffusion times (the SSNI paper's EPS), and
+its L2 norm per sample.
 
 For x in [0, 1] (mapped to model space 2x - 1), times t_k = k / 1000 for k = 1..T' on the VP SDE,
 and `draws` noise draws z per time: x_k = sqrt(ab(t_k)) x + sqrt(1 - ab(t_k)) z,
@@ -17,7 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
-from ..diffusion import _bcast, to_model_space
+from ..diffusion import per_sample, to_model_space
+from ..images import check_images
 
 
 @dataclass
@@ -29,21 +31,6 @@ class ScoreNormConfig:
     num_steps: int = 1000  # the grid the steps live on: t_k = k / num_steps
     max_batch: int = 512  # rows (sample x time x draw) per network call
     checkpoint: bool = False  # recompute chunks in backward so attack memory stays flat
-
-
-def check_images(x: Tensor, name: str = "x") -> None:
-    """Raise a clear error unless x is a finite [B,C,H,W] tensor with values in [0, 1]."""
-    if not torch.is_tensor(x) or x.dim() != 4:
-        shape = list(x.shape) if torch.is_tensor(x) else type(x).__name__
-        raise ValueError(f"{name} must be an image tensor [B,C,H,W] in [0,1], got {shape}")
-    x = x.detach()
-    if not torch.isfinite(x).all():
-        bad = torch.nonzero(~torch.isfinite(x.flatten(1)).all(1)).flatten().tolist()
-        raise ValueError(f"{name} has NaN/Inf values in samples {bad}; expected values in [0,1]")
-    lo, hi = float(x.min()), float(x.max())
-    if lo < -1e-6 or hi > 1 + 1e-6:
-        raise ValueError(f"{name} has values in [{lo:.4g}, {hi:.4g}]; expected pixels in [0, 1] "
-                         f"(convert from [-1, 1] or [0, 255] first)")
 
 
 def score_times(timesteps: int, num_steps: int = 1000, device=None) -> Tensor:
@@ -72,20 +59,21 @@ def _chunk_scores(model: nn.Module, x_model: Tensor, noise: Tensor, times: Tenso
     t = times.repeat(n)  # row (i, j) has time times[j]
     x_rep = x_model.repeat_interleave(r, dim=0)
     z = noise.reshape(n * r, *noise.shape[2:])
-    xt = _bcast(diffusion.mean_coeff(t), x_rep) * x_rep + _bcast(diffusion.sigma(t), x_rep) * z
+    xt = per_sample(diffusion.mean_coeff(t), x_rep) * x_rep + per_sample(diffusion.sigma(t), x_rep) * z
     return model.score(xt, t).reshape(n, r, *x_model.shape[1:]).sum(1)
 
 
-def eps_statistic(model: nn.Module, x: Tensor, timesteps: int = 20, draws: int = 1,
+def mean_score(model: nn.Module, x: Tensor, timesteps: int = 20, draws: int = 1,
                   generator: Optional[torch.Generator] = None, seeds: Optional[Tensor] = None,
                   max_batch: int = 512, num_steps: int = 1000,
                   checkpoint: bool = False) -> Tensor:
-    """EPS(x): mean score over times 1..T'/num_steps and draws; x [B,C,H,W] in [0,1] -> [B,C,H,W].
+    """The mean score over times 1..T'/num_steps and draws (the SSNI paper's EPS, "expected
+    perturbation score"); x [B,C,H,W] in [0,1] -> [B,C,H,W].
 
     seeds (LongTensor [B]) makes each sample's noise its own, so its EPS does not depend on its
     batch companions; otherwise noise comes from `generator` (or the global RNG).
     """
-    check_images(x)
+    check_images(x, name="x")
     if hasattr(model, "check_input"):
         model.check_input(x)
     if draws < 1:
@@ -122,10 +110,10 @@ def eps_statistic(model: nn.Module, x: Tensor, timesteps: int = 20, draws: int =
 def score_norm(model: nn.Module, x: Tensor, timesteps: int = 20, draws: int = 1,
                generator: Optional[torch.Generator] = None, seeds: Optional[Tensor] = None,
                max_batch: int = 512, num_steps: int = 1000, checkpoint: bool = False) -> Tensor:
-    """||EPS(x)||_2 per sample; x [B,C,H,W] in [0,1] -> [B] (see `eps_statistic`)."""
-    eps = eps_statistic(model, x, timesteps, draws, generator, seeds, max_batch, num_steps,
-                        checkpoint)
-    return eps.flatten(1).norm(dim=1)
+    """||mean_score(x)||_2 per sample; x [B,C,H,W] in [0,1] -> [B] (see `mean_score`)."""
+    mean = mean_score(model, x, timesteps, draws, generator, seeds, max_batch, num_steps,
+                      checkpoint)
+    return mean.flatten(1).norm(dim=1)
 
 
 class ScoreNorm(nn.Module):

@@ -1,9 +1,8 @@
-"""Training: losses, the resumable loop, checkpoints, and the train-score / train-classifier jobs."""
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+"""Training: the DSM loss, the resumable loop, the process context, classifier and fine-tuning
+pieces. Checkpoints live in ssni.checkpoint, noise samplers in ssni.noise."""
 from .dist import DistContext
-from .losses import NOISE_SAMPLERS, CrossEntropyLoss, DSMLoss, GaussianNoise
 from .loop import EpochBatches, LoopConfig, NonFiniteLossError, OptimConfig, Trainer
+from .losses import DSMLoss, heldout_dsm_loss
 
-__all__ = ["latest_checkpoint", "load_checkpoint", "save_checkpoint", "DistContext",
-           "NOISE_SAMPLERS", "CrossEntropyLoss", "DSMLoss", "GaussianNoise", "EpochBatches",
-           "LoopConfig", "NonFiniteLossError", "OptimConfig", "Trainer"]
+__all__ = ["DistContext", "DSMLoss", "EpochBatches", "LoopConfig", "NonFiniteLossError",
+           "OptimConfig", "Trainer", "heldout_dsm_loss"]

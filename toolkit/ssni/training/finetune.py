@@ -1,6 +1,7 @@
-"""`ssni finetune-classifier`: fine-tune a classifier on purified clean images at the calibrated t*.
+"""Fine-tuning a classifier on purified clean images at the calibrated t* (the pieces of
+`ssni finetune-classifier`).
 
-Purification at t* blurs away detail the classifier relied on, so clean accuracy drops. This job
+Purification at t* blurs away detail the classifier relied on, so clean accuracy drops. The job
 purifies clean training images at each image's own t* (score norm -> the defense's reweight),
 `copies` times with different seeds, and fine-tunes the defense's classifier on them (plus the
 clean images if asked), then reports the defense's clean accuracy before and after and writes a
@@ -8,44 +9,12 @@ defense recipe that points at the fine-tuned weights.
 """
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Dict, List
-
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import Tensor, nn
 
-from ..config import save_config
-from ..data import DataConfig, TensorImageDataset, build_dataset
-from ..io import atomic_write_json, atomic_write_text
-from ..models import classifier_spec
+from ..seeding import block_seeds, mix_seeds
 from .classifier import random_shift
-from .loop import LoopConfig, OptimConfig, Trainer
-
-
-@dataclass
-class FinetuneConfig:
-    """Everything `ssni finetune-classifier` needs."""
-
-    run_dir: str = "runs/classifier-digits-finetuned"
-    defense_recipe: str = "recipes/defense/digits.yaml"
-    defense_overrides: List[str] = field(default_factory=list)
-    data: DataConfig = field(default_factory=DataConfig)
-    copies: int = 2  # purified copies of each training image, each with its own seeds
-    include_clean: bool = True  # keep the clean images in the mix (clean accuracy without SSNI)
-    augment_shift: int = 1
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(
-        steps=400, batch_size=64, ema_decay=0.99, ckpt_every=200, log_every=25))
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        lr=2e-4, weight_decay=0.01, warmup_steps=20, schedule="cosine"))
-    eval_count: int = 360  # test images for the before/after defense accuracy
-    batch_size: int = 256
-    seed: int = 0
-    device: str = "auto"
-    progress: bool = True
 
 
 class PreprocessedCE:
@@ -65,14 +34,12 @@ def purify_at_calibrated_t(defense, images: Tensor, copies: int, seed: int, batc
     """`copies` purifications of each image at its own t*; images [N,C,H,W] -> ([copies*N,...], t* [N])."""
     from tqdm.auto import tqdm
 
-    from ..defense import mix_seeds
-
     device = next(defense.parameters()).device
     outs, ts = [[] for _ in range(copies)], []
     for a in tqdm(range(0, images.shape[0], batch_size), disable=not progress, desc="purify"):
         x = images[a:a + batch_size].to(device)
-        seeds = torch.arange(a, a + x.shape[0]) + seed * 1_000_003
-        t, _ = defense.t_star(x, seeds)
+        seeds = block_seeds(seed, a, x.shape[0])
+        t, _ = defense.noise_levels(x, seeds)
         ts.append(t.cpu())
         for k in range(copies):
             outs[k].append(defense.purifier(x, t, seeds=mix_seeds(seeds, 1 + k)).cpu())
@@ -92,59 +59,8 @@ def defense_accuracy(defense, images: Tensor, labels: Tensor, batch_size: int = 
     return correct / max(1, images.shape[0])
 
 
-def run_finetune(cfg: FinetuneConfig) -> Dict[str, Any]:
-    """Fine-tune the defense's classifier on purified clean images; returns accuracies and paths."""
-    from ..config import load_config, to_dict
-    from ..defense import DefenseConfig, build_defense
-
-    dcfg = load_config(DefenseConfig, cfg.defense_recipe, cfg.defense_overrides)
-    if cfg.device != "auto":
-        dcfg.device = cfg.device
-    defense = build_defense(dcfg)
-    train_ds, test_ds = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "test")
-    if tuple(train_ds.image_shape) != tuple(defense.score_model.input_shape):
-        raise ValueError(f"data images are {list(train_ds.image_shape)} but the defense's score "
-                         f"network expects {list(defense.score_model.input_shape)}")
-    purified, t_train = purify_at_calibrated_t(defense, train_ds.images, cfg.copies, cfg.seed,
-                                               cfg.batch_size, cfg.progress)
-    images = [purified] + ([train_ds.images] if cfg.include_clean else [])
-    labels = train_ds.labels.repeat(cfg.copies + (1 if cfg.include_clean else 0))
-    mix = TensorImageDataset(torch.cat(images), labels, train_ds.num_classes)
-
-    n_eval = min(cfg.eval_count, len(test_ds))
-    xe, ye = test_ds.images[:n_eval], test_ds.labels[:n_eval]
-    before = defense_accuracy(defense, xe, ye, cfg.batch_size)
-    bare_before = _bare_accuracy(defense, xe, ye)
-
-    student = copy.deepcopy(defense.classifier).train().requires_grad_(True)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir)
-    trainer = Trainer(student, PreprocessedCE(defense.preprocess, cfg.augment_shift), mix,
-                      cfg.loop, cfg.optim, run_dir, classifier_spec(student))
-    summary = trainer.fit()
-    original = defense.classifier
-    defense.classifier = trainer.ema.eval().requires_grad_(False)
-    after = defense_accuracy(defense, xe, ye, cfg.batch_size)
-    bare_after = _bare_accuracy(defense, xe, ye)
-    defense.classifier = original
-    trainer.close()
-
-    new_recipe = to_dict(dcfg)
-    new_recipe["classifier"]["checkpoint"] = str(run_dir)
-    new_recipe["classifier"]["weights"] = "ema"
-    atomic_write_text(run_dir / "defense.yaml", yaml.safe_dump(new_recipe, sort_keys=False))
-    result = {"run_dir": str(run_dir), "steps": summary["steps"],
-              "train_images": len(mix), "mean_t_star_train": float(t_train.mean()),
-              "eval_count": n_eval, "defense_accuracy_before": before,
-              "defense_accuracy_after": after, "bare_clean_accuracy_before": bare_before,
-              "bare_clean_accuracy_after": bare_after, "defense_recipe": str(run_dir / "defense.yaml")}
-    atomic_write_json(run_dir / "summary.json", result)
-    return result
-
-
 @torch.no_grad()
-def _bare_accuracy(defense, images: Tensor, labels: Tensor) -> float:
+def bare_accuracy(defense, images: Tensor, labels: Tensor) -> float:
     """Accuracy of the defense's classifier without purification (same preprocessing)."""
     device = next(defense.parameters()).device
     pred = defense.classify(images.to(device)).argmax(1).cpu()

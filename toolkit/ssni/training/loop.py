@@ -5,12 +5,13 @@ import copy
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..seeding import epoch_seed, step_seed
 from .dist import DistContext
 
 
@@ -78,7 +79,7 @@ class EpochBatches:
 
     def _perm(self, epoch: int) -> Tensor:
         if epoch not in self._cache:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
             self._cache = {epoch: torch.randperm(self.n, generator=g)[self.rank::self.world]}
         return self._cache[epoch]
 
@@ -138,7 +139,7 @@ class Trainer:
 
     def _generator(self, step: int) -> torch.Generator:
         g = torch.Generator(device=self.device)
-        g.manual_seed((self.loop.seed * 7_919 + step) * 104_729 + self.dist.rank)
+        g.manual_seed(step_seed(self.loop.seed, step, self.dist.rank))
         return g
 
     @torch.no_grad()
@@ -185,7 +186,7 @@ class Trainer:
             lr = self.optim_cfg.lr * lr_factor(step, self.optim_cfg, total)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            torch.manual_seed(self.loop.seed * 7_919 + step)  # dropout etc.: repeatable on resume
+            torch.manual_seed(step_seed(self.loop.seed, step))  # dropout etc.: repeatable on resume
             batch = self._batch(step)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = self.loss_fn(self.model, batch, self._generator(step)).mean()

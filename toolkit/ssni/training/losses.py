@@ -4,21 +4,10 @@ from __future__ import annotations
 from typing import Callable, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..diffusion import VPDiffusion, to_model_space
-from ..registry import Registry
-
-NOISE_SAMPLERS = Registry("noise sampler")
-
-
-@NOISE_SAMPLERS.register("gaussian")
-class GaussianNoise:
-    """Standard Gaussian noise, the usual DSM choice: shape -> N(0, I) of that shape."""
-
-    def __call__(self, shape, generator: Optional[torch.Generator], device) -> Tensor:
-        return torch.randn(shape, generator=generator, device=device)
+from ..noise import GaussianNoise
 
 
 class DSMLoss:
@@ -45,13 +34,21 @@ class DSMLoss:
         return (pred.float() - eps.float()).pow(2).flatten(1).mean(1)
 
 
-class CrossEntropyLoss:
-    """Per-sample cross-entropy for classifiers; batch: (images, labels) -> [B]."""
-
-    def __init__(self, label_smoothing: float = 0.0):
-        self.label_smoothing = label_smoothing
-
-    def __call__(self, net: nn.Module, batch, generator=None) -> Tensor:
-        logits = net(batch[0])
-        return F.cross_entropy(logits.float(), batch[1], reduction="none",
-                               label_smoothing=self.label_smoothing)
+@torch.no_grad()
+def heldout_dsm_loss(model: nn.Module, dataset, draws: int = 4, seed: int = 1234,
+                     batch_size: int = 256, t_eps: float = 1e-3) -> float:
+    """Mean DSM loss over a data set with fixed noise (repeatable); model in eval mode."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loss_fn = DSMLoss(t_eps=t_eps)
+    g = torch.Generator(device=device).manual_seed(seed)
+    total, count = 0.0, 0
+    images = dataset.images
+    for _ in range(draws):
+        for k in range(0, len(images), batch_size):
+            x = images[k:k + batch_size].to(device)
+            total += loss_fn(model, (x, None), g).sum().item()
+            count += x.shape[0]
+    model.train(was_training)
+    return total / count

@@ -3,36 +3,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import torch
-from torch import nn
 
-from .. import typical  # noqa: F401  (registers the TS noise sampler)
-from ..config import save_config, to_dict
+from ..config import save_config
 from ..data import DataConfig, build_dataset
+from ..images import save_grid_png
 from ..io import atomic_write_json
-from ..models import create_model, model_spec
+from ..models import ModelConfig, create_model, model_spec
+from ..noise import NoiseConfig, build_noise
 from ..sampling import generate
-from .dist import DistContext
-from .losses import NOISE_SAMPLERS, DSMLoss
-from .loop import LoopConfig, OptimConfig, Trainer
-
-
-@dataclass
-class ModelConfig:
-    """A registered model name plus keyword overrides of its defaults."""
-
-    name: str = "unet_digits"
-    kwargs: Dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class NoiseConfig:
-    """The DSM noise: a registered noise sampler and its keyword arguments."""
-
-    name: str = "gaussian"
-    kwargs: Dict[str, Any] = field(default_factory=dict)
+from ..training.dist import DistContext
+from ..training.losses import DSMLoss, heldout_dsm_loss
+from ..training.loop import LoopConfig, OptimConfig, Trainer
+from .registry import command
 
 
 @dataclass
@@ -51,38 +36,7 @@ class ScoreTrainConfig:
     sample_steps: int = 250
 
 
-@torch.no_grad()
-def heldout_dsm_loss(model: nn.Module, dataset, draws: int = 4, seed: int = 1234,
-                     batch_size: int = 256, t_eps: float = 1e-3) -> float:
-    """Mean DSM loss over a data set with fixed noise (repeatable); model in eval mode."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    loss_fn = DSMLoss(t_eps=t_eps)
-    g = torch.Generator(device=device).manual_seed(seed)
-    total, count = 0.0, 0
-    images = dataset.images
-    for _ in range(draws):
-        for k in range(0, len(images), batch_size):
-            x = images[k:k + batch_size].to(device)
-            total += loss_fn(model, (x, None), g).sum().item()
-            count += x.shape[0]
-    model.train(was_training)
-    return total / count
-
-
-def save_grid_png(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
-    """Save [N,C,H,W] images in [0,1] as one PNG grid (upscaled for viewing)."""
-    from torchvision.utils import make_grid, save_image
-
-    grid = make_grid(images.cpu(), nrow=nrow, padding=1, pad_value=1.0)
-    scale = max(1, 256 // grid.shape[-1] * 2) if grid.shape[-1] < 256 else 1
-    grid = torch.nn.functional.interpolate(grid[None], scale_factor=scale, mode="nearest")[0]
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid, str(path))
-    return Path(path)
-
-
+@command("train-score", ScoreTrainConfig, "train a score network (DSM) on clean images")
 def train_score(cfg: ScoreTrainConfig) -> Dict[str, Any]:
     """Train a score network per `cfg`; returns a summary (losses, paths)."""
     dist = DistContext.from_env(cfg.loop.device)
@@ -90,7 +44,7 @@ def train_score(cfg: ScoreTrainConfig) -> Dict[str, Any]:
     train_ds, test_ds = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "test")
     c, h, _ = train_ds.image_shape
     model = create_model(cfg.model.name, **{"in_channels": c, "image_size": h, **cfg.model.kwargs})
-    noise = NOISE_SAMPLERS.create(cfg.noise.name, **cfg.noise.kwargs)
+    noise = build_noise(cfg.noise)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir)

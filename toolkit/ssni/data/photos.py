@@ -13,14 +13,14 @@ cropped to a square and resized up.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..data import DATASETS, DataConfig, TensorImageDataset, resize, split_indices
+from ..images import list_images, read_image
+from .base import DATASETS, DataConfig, TensorImageDataset, check_split, require_dir, resize, split_indices
 
 
 def _sk(name: str) -> Callable[[], np.ndarray]:
@@ -58,8 +58,7 @@ PHOTO_TEST = ("camera", "astronaut", "coffee", "chelsea", "coins")
 
 def photo_names(split: str, channels: int) -> List[str]:
     """Names of the bundled photos in a split ('train'/'test') for 1 or 3 channels."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    check_split(split)
     if channels not in (1, 3):
         raise ValueError(f"photos: data.channels must be 1 (grey) or 3 (colour), got {channels}")
     names = [n for n in PHOTOS if (n in PHOTO_TEST) == (split == "test")]
@@ -114,40 +113,18 @@ def load_photos(split: str, cfg: DataConfig) -> TensorImageDataset:
     return _dataset([_to_tensor(PHOTOS[n][0](), channels) for n in names], split, cfg.image_size)
 
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-
-
-def folder_images(folder: Path) -> List[Path]:
-    """Image files directly inside `folder`, sorted by name."""
-    return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
-
-
 @DATASETS.register("photofolder")
 def load_photofolder(split: str, cfg: DataConfig) -> TensorImageDataset:
     """Flat image folder(s) (BSD400 / BSD68 / Set12 style) as squares of cfg.image_size."""
-    from PIL import Image
-
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if not cfg.root:
-        raise ValueError("data.root must be set for photofolder (a directory of images, or one "
-                         "with train/ and test/ sub-folders)")
-    root = Path(cfg.root).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(f"photofolder root directory does not exist: {root}")
+    check_split(split)
+    root = require_dir(cfg.root, "photofolder (a directory of images, or one with train/ and "
+                                 "test/ sub-folders)")
     channels = 1 if cfg.channels is None else cfg.channels
     if channels not in (1, 3):
         raise ValueError(f"photofolder: data.channels must be 1 or 3, got {channels}")
     has_splits = (root / "train").is_dir() and (root / "test").is_dir()
-    files = folder_images(root / split if has_splits else root)
-    if not files:
-        raise FileNotFoundError(f"no image files in {root / split if has_splits else root} "
-                                f"(extensions {sorted(IMAGE_EXTS)})")
+    files = list_images(root / split if has_splits else root)
     if not has_splits:
         tr, te = split_indices(len(files), cfg.test_fraction, cfg.split_seed)
         files = [files[i] for i in (tr if split == "train" else te)]
-    images = []
-    for f in files:
-        with Image.open(f) as im:
-            images.append(_to_tensor(np.asarray(im.convert("L" if channels == 1 else "RGB")), channels))
-    return _dataset(images, split, cfg.image_size)
+    return _dataset([read_image(f, channels) for f in files], split, cfg.image_size)

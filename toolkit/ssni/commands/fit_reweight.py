@@ -8,18 +8,25 @@ plot. The saved file plugs into a defense recipe as reweight: {name: learned, kw
 from __future__ import annotations
 
 import dataclasses
-
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List
 
 import torch
 
+from ..attacks import PGD
 from ..config import save_config
 from ..data import DataConfig, build_dataset
+from ..defense import RobustClassifier
+from ..device import resolve_device
 from ..io import atomic_write_json
-from .calibration import compute_norms
-from .learned import LearnedFitConfig, fit_learned, gaussian_noise, oracle_t_star, pgd_linf
+from ..scoring import (LearnedFitConfig, compute_norms, fit_learned, gaussian_noise, oracle_t_star,
+                       plot_reweight)
+from ..seeding import block_seeds
+from .registry import command
+
+# Offsets of this command's random streams from its seed (part of what fixes its output).
+NOISE_STREAM, NORMS_STREAM = 11, 100
 
 
 @dataclass
@@ -55,7 +62,7 @@ def make_perturbed(classify, images: torch.Tensor, labels: torch.Tensor, cfg: Fi
     """The clean images plus their noisy and PGD copies: {kind: [N,C,H,W] in [0,1]}."""
     from tqdm.auto import tqdm
 
-    g = torch.Generator(device=device).manual_seed(cfg.seed + 11)
+    g = torch.Generator(device=device).manual_seed(cfg.seed + NOISE_STREAM)
     sets = {"clean": images}
     for std in cfg.noise_std:
         sets[f"noise {std:g}"] = gaussian_noise(images, std, g)
@@ -63,17 +70,17 @@ def make_perturbed(classify, images: torch.Tensor, labels: torch.Tensor, cfg: Fi
         out = []
         for a in tqdm(range(0, images.shape[0], cfg.batch_size), disable=not cfg.progress,
                       desc=f"pgd {eps:.4f}"):
-            out.append(pgd_linf(classify, images[a:a + cfg.batch_size],
-                                labels[a:a + cfg.batch_size], eps, cfg.pgd_steps, generator=g))
+            xb, yb = images[a:a + cfg.batch_size], labels[a:a + cfg.batch_size]
+            attack = PGD(eps=eps, steps=cfg.pgd_steps, step_size=2.5 * eps / max(cfg.pgd_steps, 1))
+            out.append(attack.run(classify, xb, yb, g))  # the shared generator: one stream
         sets[f"pgd {_over_255(eps)}"] = torch.cat(out)
     return sets
 
 
+@command("fit-reweight", FitReweightConfig,
+         "learn a monotone reweight from oracle t* of self-perturbed clean images")
 def run_fit_reweight(cfg: FitReweightConfig) -> Dict[str, Any]:
     """Fit the learned reweight; writes reweight.json, oracle.json and reweight.png."""
-    from ..defense import RobustClassifier, resolve_device
-    from .plots import plot_reweight
-
     device = resolve_device(cfg.device)
     defense = RobustClassifier.from_recipe(cfg.defense_recipe, cfg.defense_overrides,
                                            device=device)
@@ -87,9 +94,9 @@ def run_fit_reweight(cfg: FitReweightConfig) -> Dict[str, Any]:
     norms, oracle, kinds, bare_acc = [], [], [], {}
     with torch.no_grad():
         for k, (kind, x) in enumerate(sets.items()):
-            s = compute_norms(defense.scorer, x, cfg.batch_size, cfg.seed + 100 + k, device,
+            s = compute_norms(defense.scorer, x, cfg.batch_size, cfg.seed + NORMS_STREAM + k, device,
                               cfg.progress, f"norms {kind}")
-            seeds = torch.arange(n) + (k + 1) * 1_000_003
+            seeds = block_seeds(k + 1, 0, n)
             purify = lambda xb, tb, seeds: defense.purifier(xb, tb, seeds=seeds)  # noqa: E731
             res = oracle_t_star(purify, defense.classify, x, labels, cfg.t_grid, seeds,
                                 cfg.draws, cfg.batch_size, cfg.progress)

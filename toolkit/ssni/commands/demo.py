@@ -13,8 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
-from .config import load_config, save_config
-from .io import atomic_write_json, atomic_write_text
+from ..config import load_config, save_config
+from ..evaluate.runner import EvaluateConfig
+from ..io import atomic_write_json, atomic_write_text
+from .calibrate import CalibrateConfig, run_calibrate
+from .evaluate import run_evaluate
+from .fit_reweight import FitReweightConfig, run_fit_reweight
+from .registry import command
+from .train_classifier import ClassifierTrainConfig, train_classifier
+from .train_score import ScoreTrainConfig, train_score
 
 
 @dataclass
@@ -58,13 +65,9 @@ def _stage(name: str, done: Path, run: Callable[[], Dict[str, Any]], log: Dict[s
     print(f"[demo] {name}: done in {log[name]['seconds']:.0f} s", flush=True)
 
 
+@command("demo", DemoConfig, "the whole pipeline on embedded digits: train, calibrate, fit, evaluate")
 def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
     """Run (or reuse) every stage and evaluate; returns the table and the report path."""
-    from .evaluate.runner import EvaluateConfig, run_evaluate
-    from .scoring.calibration import CalibrateConfig, run_calibrate
-    from .training.classifier import ClassifierTrainConfig, train_classifier
-    from .training.score import ScoreTrainConfig, train_score
-
     root = Path(cfg.run_dir)
     root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, root, "demo_config.yaml")
@@ -106,8 +109,6 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
 
 
 def _fit_reweight(cfg: DemoConfig, out: Path, links: List[str]) -> Dict[str, Any]:
-    from .scoring.fit import FitReweightConfig, run_fit_reweight
-
     fit_cfg = load_config(FitReweightConfig, cfg.reweight_recipe, cfg.reweight_overrides + [
         f"output={out}", f"defense_recipe={cfg.defense_recipe}",
         f"progress={str(cfg.progress).lower()}"])

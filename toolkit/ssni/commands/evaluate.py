@@ -1,0 +1,22 @@
+"""`ssni evaluate`: defenses x attacks on a data split, with a report (see ssni.evaluate)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict
+
+from ..config import save_config
+from ..evaluate.runner import EvaluateConfig, Evaluation
+from .registry import command
+
+
+@command("evaluate", EvaluateConfig,
+         "evaluate defenses under attacks (expected and worst-of-N accuracy, report)")
+def run_evaluate(cfg: EvaluateConfig) -> Dict[str, Any]:
+    """Run the evaluation; prints the table and flags, writes the report under cfg.run_dir."""
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    save_config(cfg, cfg.run_dir)
+    result = Evaluation(cfg).run()
+    print(result["table"])
+    for f in result["flags"]:
+        print(f"FLAG: {f}")
+    return {"report": result["report"], "results": result["results"], "flags": result["flags"]}

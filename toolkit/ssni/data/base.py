@@ -1,0 +1,87 @@
+"""Data sets in memory: every image is a float tensor in [0, 1], NCHW; labels are int64."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Tuple
+
+import numpy as np
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from ..registry import Registry
+
+DATASETS = Registry("dataset")
+
+
+@dataclass
+class DataConfig:
+    """Which data set, where, and at which size."""
+
+    name: str = "digits"
+    root: Optional[str] = None
+    image_size: int = 16
+    channels: Optional[int] = None  # imagefolder: 1 (grayscale) or 3; others fixed
+    download: bool = False
+    test_fraction: float = 0.2
+    split_seed: int = 0
+
+
+class TensorImageDataset(Dataset):
+    """In-memory images [N,C,H,W] in [0,1] with labels [N]."""
+
+    def __init__(self, images: Tensor, labels: Tensor, num_classes: int):
+        if images.dim() != 4:
+            raise ValueError(f"images must be [N,C,H,W], got {list(images.shape)}")
+        self.images = images.float().contiguous()
+        self.labels = labels.long()
+        self.num_classes = num_classes
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> Tuple[Tensor, Tensor]:
+        return self.images[i], self.labels[i]
+
+    @property
+    def image_shape(self) -> Tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+
+def split_indices(n: int, test_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Deterministic train/test index split of range(n)."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    perm = np.random.RandomState(seed).permutation(n)
+    n_test = int(round(n * test_fraction))
+    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+
+
+def resize(images: Tensor, size: int) -> Tensor:
+    """Resize [N,C,H,W] to size x size (antialiased bilinear), clamped to [0,1]."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=True).clamp_(0.0, 1.0)
+
+
+def check_split(split: str) -> None:
+    """Raise unless split is 'train' or 'test'."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+
+
+def require_dir(root: Optional[str], what: str) -> Path:
+    """data.root as an existing directory, or a clear error."""
+    if not root:
+        raise ValueError(f"data.root must be set for {what} (a directory path)")
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} root directory does not exist: {path}")
+    return path
+
+
+def build_dataset(cfg: DataConfig, split: str) -> TensorImageDataset:
+    """Load the configured data set's split ('train' or 'test')."""
+    return DATASETS.get(cfg.name)(split, cfg)
