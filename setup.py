@@ -24,6 +24,6 @@ setup(
         "scikit-image",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", "ruff"]},
     entry_points={"console_scripts": ["ssni=ssni.cli:main"]},
 )

@@ -3,9 +3,9 @@ import yaml
 
 from ssni.cli import main
 from ssni.commands import COMMANDS
+from ssni.commands.train_score import ScoreTrainConfig
 from ssni.config import ConfigError, load_config
 from ssni.data import DataConfig, build_dataset
-from ssni.commands.train_score import ScoreTrainConfig
 
 
 def test_unknown_key_names_it(tmp_path):

@@ -3,14 +3,13 @@ import pytest
 import torch
 import yaml
 
-from ssni.defense import (VOTES, RobustClassifier, build_defense,
-                          resolve_preprocessing, wrap_timm)
+from ssni.defense import VOTES, RobustClassifier, build_defense, resolve_preprocessing, wrap_timm
 from ssni.io import atomic_save_safetensors, atomic_write_json
 from ssni.models import classifier_spec, create_classifier, create_model, save_model
 from ssni.models.analytic import GaussianScoreModel
 from ssni.purify import PurifierConfig, build_purifier
+from ssni.scoring import CalibrationMismatchError, ScoreNormConfig, build_reweight, calibrate
 from ssni.seeding import mix_seeds
-from ssni.scoring import (CalibrationMismatchError, ScoreNormConfig, build_reweight, calibrate)
 
 SHAPE = (1, 8, 8)
 SN = ScoreNormConfig(timesteps=4)
@@ -243,8 +242,8 @@ def _tiny_defense_recipe(tmp_path):
 
 def test_finetune_classifier_cli(tmp_path):
     from ssni.cli import main
-    from ssni.defense import DefenseConfig
     from ssni.config import load_config
+    from ssni.defense import DefenseConfig
 
     recipe = _tiny_defense_recipe(tmp_path)
     out = tmp_path / "ft"
@@ -267,11 +266,11 @@ def test_finetune_classifier_cli(tmp_path):
 def test_shipped_recipes_load():
     from pathlib import Path
 
+    from ssni.commands.calibrate import CalibrateConfig
+    from ssni.commands.finetune import FinetuneConfig
+    from ssni.commands.fit_reweight import FitReweightConfig
     from ssni.config import load_config
     from ssni.defense import DefenseConfig
-    from ssni.commands.calibrate import CalibrateConfig
-    from ssni.commands.fit_reweight import FitReweightConfig
-    from ssni.commands.finetune import FinetuneConfig
 
     root = Path(__file__).resolve().parents[1] / "recipes"
     for cls, rel in [(DefenseConfig, "defense/digits.yaml"), (CalibrateConfig, "calibrate/digits.yaml"),

@@ -5,8 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from ssni.attacks.denoiser import (DENOISER_ATTACKS, DenoisePGD, RandomPerturbation,
-                                   delta_norm, denoising_error, project_delta, random_on_sphere)
+from ssni.attacks.denoiser import (
+    DENOISER_ATTACKS,
+    DenoisePGD,
+    RandomPerturbation,
+    delta_norm,
+    denoising_error,
+    project_delta,
+    random_on_sphere,
+)
 from ssni.data import DATASETS, DataConfig, build_dataset
 from ssni.data.photos import PHOTO_TEST, photo_names, squares
 from ssni.denoise.metrics import psnr, ssim
@@ -58,7 +65,7 @@ def test_every_denoiser_shapes_batches_and_roundtrip(name, tmp_path):
 
 def test_dncnn_depth_and_width_are_configurable():
     m = create_model("dncnn_small", depth=5, width=12)
-    convs = [l for l in m.body if isinstance(l, torch.nn.Conv2d)]
+    convs = [c for c in m.body if isinstance(c, torch.nn.Conv2d)]
     assert len(convs) == 5 and convs[1].out_channels == 12
     with pytest.raises(ValueError, match="sigma"):
         create_model("dncnn_tiny", sigma=0)
@@ -135,8 +142,8 @@ def test_random_patches_are_fixed_by_seed_and_index():
     # every patch is a crop of its source image up to a flip / rotation
     for k in range(50):
         src = imgs[int(p.which[k])]
-        t, l = int(p.top[k]), int(p.left[k])
-        crop = src[:, t:t + 10, l:l + 10]
+        t, left = int(p.top[k]), int(p.left[k])
+        crop = src[:, t:t + 10, left:left + 10]
         variants = [torch.rot90(c, r, dims=(-2, -1)) for c in (crop, crop.flip(-1)) for r in range(4)]
         assert any(torch.equal(p.images[[k]][0], v) for v in variants)
     assert not torch.equal(RandomPatches(imgs, 10, 50, seed=4).images[idx], batch)
@@ -261,8 +268,8 @@ def test_attack_registry_and_random_baseline():
 
 # -- jobs -------------------------------------------------------------------------------------
 def _train(tmp_path, name, noise, steps=4, extra=()):
-    from ssni.config import load_config
     from ssni.commands.train_denoiser import DenoiserTrainConfig, train_denoiser
+    from ssni.config import load_config
 
     cfg = load_config(DenoiserTrainConfig, None, [
         f"run_dir={tmp_path / name}", "data.image_size=32", "model.name=dncnn_tiny",
@@ -272,8 +279,8 @@ def _train(tmp_path, name, noise, steps=4, extra=()):
 
 
 def test_train_denoiser_gaussian_and_ts_then_evaluate(tmp_path):
-    from ssni.config import load_config
     from ssni.commands.evaluate_denoiser import DenoiserEvalConfig, evaluate_denoiser
+    from ssni.config import load_config
 
     a = _train(tmp_path, "a", "gaussian")
     b = _train(tmp_path, "b", "typical_set", extra=["noise.kwargs.off_shell_fraction=1.0"])

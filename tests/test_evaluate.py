@@ -62,7 +62,7 @@ def _config(root, run_dir, **over):
 
 def test_evaluation_end_to_end_and_resume_equals_uninterrupted(tiny_setup, tmp_path):
     full_cfg = _config(tiny_setup, tmp_path / "full")
-    full = Evaluation(full_cfg).run()
+    Evaluation(full_cfg).run()
     rows = json.loads((tmp_path / "full/results.json").read_text())["rows"]
     cells = {(r["defense"], r["attack"]) for r in rows}
     # the adaptive attack runs only where t* depends on the input

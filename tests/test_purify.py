@@ -8,7 +8,7 @@ from torch import nn
 from ssni.config import ConfigError, load_config
 from ssni.diffusion import VPDiffusion
 from ssni.models import EpsModel, create_model
-from ssni.purify import (GRAD_MODES, SAMPLERS, Purifier, PurifierConfig, build_purifier)
+from ssni.purify import GRAD_MODES, SAMPLERS, Purifier, PurifierConfig, build_purifier
 
 SAMPLER_NAMES = SAMPLERS.names()
 

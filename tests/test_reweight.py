@@ -7,8 +7,16 @@ import torch
 import torch.nn.functional as F
 
 from ssni.attacks import PGD
-from ssni.scoring import (REWEIGHTS, Calibration, LearnedFitConfig, LearnedReweight,
-                          build_reweight, fit_learned, oracle_t_star, summarize)
+from ssni.scoring import (
+    REWEIGHTS,
+    Calibration,
+    LearnedFitConfig,
+    LearnedReweight,
+    build_reweight,
+    fit_learned,
+    oracle_t_star,
+    summarize,
+)
 from ssni.scoring.learned import asymmetric_loss
 
 
@@ -122,7 +130,7 @@ def test_learned_under_noising_costs_more():
 
 def test_learned_save_load_roundtrip(tmp_path):
     curve = _make("learned", t_max=0.3)
-    path = curve.save(tmp_path / "reweight.json", extra={"fit": {"loss": 0.1}})
+    curve.save(tmp_path / "reweight.json", extra={"fit": {"loss": 0.1}})
     back = build_reweight("learned", path=str(tmp_path))
     s = torch.linspace(0, 100, 77)
     torch.testing.assert_close(back(s), curve(s))

@@ -8,8 +8,16 @@ import torch
 from ssni.diffusion import VPDiffusion
 from ssni.models import create_model, save_model
 from ssni.models.analytic import GaussianScoreModel
-from ssni.scoring import (Calibration, CalibrationMismatchError, ScoreNorm, ScoreNormConfig,
-                          calibrate, mean_score, score_norm, score_times)
+from ssni.scoring import (
+    Calibration,
+    CalibrationMismatchError,
+    ScoreNorm,
+    ScoreNormConfig,
+    calibrate,
+    mean_score,
+    score_norm,
+    score_times,
+)
 
 SHAPE = (1, 8, 8)
 

@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
+from ssni.checkpoint import latest_checkpoint, load_checkpoint
 from ssni.data import TensorImageDataset
 from ssni.io import UnsafeCheckpointError, safe_torch_load
 from ssni.models import create_model, model_spec
-from ssni.checkpoint import latest_checkpoint, load_checkpoint
 from ssni.training import DSMLoss, LoopConfig, NonFiniteLossError, OptimConfig, Trainer, heldout_dsm_loss
 
 

@@ -7,9 +7,17 @@ import torch
 
 from ssni.noise import NOISE_SAMPLERS
 from ssni.training import DSMLoss
-from ssni.typical import (TypicalSetNoise, exact_expected_norm, expected_norm, in_typical_set,
-                          noise_with_radii, random_directions, shell_probability,
-                          typical_shell, typicality_statistic)
+from ssni.typical import (
+    TypicalSetNoise,
+    exact_expected_norm,
+    expected_norm,
+    in_typical_set,
+    noise_with_radii,
+    random_directions,
+    shell_probability,
+    typical_shell,
+    typicality_statistic,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -174,8 +182,8 @@ def test_dsm_loss_targets_the_ts_noise():
 
 
 def test_train_score_with_ts_recipe(tmp_path):
-    from ssni.config import load_config
     from ssni.commands.train_score import ScoreTrainConfig, train_score
+    from ssni.config import load_config
 
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "score" / "digits_ts.yaml"
     cfg = load_config(ScoreTrainConfig, recipe, [

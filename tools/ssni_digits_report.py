@@ -20,14 +20,14 @@ from typing import Dict, List
 
 import torch
 
+from ssni.attacks import PGD
 from ssni.data import DataConfig, build_dataset
 from ssni.defense import RobustClassifier
 from ssni.evaluate.metrics import wilson_interval
 from ssni.io import atomic_write_json, atomic_write_text
-from ssni.attacks import PGD
 from ssni.scoring import build_reweight, compute_norms
-from ssni.seeding import mix_seeds
 from ssni.scoring.plots import plot_reweight
+from ssni.seeding import mix_seeds
 
 
 def wilson(k: int, n: int) -> List[float]:

@@ -22,13 +22,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "toolkit"))
 
-from ssni.config import load_config  # noqa: E402
-from ssni.denoise.evaluate import (AttackConfig, evaluate_models, markdown_report,  # noqa: E402
-                                   write_outputs)
 from ssni.commands.train_denoiser import DenoiserTrainConfig, train_denoiser  # noqa: E402
-from ssni.io import atomic_write_json, atomic_write_text  # noqa: E402
+from ssni.config import load_config  # noqa: E402
 from ssni.data import DataConfig, build_dataset  # noqa: E402
 from ssni.data.photos import PHOTO_TEST  # noqa: E402
+from ssni.denoise.evaluate import AttackConfig, evaluate_models, markdown_report, write_outputs  # noqa: E402
+from ssni.io import atomic_write_json, atomic_write_text  # noqa: E402
 from ssni.models import load_model  # noqa: E402
 
 # label -> (model name, model kwargs, noise name, steps key)

@@ -5,9 +5,7 @@ Importing the package imports every module that registers something, so every re
 sets, noise samplers, models, samplers, reweights, attacks, attack views) is complete after
 `import ssni`.
 """
-from . import data, typical  # noqa: F401  (register data sets and the TS noise sampler)
-from . import models, purify, scoring  # noqa: F401  (register models, samplers, reweights)
-from . import attacks, defense, denoise, evaluate, training  # noqa: F401  (attacks, views)
+from . import attacks, data, defense, denoise, evaluate, models, purify, scoring, training, typical  # noqa: F401  (register data sets and the TS noise sampler)  # noqa: F401  (register models, samplers, reweights)  # noqa: F401  (attacks, views)
 from .defense import RobustClassifier, wrap_timm
 from .diffusion import VPDiffusion, to_model_space, to_pixel_space
 from .registry import Registry, UnknownNameError

@@ -22,8 +22,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from .io import (atomic_save_safetensors, atomic_torch_save, atomic_write_json, fsync_dir,
-                 load_safetensors, safe_torch_load)
+from .io import atomic_save_safetensors, atomic_torch_save, atomic_write_json, fsync_dir, load_safetensors, safe_torch_load
 
 _REQUIRED = ("model.safetensors", "model.json", "state.json")
 

@@ -14,6 +14,7 @@ from .commands import COMMANDS
 from .config import ConfigError, load_config
 from .registry import UnknownNameError
 
+
 def _busy_cores(interval: float = 0.2, windows: int = 3) -> int:
     """Cores kept busy by other work (/proc/stat; the least over a few short windows, so a
     passing process does not count); falls back to the load average."""

@@ -29,8 +29,7 @@ from .images import check_images
 from .models import create_classifier, load_model
 from .purify import PurifierConfig, build_purifier
 from .registry import Registry
-from .scoring import (Calibration, Reweight, ReweightConfig, ScoreNorm, ScoreNormConfig,
-                      build_reweight)
+from .scoring import Calibration, Reweight, ReweightConfig, ScoreNorm, ScoreNormConfig, build_reweight
 from .seeding import draw_seeds, mix_seeds
 
 VOTES = Registry("vote rule")

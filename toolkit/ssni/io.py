@@ -9,7 +9,6 @@ from typing import Any, Callable, Dict
 
 import torch
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # read once: the process's umask, applied to files made by mkstemp (0600)
 

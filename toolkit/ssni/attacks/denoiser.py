@@ -15,8 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..registry import Registry
-from .geometry import (check_norm, delta_norm, project_delta, random_in_ball, random_on_sphere,
-                       steepest_step)
+from .geometry import check_norm, delta_norm, project_delta, random_in_ball, random_on_sphere, steepest_step
 
 __all__ = ["DENOISER_ATTACKS", "DenoisePGD", "RandomPerturbation", "denoising_error",
            "delta_norm", "project_delta", "random_on_sphere"]

@@ -33,8 +33,8 @@ class EOTGradient:
             k = min(copies_per_call, self.samples - done)
             xs = x.repeat(k, *([1] * (x.dim() - 1)))
             ys = y.repeat(k)
-            l, g, z = self.base(model, xs, ys, loss)
-            loss_sum += l.view(k, b).sum(0)
+            lk, g, z = self.base(model, xs, ys, loss)
+            loss_sum += lk.view(k, b).sum(0)
             grad_sum += g.view(k, *x.shape).sum(0)
             zk = torch.softmax(z.float(), dim=1).view(k, b, -1).sum(0)
             logit_sum = zk if logit_sum is None else logit_sum + zk

@@ -2,8 +2,18 @@
 
 Nothing in the library imports this package; the CLI (ssni.cli) dispatches to it.
 """
-from . import (calibrate, demo, evaluate, evaluate_denoiser, finetune, fit_reweight,  # noqa: F401
-               purify, train_classifier, train_denoiser, train_score)
+from . import (  # noqa: F401
+               calibrate,
+               demo,
+               evaluate,
+               evaluate_denoiser,
+               finetune,
+               fit_reweight,
+               purify,
+               train_classifier,
+               train_denoiser,
+               train_score,
+)
 from .registry import COMMANDS, command
 
 __all__ = ["COMMANDS", "command"]

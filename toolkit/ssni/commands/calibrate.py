@@ -11,8 +11,7 @@ from ..config import save_config
 from ..data import DataConfig, build_dataset
 from ..device import resolve_device
 from ..models import load_model
-from ..scoring import (ScoreNorm, ScoreNormConfig, build_reweight, calibrate, compute_norms,
-                       histogram, plot_reweight)
+from ..scoring import ScoreNorm, ScoreNormConfig, build_reweight, calibrate, compute_norms, histogram, plot_reweight
 from .registry import command
 
 

@@ -18,8 +18,7 @@ from ..data import DataConfig, TensorImageDataset, build_dataset
 from ..defense import DefenseConfig, build_defense
 from ..io import atomic_write_json, atomic_write_text
 from ..models import classifier_spec
-from ..training.finetune import (PreprocessedCE, bare_accuracy, defense_accuracy,
-                                 purify_at_calibrated_t)
+from ..training.finetune import PreprocessedCE, bare_accuracy, defense_accuracy, purify_at_calibrated_t
 from ..training.loop import LoopConfig, OptimConfig, Trainer
 from .registry import command
 

@@ -20,8 +20,7 @@ from ..data import DataConfig, build_dataset
 from ..defense import RobustClassifier
 from ..device import resolve_device
 from ..io import atomic_write_json
-from ..scoring import (LearnedFitConfig, compute_norms, fit_learned, gaussian_noise, oracle_t_star,
-                       plot_reweight)
+from ..scoring import LearnedFitConfig, compute_norms, fit_learned, gaussian_noise, oracle_t_star, plot_reweight
 from ..seeding import block_seeds
 from .registry import command
 

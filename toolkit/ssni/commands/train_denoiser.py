@@ -7,9 +7,9 @@ from typing import Any, Dict
 
 from ..config import save_config
 from ..data import DataConfig, build_dataset
+from ..denoise.metrics import psnr
 from ..denoise.patches import RandomPatches
 from ..denoise.train import DenoiseLoss, build_denoiser, denoise_quality, noisy_observation
-from ..denoise.metrics import psnr
 from ..io import atomic_write_json
 from ..models import ModelConfig, model_spec
 from ..noise import NoiseConfig, build_noise

@@ -15,8 +15,8 @@ from ..models import ModelConfig, create_model, model_spec
 from ..noise import NoiseConfig, build_noise
 from ..sampling import generate
 from ..training.dist import DistContext
-from ..training.losses import DSMLoss, heldout_dsm_loss
 from ..training.loop import LoopConfig, OptimConfig, Trainer
+from ..training.losses import DSMLoss, heldout_dsm_loss
 from .registry import command
 
 

@@ -4,8 +4,7 @@ Registered: `digits`, `cifar10`, `imagefolder` (classification) and `photos`, `p
 (denoising); importing this package registers all of them.
 """
 from . import classification, photos  # noqa: F401  (register the data sets)
-from .base import (DATASETS, DataConfig, TensorImageDataset, build_dataset, check_split, require_dir,
-                   resize, split_indices)
+from .base import DATASETS, DataConfig, TensorImageDataset, build_dataset, check_split, require_dir, resize, split_indices
 
 __all__ = ["DATASETS", "DataConfig", "TensorImageDataset", "build_dataset", "check_split",
            "require_dir", "resize", "split_indices"]

@@ -8,8 +8,7 @@ import numpy as np
 import torch
 
 from ..images import IMAGE_EXTENSIONS, read_image
-from .base import (DATASETS, DataConfig, TensorImageDataset, check_split, require_dir, resize,
-                   split_indices)
+from .base import DATASETS, DataConfig, TensorImageDataset, check_split, require_dir, resize, split_indices
 
 
 @DATASETS.register("digits")

@@ -1,5 +1,6 @@
-"""Denoiser evaluation (the engine of `ssni evaluate-denoiser`): PSNR/SSIM clean and under attack, the typical-set statistic of attacked
-vs Gaussian inputs, a transfer matrix across denoisers, a markdown report and PNG figures.
+"""Denoiser evaluation (the engine of `ssni evaluate-denoiser`): PSNR/SSIM clean and under attack,
+the typical-set statistic of attacked vs Gaussian inputs, a transfer matrix across denoisers, a
+markdown report and PNG figures.
 
 Every model sees the same clean images x and the same Gaussian observation y = x + (sigma/255) n
 (fixed by `seed`), so rows and columns of the transfer matrix are comparable. Adversarial deltas

@@ -70,8 +70,8 @@ class RandomPatches:
         p = self.patch_size
         out = []
         for k in idx.tolist():
-            t, l = int(self.top[k]), int(self.left[k])
-            patch = self.sources[int(self.which[k])][:, t:t + p, l:l + p]
+            t, left = int(self.top[k]), int(self.left[k])
+            patch = self.sources[int(self.which[k])][:, t:t + p, left:left + p]
             a = int(self.aug[k])
             if a & 4:
                 patch = patch.flip(-1)

@@ -5,9 +5,20 @@ Importing this package registers every model variant and checkpoint format.
 from . import classifier, dncnn, zoo  # noqa: F401  (register the variants and formats)
 from .base import EpsModel
 from .classifier import classifier_spec, create_classifier
-from .factory import (CHECKPOINT_FORMATS, MODELS, WEIGHTS, ModelConfig, create_model, list_models,
-                      load_model, model_spec, register_model, save_model, weights_file,
-                      weights_fingerprint)
+from .factory import (
+                      CHECKPOINT_FORMATS,
+                      MODELS,
+                      WEIGHTS,
+                      ModelConfig,
+                      create_model,
+                      list_models,
+                      load_model,
+                      model_spec,
+                      register_model,
+                      save_model,
+                      weights_file,
+                      weights_fingerprint,
+)
 from .unet import UNet
 
 __all__ = ["EpsModel", "UNet", "MODELS", "CHECKPOINT_FORMATS", "WEIGHTS", "ModelConfig",

@@ -1,11 +1,29 @@
 """SSNI scoring: the score-norm statistic, its calibration, and the reweighting functions."""
-from .calibration import (Calibration, CalibrationMismatchError, calibrate, compute_norms,
-                          histogram, model_fingerprint, summarize)
+from .calibration import (
+                          Calibration,
+                          CalibrationMismatchError,
+                          calibrate,
+                          compute_norms,
+                          histogram,
+                          model_fingerprint,
+                          summarize,
+)
 from .learned import LearnedFitConfig, fit_learned, gaussian_noise, oracle_t_star
 from .plots import plot_reweight
-from .reweight import (REWEIGHTS, ConstantReweight, LearnedReweight, LinearReweight, Reweight,
-                       ReweightConfig, SigmoidReweight, build_reweight, list_reweights,
-                       reweight_options, round_to_grid, soft_ramp)
+from .reweight import (
+                          REWEIGHTS,
+                          ConstantReweight,
+                          LearnedReweight,
+                          LinearReweight,
+                          Reweight,
+                          ReweightConfig,
+                          SigmoidReweight,
+                          build_reweight,
+                          list_reweights,
+                          reweight_options,
+                          round_to_grid,
+                          soft_ramp,
+)
 from .score_norm import ScoreNorm, ScoreNormConfig, mean_score, score_norm, score_times
 
 __all__ = ["Calibration", "CalibrationMismatchError", "calibrate", "compute_norms", "histogram",

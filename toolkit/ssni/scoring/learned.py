@@ -1,8 +1,8 @@
 """Learning the reweight: self-made perturbations, oracle t* per sample, and the monotone fit.
 
 The fit uses clean training images only. Its caller perturbs them (random noise at several
-strengths, Linf PGD against the bare classifier: `ssni fit-reweight`); this module finds for each perturbed copy the smallest t*
-on a grid at which purification keeps the classifier right (the oracle t*), and fits a
+strengths, Linf PGD against the bare classifier: `ssni fit-reweight`); this module finds for each
+perturbed copy the smallest t* on a grid at which purification keeps the classifier right (the oracle t*), and fits a
 `LearnedReweight` to (score norm, oracle t*) pairs with an asymmetric squared loss in which
 under-noising (predicting t* below the oracle) costs `under_cost` times more than over-noising.
 """

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-
 def random_shift(x: Tensor, max_shift: int, generator: Optional[torch.Generator]) -> Tensor:
     """Translate each image by up to max_shift pixels (zero padding); x: [B,C,H,W]."""
     if max_shift <= 0:
