@@ -67,6 +67,25 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def read_json(path: str | os.PathLike, what: str = "JSON file", default_name: str | None = None,
+              hint: str = "") -> Any:
+    """Read a JSON file (or `default_name` inside a directory) with one-line errors that name it.
+
+    Missing: FileNotFoundError; unreadable or not JSON (e.g. truncated): ValueError. `hint` says
+    how to make the file again.
+    """
+    path = Path(path)
+    if default_name is not None and path.is_dir():
+        path = path / default_name
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}{f' ({hint})' if hint else ''}")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a readable {what} ({type(e).__name__}: {e}); it may be "
+                         f"truncated{f': {hint}' if hint else ''}") from None
+
+
 def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
     """Atomically torch.save plain tensors/containers (loadable with weights_only=True)."""
     return _atomic(path, lambda tmp: torch.save(obj, tmp))

@@ -8,14 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
-
-    return plt
+from ..plotting import pyplot, save_figure
 
 
 def transfer_heatmap(matrix: Sequence[Sequence[float]], sources: List[str], targets: List[str],
@@ -23,7 +16,7 @@ def transfer_heatmap(matrix: Sequence[Sequence[float]], sources: List[str], targ
                      reference: Sequence[float] | None = None) -> Path:
     """Heat map of matrix[source][target] (e.g. PSNR); an optional first row of reference values
     (e.g. the no-attack PSNR per target) is drawn above, labelled 'no attack'."""
-    plt = _plt()
+    plt = pyplot()
     data = np.asarray(matrix, dtype=float)
     rows = list(sources)
     if reference is not None:
@@ -46,11 +39,7 @@ def transfer_heatmap(matrix: Sequence[Sequence[float]], sources: List[str], targ
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def _show(ax, img: Tensor) -> None:
@@ -69,7 +58,7 @@ def example_grid(rows: Dict[str, Dict[str, Tensor]], path: str | Path,
 
     Typical columns: clean / noisy / attacked / denoised(noisy) / denoised(attacked).
     """
-    plt = _plt()
+    plt = pyplot()
     names = list(rows)
     cols = list(rows[names[0]])
     fig, axes = plt.subplots(len(names), len(cols), figsize=(2.1 * len(cols), 2.3 * len(names)),
@@ -83,18 +72,14 @@ def example_grid(rows: Dict[str, Dict[str, Tensor]], path: str | Path,
             if j == 0:
                 ax.set_ylabel(r, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def statistic_histogram(values: Dict[str, Tensor], path: str | Path, band: float | None = None,
                         title: str = "typical-set statistic ||r||^2/(d s^2) - 1") -> Path:
     """Overlaid histograms of per-sample statistics (e.g. Gaussian vs attacked residuals);
     `band` draws the eps-typical interval [-band, band]."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.2))
     allv = torch.cat([v.flatten().float() for v in values.values()])
     bins = np.linspace(float(allv.min()), float(allv.max()) + 1e-9, 40)
@@ -107,8 +92,4 @@ def statistic_histogram(values: Dict[str, Tensor], path: str | Path, band: float
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
+from ..plotting import pyplot, save_figure
+
 
 def _pct(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:.1f}"
@@ -49,11 +51,7 @@ def plot_histograms(series: Dict[str, Dict[str, List[float]]], path: Path, xlabe
     series = {k: v for k, v in series.items() if any(len(x) for x in v.values())}
     if not series:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     n = len(series)
     fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.2), squeeze=False)
     for ax, (name, groups) in zip(axes[0], series.items()):
@@ -68,9 +66,7 @@ def plot_histograms(series: Dict[str, Dict[str, List[float]]], path: Path, xlabe
         ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_accuracy_vs_eps(curves: Dict[str, Dict[str, List[float]]], path: Path,
@@ -78,11 +74,7 @@ def plot_accuracy_vs_eps(curves: Dict[str, Dict[str, List[float]]], path: Path,
     """Accuracy (expected) against epsilon, one line per defense."""
     if not curves:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, c in curves.items():
         ax.plot(c["eps"], c["acc"], marker="o", label=name)
@@ -93,6 +85,4 @@ def plot_accuracy_vs_eps(curves: Dict[str, Dict[str, List[float]]], path: Path,
     ax.legend(fontsize=8)
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any, Callable, Dict, List
 from torch import nn
 
 from ..checkpoint import latest_checkpoint
-from ..io import atomic_save_safetensors, atomic_write_json, load_safetensors
+from ..io import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
 from ..registry import Registry
 
 MODELS = Registry("model")
@@ -101,13 +100,9 @@ def load_model(path: str | os.PathLike, weights: str = "model") -> nn.Module:
         raise FileNotFoundError(f"checkpoint path does not exist: {path}")
     if (path / "checkpoints").is_dir() and not (path / "model.json").is_file():
         path = latest_checkpoint(path / "checkpoints")
-    spec_file = path / "model.json"
-    if not spec_file.is_file():
+    if not (path / "model.json").is_file():
         raise FileNotFoundError(f"{path} is not a model checkpoint: model.json is missing")
-    try:
-        spec = json.loads(spec_file.read_text())
-    except ValueError as e:
-        raise ValueError(f"{spec_file} is not valid JSON ({e})") from None
+    spec = read_json(path / "model.json", "model description")
     loader = CHECKPOINT_FORMATS.get(spec.get("format", "ssni"))
     model = loader(path, spec, weights=weights)
     model.eval()

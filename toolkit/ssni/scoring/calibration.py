@@ -7,7 +7,6 @@ weights. Reweights read mu / std / quantiles from it; using it with another netw
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from ..io import atomic_write_json
+from ..io import atomic_write_json, read_json
 from ..models import weights_fingerprint
 from ..seeding import block_seeds
 from .score_norm import ScoreNorm, ScoreNormConfig
@@ -96,17 +95,7 @@ class Calibration:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Calibration":
         """Read a calibration JSON (a file, or a run directory holding calibration.json)."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / "calibration.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"calibration file not found: {path} (make one with "
-                                    f"`ssni calibrate`)")
-        try:
-            data = json.loads(path.read_text())
-        except ValueError as e:
-            raise ValueError(f"{path} is not a readable calibration file ({e}); it may be "
-                             f"truncated: rerun `ssni calibrate`") from None
+        data = read_json(path, "calibration file", "calibration.json", "make one with `ssni calibrate`")
         if not isinstance(data, dict):
             raise ValueError(f"{path} is not a calibration file: expected a JSON object")
         names = {f.name for f in dataclasses.fields(cls)}

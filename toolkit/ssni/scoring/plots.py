@@ -8,6 +8,7 @@ from typing import Dict, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..plotting import pyplot, save_figure
 from .calibration import Calibration
 
 
@@ -29,11 +30,7 @@ def plot_reweight(reweights: Mapping[str, torch.nn.Module], path: str | os.PathL
     clean / perturbed values: [N] norms or stored histograms; if `clean` is None the
     calibration's histogram is used. `points` = (norms [M], oracle t [M]) adds a scatter.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     hists = {}
     c = _hist_from(clean) if clean is not None else (
         _hist_from(calibration.histogram) if calibration is not None else None)
@@ -84,10 +81,4 @@ def plot_reweight(reweights: Mapping[str, torch.nn.Module], path: str | os.PathL
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)

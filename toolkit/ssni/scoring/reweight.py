@@ -9,7 +9,6 @@ a sample's t* does not depend on its batch companions.
 from __future__ import annotations
 
 import inspect
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..io import atomic_write_json
+from ..io import atomic_write_json, read_json
 from ..registry import Registry
 from .calibration import Calibration
 
@@ -253,13 +252,10 @@ class LearnedReweight(Reweight):
 
 def load_learned_json(path: str | os.PathLike) -> Dict[str, Any]:
     """Read a learned-reweight JSON (file or run directory holding reweight.json)."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "reweight.json"
-    if not p.is_file():
-        raise FileNotFoundError(f"learned reweight file not found: {p} (make one with "
-                                f"`ssni fit-reweight`)")
-    data = json.loads(p.read_text())
+    p = path
+    data = read_json(path, "learned reweight file", "reweight.json", "make one with `ssni fit-reweight`")
+    if not isinstance(data, dict):
+        raise ValueError(f"{p} is not a learned-reweight file (expected a JSON object)")
     if data.get("name") != "learned" or "knots" not in data or "logits" not in data:
         raise ValueError(f"{p} is not a learned-reweight file (expected name, knots, logits)")
     return data
