@@ -7,7 +7,8 @@ below are part of what makes results reproducible: changing one changes every nu
 from __future__ import annotations
 
 import zlib
-from typing import Any, List, Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -80,3 +81,15 @@ def check_seeds(seeds: Tensor | Sequence[int], batch: int) -> List[int]:
 def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A torch.Generator on `device` seeded with `seed`."""
     return torch.Generator(device=device).manual_seed(int(seed))
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block with torch's CPU RNG seeded by `seed`, restoring the caller's RNG state after.
+
+    Model construction uses it, so a recipe's seed fixes the initial weights (and a run killed
+    before its first checkpoint restarts as the same network).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        yield

@@ -9,6 +9,7 @@ from ..config import save_config
 from ..data import DataConfig, build_dataset
 from ..io import atomic_write_json
 from ..models import classifier_spec, create_classifier
+from ..seeding import seeded
 from ..training.classifier import AugmentedCE, accuracy
 from ..training.dist import DistContext
 from ..training.loop import LoopConfig, OptimConfig, Trainer
@@ -46,9 +47,10 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     train_ds, test_ds = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "test")
     c, h, _ = train_ds.image_shape
-    model = create_classifier(cfg.model.name, in_chans=c, num_classes=train_ds.num_classes,
-                              image_size=h, pretrained=cfg.model.pretrained,
-                              checkpoint=cfg.model.checkpoint, **cfg.model.kwargs)
+    with seeded(cfg.loop.seed):  # the recipe's seed fixes the initial weights
+        model = create_classifier(cfg.model.name, in_chans=c, num_classes=train_ds.num_classes,
+                                  image_size=h, pretrained=cfg.model.pretrained,
+                                  checkpoint=cfg.model.checkpoint, **cfg.model.kwargs)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir)

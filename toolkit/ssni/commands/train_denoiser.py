@@ -13,6 +13,7 @@ from ..denoise.train import DenoiseLoss, build_denoiser, denoise_quality, noisy_
 from ..io import atomic_write_json
 from ..models import ModelConfig, model_spec
 from ..noise import NoiseConfig, build_noise
+from ..seeding import seeded
 from ..training.dist import DistContext
 from ..training.loop import LoopConfig, OptimConfig, Trainer
 from .registry import command
@@ -52,7 +53,8 @@ def train_denoiser(cfg: DenoiserTrainConfig) -> Dict[str, Any]:
     num_patches = cfg.num_patches or cfg.loop.steps * cfg.loop.batch_size
     patches = RandomPatches(train_ds.images, cfg.patch_size, num_patches, seed=cfg.loop.seed,
                             augment=cfg.augment)
-    model = build_denoiser(cfg.model, train_ds.image_shape[0], cfg.sigma)
+    with seeded(cfg.loop.seed):  # the recipe's seed fixes the initial weights
+        model = build_denoiser(cfg.model, train_ds.image_shape[0], cfg.sigma)
     noise = build_noise(cfg.noise)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

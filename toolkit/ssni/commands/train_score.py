@@ -14,6 +14,7 @@ from ..io import atomic_write_json
 from ..models import ModelConfig, create_model, model_spec
 from ..noise import NoiseConfig, build_noise
 from ..sampling import generate
+from ..seeding import seeded
 from ..training.dist import DistContext
 from ..training.loop import LoopConfig, OptimConfig, Trainer
 from ..training.losses import DSMLoss, heldout_dsm_loss
@@ -43,7 +44,8 @@ def train_score(cfg: ScoreTrainConfig) -> Dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     train_ds, test_ds = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "test")
     c, h, _ = train_ds.image_shape
-    model = create_model(cfg.model.name, **{"in_channels": c, "image_size": h, **cfg.model.kwargs})
+    with seeded(cfg.loop.seed):  # the recipe's seed fixes the initial weights
+        model = create_model(cfg.model.name, **{"in_channels": c, "image_size": h, **cfg.model.kwargs})
     noise = build_noise(cfg.noise)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

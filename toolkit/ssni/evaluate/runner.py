@@ -16,6 +16,7 @@ from ..data import DataConfig, build_dataset
 from ..defense import DefenseConfig, build_defense
 from ..device import resolve_device
 from ..io import atomic_write_json, atomic_write_text
+from ..models import weights_fingerprint
 from ..scoring import ReweightConfig, build_reweight
 from ..seeding import derive_seed
 from .checks import epsilon_checks, gradient_check, randomness_check
@@ -111,10 +112,24 @@ class Evaluation:
         self.x, self.y = ds.images[:n].to(self.device), ds.labels[:n].to(self.device)
         self.num_classes = ds.num_classes
         self.run_dir = Path(cfg.run_dir)
-        self.state = EvalState(self.run_dir, config_fingerprint(
-            {**to_dict(cfg), "resolved_defense": to_dict(base_cfg)}))
+        self.state = EvalState(self.run_dir, self.input_fingerprints(base_cfg))
         self.stop_after = stop_after_batches
         self._batches_done = 0
+
+    def input_fingerprints(self, base_cfg: DefenseConfig) -> Dict[str, str]:
+        """Fingerprints of everything the results depend on: the config (with the resolved
+        defense recipe), the weights it loads, the calibration and each defense's reweight."""
+        b = self.base
+        reweights = {name: None if m is None else {"name": type(m.reweight).__name__,
+                                                   **m.reweight.config()}
+                     for name, m in self.defenses.items()}
+        return {"config": config_fingerprint({**to_dict(self.cfg),
+                                              "resolved_defense": to_dict(base_cfg)}),
+                "score_model": weights_fingerprint(b.score_model),
+                "classifier": weights_fingerprint(b.classifier),
+                "calibration": config_fingerprint(None if b.calibration is None
+                                                  else b.calibration.to_dict()),
+                "reweights": config_fingerprint(reweights)}
 
     # -- pieces ------------------------------------------------------------------------------
     def _draw_correct(self, model: Optional[nn.Module], x: Tensor, y: Tensor, first: int,
@@ -265,6 +280,9 @@ class Evaluation:
                                         huge_eps=cfg.sweep.huge_eps):
                     flags.append(f"{dname}: {f}")
         self._bar.close()
+        if self.state.reused:
+            print(f"[evaluate] reused {self.state.reused} finished batches from {self.state.root} "
+                  f"(same config, weights and calibration)", flush=True)
         return self._write(rows, cells, curves, flags)
 
     def _write(self, rows, cells, curves, flags) -> Dict[str, Any]:

@@ -1,7 +1,10 @@
 """Resumable evaluation state: one small JSON file per finished batch, written atomically.
 
-A killed evaluation, started again with the same config, reloads the finished batches and
-continues with the first missing one; a different config in the same directory is an error.
+The state is keyed on everything the results depend on: the resolved config and the fingerprints
+of the weights (score network, classifier), the calibration and every defense's reweight. A killed
+evaluation, started again with the same inputs, reloads the finished batches and continues with the
+first missing one; if any input changed, the old batches are refused with a message that says what
+changed, instead of being reused.
 """
 from __future__ import annotations
 
@@ -11,11 +14,15 @@ import re
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from ..io import atomic_write_json
+from ..io import atomic_write_json, read_json
 
 
-def config_fingerprint(cfg: Dict[str, Any]) -> str:
-    """Stable hash of the parts of a config that change results."""
+class StaleStateError(ValueError):
+    """A run directory holds evaluation results made from other inputs."""
+
+
+def config_fingerprint(cfg: Any) -> str:
+    """Stable hash of JSON-able data (a config, a calibration, reweight parameters)."""
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -24,28 +31,42 @@ def _slug(name: str) -> str:
 
 
 class EvalState:
-    """Per-(cell, batch) results under <run_dir>/state/, guarded by a config fingerprint."""
+    """Per-(cell, batch) results under <run_dir>/state/, guarded by fingerprints of the inputs.
 
-    def __init__(self, run_dir: str | Path, fingerprint: str):
+    parts: {name: fingerprint} of every input (e.g. "config", "score_model", "classifier",
+    "calibration", "reweights"), or one string (the whole key).
+    """
+
+    def __init__(self, run_dir: str | Path, parts: Dict[str, str] | str):
         self.root = Path(run_dir) / "state"
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.parts = {"key": parts} if isinstance(parts, str) else dict(parts)
+        self.fingerprint = config_fingerprint(self.parts)
+        self.reused = 0
         meta = self.root / "fingerprint.json"
         if meta.is_file():
-            old = json.loads(meta.read_text())["fingerprint"]
-            if old != fingerprint:
-                raise ValueError(
-                    f"{self.root} holds results of a different evaluation config "
-                    f"(fingerprint {old}, now {fingerprint}); use a new run_dir or delete it")
+            old = read_json(meta, "evaluation state fingerprint")
+            if not isinstance(old, dict) or old.get("fingerprint") != self.fingerprint:
+                old_parts = old.get("parts", {}) if isinstance(old, dict) else {}
+                changed = sorted(k for k in set(old_parts) | set(self.parts)
+                                 if old_parts.get(k) != self.parts.get(k)) or ["the state format"]
+                raise StaleStateError(
+                    f"{self.root} holds results of a different evaluation config or inputs (changed: "
+                    f"{', '.join(changed)}); refusing to reuse them. Use a new run_dir, or delete "
+                    f"{self.root} to start afresh")
         else:
-            atomic_write_json(meta, {"fingerprint": fingerprint})
+            self.root.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(meta, {"fingerprint": self.fingerprint, "parts": self.parts})
 
     def _path(self, cell: str, batch: int) -> Path:
         return self.root / _slug(cell) / f"batch_{batch:05d}.json"
 
     def get(self, cell: str, batch: int) -> Optional[Dict[str, Any]]:
-        """The saved result of a finished batch, or None."""
+        """The saved result of a finished batch, or None (counts what it reuses in `reused`)."""
         p = self._path(cell, batch)
-        return json.loads(p.read_text()) if p.is_file() else None
+        if not p.is_file():
+            return None
+        self.reused += 1
+        return read_json(p, "evaluation batch result")
 
     def put(self, cell: str, batch: int, result: Dict[str, Any]) -> None:
         """Save a finished batch atomically."""
