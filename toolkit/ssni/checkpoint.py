@@ -109,15 +109,17 @@ def latest_checkpoint(ckpt_root: str | os.PathLike) -> Path:
     root = Path(ckpt_root)
     pointer = root / "latest.json"
     problem = None
+    found = complete_checkpoints(root)
     if pointer.is_file():
         try:
             path = root / json.loads(pointer.read_text())["dir"]
             if _complete(path):
-                return path
+                # a kill between publishing step_N and rewriting latest.json leaves the pointer one
+                # checkpoint behind; the newer directory is complete (published by rename)
+                return max(path, found[-1], key=lambda p: p.name)
             problem = f"latest.json names {path.name}, which is missing or incomplete"
         except (OSError, ValueError, KeyError, TypeError) as e:
             problem = f"latest.json is unreadable ({type(e).__name__}: {e})"
-    found = complete_checkpoints(root)
     if found:
         if problem:
             warnings.warn(f"{root}: {problem}; resuming from the newest complete checkpoint "
