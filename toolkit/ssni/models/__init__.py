@@ -2,7 +2,7 @@
 
 Importing this package registers every model variant and checkpoint format.
 """
-from . import classifier, dncnn, zoo  # noqa: F401  (register the variants and formats)
+from . import classifier, dncnn, pretrained, zoo  # noqa: F401  (register variants and formats)
 from .base import EpsModel
 from .classifier import classifier_spec, create_classifier
 from .factory import (
@@ -19,8 +19,10 @@ from .factory import (
                       weights_file,
                       weights_fingerprint,
 )
+from .pretrained import PRETRAINED_FORMATS, TIME_INPUTS, VPBackbone, load_pretrained
 from .unet import UNet
 
 __all__ = ["EpsModel", "UNet", "MODELS", "CHECKPOINT_FORMATS", "WEIGHTS", "ModelConfig",
            "create_model", "list_models", "load_model", "model_spec", "register_model", "save_model",
-           "weights_file", "weights_fingerprint", "create_classifier", "classifier_spec"]
+           "weights_file", "weights_fingerprint", "create_classifier", "classifier_spec",
+           "PRETRAINED_FORMATS", "TIME_INPUTS", "VPBackbone", "load_pretrained"]

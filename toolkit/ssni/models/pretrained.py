@@ -1,0 +1,123 @@
+"""The score-model contract around public backbones, and `load_pretrained` for public checkpoints.
+
+Contract (what samplers, the score norm and the defense see): an `EpsModel`,
+forward(x [B,C,H,W] in [-1, 1], t [B] continuous VP time in [0, 1]) -> eps [B,C,H,W], with a
+`diffusion` (the VP process), `in_channels`, `image_size`. Discrete step i is t = (i + 1) / N.
+
+`VPBackbone` owns the conventions of a backbone that was trained elsewhere: how continuous t
+becomes its time input (TIME_INPUTS), and which output channels are eps (a learn_sigma model
+returns eps and a variance; the first `in_channels` are eps). Loaders of public formats
+(PRETRAINED_FORMATS) build the backbone with the original parameter names, load the weights
+(`torch.load(weights_only=True)` or safetensors only), and wrap it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Dict, Optional
+
+from torch import Tensor, nn
+
+from ..diffusion import VPDiffusion
+from ..registry import Registry
+from .base import EpsModel
+
+TIME_INPUTS = Registry("time input")
+PRETRAINED_FORMATS = Registry("pretrained format")
+
+
+@TIME_INPUTS.register("t999")
+def time_t999(t: Tensor, num_steps: int) -> Tensor:
+    """score_sde's continuous VP models: t * (N - 1), i.e. t x 999; t [B] -> [B]."""
+    return t * (num_steps - 1)
+
+
+@TIME_INPUTS.register("step_index")
+def time_step_index(t: Tensor, num_steps: int) -> Tensor:
+    """Discrete-step models (guided-diffusion, diffusers DDPM): step i = t N - 1; t [B] -> [B].
+
+    On the discrete grid t = (i + 1) / N this is exactly the integer i; between grid points (the
+    continuous-time samplers) it is the fractional step, which sinusoidal embeddings accept.
+    """
+    return t * num_steps - 1.0
+
+
+class VPBackbone(EpsModel):
+    """A backbone behind the score-model contract; forward(x [B,C,H,W], t [B]) -> eps [B,C,H,W].
+
+    backbone(x, time_input [B]) returns [B, C', H, W] with C' >= in_channels; the first
+    in_channels are eps (a learn_sigma backbone's extra channels are dropped).
+    """
+
+    def __init__(self, backbone: nn.Module, *, in_channels: int, image_size: int, time_input: str,
+                 diffusion: Optional[VPDiffusion] = None, config: Optional[Dict[str, Any]] = None):
+        super().__init__(diffusion)
+        TIME_INPUTS.get(time_input)  # unknown names fail here, listing the choices
+        self.backbone = backbone
+        self.in_channels, self.image_size = int(in_channels), int(image_size)
+        self.time_input = time_input
+        self.config = dict(config or {})
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        """eps prediction; x [B,C,H,W] in model space [-1, 1], t [B] in [0, 1] -> [B,C,H,W]."""
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        out = self.backbone(x, TIME_INPUTS.get(self.time_input)(t, self.diffusion.N))
+        if out.shape[1] < self.in_channels:
+            raise ValueError(f"backbone returned {out.shape[1]} channels, fewer than the "
+                             f"{self.in_channels} input channels")
+        return out[:, :self.in_channels]
+
+
+def load_pretrained(path: str | os.PathLike, format: str, **config: Any) -> EpsModel:
+    """A public score checkpoint as an EpsModel (eval mode): format in PRETRAINED_FORMATS.
+
+    e.g. load_pretrained("checkpoint_8.pth", "score_sde") (EMA weights; weights="model" for the
+    raw ones), load_pretrained("256x256_diffusion_uncond.pt", "guided_diffusion").
+    """
+    loader: Callable[..., EpsModel] = PRETRAINED_FORMATS.get(format)
+    model = loader(path, **config)
+    model.eval()
+    return model
+
+
+def describe_mismatch(model: nn.Module, state: Dict[str, Tensor], fmt: str,
+                      config: Dict[str, Any]) -> Optional[str]:
+    """One line naming the first missing / unexpected keys and shape mismatches, or None."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if not (missing or unexpected or shapes):
+        return None
+    parts = []
+    if missing:
+        parts.append(f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''} ({len(missing)})")
+    if unexpected:
+        parts.append(f"unexpected {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''} "
+                     f"({len(unexpected)})")
+    if shapes:
+        parts.append(f"shape mismatches (checkpoint vs model) {shapes[:3]}")
+    return (f"checkpoint does not fit format {fmt!r} with config {config}: " + "; ".join(parts))
+
+
+def load_state_checked(model: nn.Module, state: Dict[str, Tensor], fmt: str, config: Dict[str, Any],
+                       path: str | os.PathLike) -> None:
+    """load_state_dict(strict) with a one-line error naming what does not fit, and the file."""
+    problem = describe_mismatch(model, state, fmt, config)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
+    model.load_state_dict(state)
+
+
+def torch_file(path: str | os.PathLike) -> Any:
+    """A torch checkpoint file, loaded with weights_only=True (pickled code is refused)."""
+    from ..io import safe_torch_load
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    return safe_torch_load(path, map_location="cpu")
+
+
+__all__ = ["TIME_INPUTS", "PRETRAINED_FORMATS", "VPBackbone", "load_pretrained", "describe_mismatch",
+           "load_state_checked", "torch_file", "time_t999", "time_step_index"]
