@@ -1,4 +1,9 @@
-"""`ssni <command> RECIPE [key=value ...]`: load a recipe, apply overrides, build, run one call."""
+"""`ssni <command> RECIPE [key=value ...]`: load a recipe, apply overrides, build, run one call.
+
+Errors caused by the input (a recipe, an override, a file) are printed as one line,
+`ssni COMMAND: error: ...`, with exit status 2; `--debug` (anywhere on the command line) or the
+environment variable SSNI_DEBUG=1 shows the traceback instead.
+"""
 from __future__ import annotations
 
 import argparse
@@ -10,9 +15,17 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from .checkpoint import CheckpointError
 from .commands import COMMANDS
 from .config import ConfigError, load_config
+from .io import UnsafeCheckpointError
 from .registry import UnknownNameError
+from .training.loop import NonFiniteLossError
+
+# Errors that mean "the input is wrong" (all with one-line messages): shown without a traceback.
+# OSError covers files that cannot be read or written (missing, a directory, no permission).
+INPUT_ERRORS = (ConfigError, UnknownNameError, ValueError, OSError, CheckpointError,
+                UnsafeCheckpointError, NonFiniteLossError)
 
 
 def _busy_cores(interval: float = 0.2, windows: int = 3) -> int:
@@ -63,9 +76,29 @@ def _looks_like_override(arg: str) -> bool:
     return re.match(r"^[A-Za-z_][\w.\-]*=", arg) is not None and not Path(arg).is_file()
 
 
+def debug_requested(argv: List[str]) -> bool:
+    """Whether tracebacks are wanted: `--debug` anywhere in argv, or SSNI_DEBUG set (not 0/false/no)."""
+    env = os.environ.get("SSNI_DEBUG", "").strip().lower()
+    return "--debug" in argv or env not in ("", "0", "false", "no", "off")
+
+
+def error_line(e: BaseException, limit: int = 600) -> str:
+    """An exception's message as one line (lines joined; very long ones cut, pointing to --debug)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    msg = " ".join(lines) or type(e).__name__
+    if len(msg) > limit:
+        msg = msg[:limit].rstrip() + " ... (run with --debug for the whole message)"
+    return msg
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the `ssni` console command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested(argv)
+    argv = [a for a in argv if a != "--debug"]  # accepted anywhere, also after the command
     parser = argparse.ArgumentParser(prog="ssni", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also: SSNI_DEBUG=1); anywhere on the line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS.names():
         p = sub.add_parser(name, help=COMMANDS.meta(name)["help"])
@@ -91,8 +124,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_flush_denormal(True)
         cfg = load_config(config_cls, recipe, overrides)
         result = run(cfg)
-    except (ConfigError, UnknownNameError, FileNotFoundError, ValueError) as e:
-        print(f"ssni {args.command}: error: {e}", file=sys.stderr)
+    except INPUT_ERRORS as e:
+        if debug:
+            raise
+        print(f"ssni {args.command}: error: {error_line(e)}", file=sys.stderr)
         return 2
     if result is not None:
         print(json.dumps(result, indent=2, default=str))

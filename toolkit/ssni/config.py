@@ -19,6 +19,27 @@ class ConfigError(ValueError):
     """A recipe or override that does not fit the config schema."""
 
 
+def yaml_error_message(e: yaml.YAMLError, what: str) -> str:
+    """A YAML error in `what` (a recipe file or an override) as one line: what is wrong and where."""
+    problem = getattr(e, "problem", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    if isinstance(e, yaml.constructor.ConstructorError) and "tag:yaml.org,2002:python/" in problem:
+        tag = problem.split("tag:yaml.org,2002:", 1)[1].rstrip("'\" ")
+        return (f"{what}: Python tags are not allowed in recipes (found !!{tag}{where}); recipes and "
+                f"overrides hold plain values only: numbers, strings, lists, mappings")
+    context = getattr(e, "context", None)
+    return f"{what} is not valid YAML: {f'{context}: ' if context else ''}{problem}{where}"
+
+
+def _safe_load(text: Any, what: str) -> Any:
+    """yaml.safe_load with a one-line ConfigError naming `what`."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(yaml_error_message(e, what)) from None
+
+
 def parse_overrides(items: Sequence[str]) -> Dict[str, Any]:
     """Turn ['a.b=1', 'c=[1,2]'] into a nested dict; values are parsed as YAML scalars/lists."""
     out: Dict[str, Any] = {}
@@ -26,7 +47,7 @@ def parse_overrides(items: Sequence[str]) -> Dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. train.steps=100)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _safe_load(raw, f"override {item!r}") if raw != "" else ""
         node = out
         parts = key.strip().split(".")
         for p in parts[:-1]:
@@ -118,6 +139,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is str:
         if value is None:
             raise ConfigError(f"{where}: expected a string, got null")
+        if isinstance(value, (bool, Mapping, list, tuple)):  # str() of these is never what was meant
+            hint = " (YAML reads yes/no/on/off as booleans: quote it)" if isinstance(value, bool) else ""
+            raise ConfigError(f"{where}: expected a string, got {value!r}{hint}")
         return str(value)
     return value
 
@@ -155,8 +179,12 @@ def load_config(cls: Type[T], recipe: str | os.PathLike | None, overrides: Seque
         path = Path(recipe)
         if not path.is_file():
             raise ConfigError(f"recipe file not found: {path} (expected a YAML file, see recipes/)")
-        with open(path) as fh:
-            loaded = yaml.safe_load(fh)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"recipe {path} is not a UTF-8 text file ({e.reason} at byte "
+                              f"{e.start}); expected a YAML recipe") from None
+        loaded = _safe_load(text, f"recipe {path}")
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, Mapping):

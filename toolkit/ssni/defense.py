@@ -14,6 +14,7 @@ running the one pipeline method `RobustClassifier.run` with the attack purifier:
 """
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,6 +155,13 @@ class RobustClassifier(nn.Module):
         """The score network used for the score norm."""
         return self.scorer.model
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating type images must have: the score network's (else the classifier's) weights'."""
+        tensors = itertools.chain(self.score_model.parameters(), self.score_model.buffers(),
+                                  self.classifier.parameters())
+        return next((p.dtype for p in tensors if p.is_floating_point()), torch.get_default_dtype())
+
     # -- stages ----------------------------------------------------------------------------
     def preprocess(self, x: Tensor) -> Tensor:
         """Resize to the classifier's input size and normalise; [B,C,H,W] in [0,1] -> [B,C,h,w]."""
@@ -188,7 +196,7 @@ class RobustClassifier(nn.Module):
     def run(self, x: Tensor, seeds: Optional[Tensor] = None, attack: bool = False,
             smooth: bool = False, grad: Optional[str] = None, vote: Optional[str] = None) -> Tensor:
         """The full pipeline with explicit choices; x [B,C,H,W] in [0,1] -> logits [B,n]."""
-        check_images(x, self.score_model.input_shape)
+        check_images(x, self.score_model.input_shape, dtype=self.dtype)
         seeds = self._seeds(x, seeds)
         t, s = self.noise_levels(x, seeds, smooth=smooth)
         self.last_t_star, self.last_score_norm = t.detach(), s.detach()

@@ -24,13 +24,18 @@ class ImageReadError(ValueError):
     """An image file that cannot be read or converted."""
 
 
-def check_images(x: Tensor, shape: Optional[Sequence[int]] = None, name: str = "images") -> None:
+def check_images(x: Tensor, shape: Optional[Sequence[int]] = None, name: str = "images",
+                 dtype: Optional[torch.dtype] = None) -> None:
     """Raise a clear error unless x is a finite floating [B,C,H,W] tensor with pixels in [0, 1]
-    (and, if given, of per-sample `shape` (C, H, W))."""
+    (and, if given, of per-sample `shape` (C, H, W) and of floating type `dtype`)."""
     want = "[B,C,H,W]" if shape is None else f"[B, {', '.join(map(str, shape))}]"
     if not torch.is_tensor(x) or not x.is_floating_point():
+        hint = " (for 0..255 pixels: x.float() / 255)" if torch.is_tensor(x) else ""
         raise ValueError(f"{name} must be a floating-point tensor {want} in [0, 1], got "
-                         f"{type(x).__name__} {getattr(x, 'dtype', '')}")
+                         f"{type(x).__name__} {getattr(x, 'dtype', '')}{hint}")
+    if dtype is not None and x.dtype != dtype:  # converting would change values: the caller decides
+        raise ValueError(f"{name} are {x.dtype}; expected {dtype} (the model's dtype): call "
+                         f"x.to({dtype}) first")
     if x.dim() != 4 or x.shape[0] == 0:
         raise ValueError(f"{name} must be a non-empty batch {want} in [0, 1], got shape "
                          f"{list(x.shape)}")

@@ -105,20 +105,34 @@ class UnsafeCheckpointError(RuntimeError):
 
 
 def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
-    """torch.load with weights_only=True; pickled code is refused with a clear error."""
+    """torch.load with weights_only=True; pickled code is refused, a corrupt file is a ValueError."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"torch file not found: {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:
+        raise
     except Exception as e:  # torch raises UnpicklingError (wrapped) for disallowed globals
         if "weights_only" in str(e) or "Unpickl" in type(e).__name__ or "GLOBAL" in str(e):
             raise UnsafeCheckpointError(
                 f"refusing to load {path}: it holds pickled Python objects, not only tensors "
                 f"(only weights_only-safe files are accepted)"
             ) from e
-        raise
+        first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:160]  # torch adds paragraphs
+        why = f"{type(e).__name__}: {first}" if first else type(e).__name__
+        raise ValueError(f"{path} is not a readable torch file ({why}); it may be truncated (an "
+                         f"interrupted copy or save): copy or save it again") from None
 
 
 def load_safetensors(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
-    """Load a safetensors file to CPU tensors."""
+    """Load a safetensors file to CPU tensors; a truncated or corrupt file is a one-line ValueError."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    return load_file(str(path))
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a complete safetensors file ({e}); it may be truncated "
+                         f"(an interrupted copy or save): copy or save it again") from None

@@ -11,12 +11,13 @@ import torch
 from torch import Tensor, nn
 
 from ..attacks import ATTACKS, EOT
-from ..config import load_config, to_dict
+from ..config import ConfigError, load_config, to_dict
 from ..data import DataConfig, build_dataset
-from ..defense import DefenseConfig, build_defense
+from ..defense import VIEWS, DefenseConfig, build_defense
 from ..device import resolve_device
 from ..io import atomic_write_json, atomic_write_text
 from ..models import weights_fingerprint
+from ..registry import UnknownNameError
 from ..scoring import ReweightConfig, build_reweight
 from ..seeding import derive_seed
 from .checks import epsilon_checks, gradient_check, randomness_check
@@ -81,6 +82,42 @@ class EvaluateConfig:
     device: str = "auto"
 
 
+def check_config(cfg: EvaluateConfig) -> None:
+    """One-line errors for settings that cannot work, before any network is loaded or image attacked."""
+    for name, value in (("batch_size", cfg.batch_size), ("num_samples", cfg.num_samples),
+                        ("draws", cfg.draws)):
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    names = [d.name for d in cfg.defenses]
+    if not names:
+        raise ConfigError("evaluate: `defenses` is empty; list at least one (e.g. name: none)")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"defense names must be unique, got {names}")
+    labels = [a.name for a in cfg.attacks]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"attack labels must be unique, got {labels}")
+    for i, a in enumerate(cfg.attacks):
+        where = f"attacks[{i}] ({a.name!r})"
+        if a.name == "clean":  # cells are named <defense>/<attack>; <defense>/clean is the clean cell
+            raise ConfigError(f"{where}: the label 'clean' is reserved for clean accuracy; rename the attack")
+        for registry, value in ((ATTACKS, a.attack), (VIEWS, a.view)):
+            if value not in registry:
+                raise UnknownNameError(f"{where}: unknown {registry.kind} {value!r}; valid choices: "
+                                       f"{', '.join(registry.names())}")
+        if a.eot < 1:
+            raise ConfigError(f"{where}: eot must be >= 1 (gradient samples per step), got {a.eot}")
+    sw = cfg.sweep
+    if sw.attack is not None:
+        if sw.attack not in labels:
+            raise ConfigError(f"sweep.attack {sw.attack!r} is not one of the attacks {labels}")
+        for d in sw.defenses:
+            if d not in names:
+                raise ConfigError(f"sweep.defenses: {d!r} is not one of the defenses {names}")
+        if not 1 <= sw.num_samples <= cfg.num_samples:
+            raise ConfigError(f"sweep.num_samples must be in [1, num_samples={cfg.num_samples}], got "
+                              f"{sw.num_samples}")
+
+
 def _same_eps(spec: AttackSpec, eps: float) -> bool:
     """Whether a sweep epsilon is the attack's own (so its main cell can be reused)."""
     own = spec.kwargs.get("eps")
@@ -91,6 +128,7 @@ class Evaluation:
     """Runs the cells of an EvaluateConfig batch by batch, saving each batch as it finishes."""
 
     def __init__(self, cfg: EvaluateConfig, stop_after_batches: Optional[int] = None):
+        check_config(cfg)
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         base_cfg = (load_config(DefenseConfig, cfg.defense_recipe, cfg.defense_overrides)
@@ -104,11 +142,16 @@ class Evaluation:
                 reweight=build_reweight(rw.name, self.base.calibration, **rw.kwargs))
         if not self.defenses:
             raise ValueError("evaluate: `defenses` is empty; list at least one (e.g. name: none)")
-        labels = [a.name for a in cfg.attacks]
-        if len(set(labels)) != len(labels):
-            raise ValueError(f"attack labels must be unique, got {labels}")
+        for i, spec in enumerate(cfg.attacks):  # bad attack settings fail here, not after hours of work
+            try:
+                self._make_attack(spec)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"attacks[{i}] ({spec.name!r}): {e}") from None
         ds = build_dataset(cfg.data, cfg.split)
-        n = min(cfg.num_samples, len(ds))
+        if cfg.num_samples > len(ds):
+            raise ConfigError(f"num_samples={cfg.num_samples}, but the {cfg.split!r} split of "
+                              f"{cfg.data.name!r} has {len(ds)} images; set num_samples <= {len(ds)}")
+        n = cfg.num_samples
         self.x, self.y = ds.images[:n].to(self.device), ds.labels[:n].to(self.device)
         self.num_classes = ds.num_classes
         self.run_dir = Path(cfg.run_dir)
@@ -237,10 +280,12 @@ class Evaluation:
         total = nb * len(self.defenses) * (1 + len(cfg.attacks)) + (n_sweep if sweep_attack else 0)
         self._bar = tqdm(total=total, desc="evaluate", disable=not cfg.progress, dynamic_ncols=True)
         rows, cells = [], {}
+        mean = lambda v: (sum(v) / len(v)) if v else None  # noqa: E731
         for dname, model in self.defenses.items():
             sample_specific = model is not None and model.reweight.sample_specific
             clean = self._cell(f"{dname}/clean", model, None, self.x, self.y)
             cells[f"{dname}/clean"] = clean
+            first_row = len(rows)
             for spec in cfg.attacks:
                 if spec.only_sample_specific and not sample_specific:
                     self._bar.update(nb)
@@ -251,13 +296,20 @@ class Evaluation:
                 res = self._cell(f"{dname}/{spec.name}", model, spec, self.x, self.y)
                 cells[f"{dname}/{spec.name}"] = res
                 m, cm = res["metrics"], clean["metrics"]
-                mean = lambda v: (sum(v) / len(v)) if v else None  # noqa: E731
                 rows.append({"defense": dname, "attack": spec.name, "n": m["n"],
                              "draws": m["draws"], "clean": cm["expected"], "clean_ci": cm["expected_ci"],
                              "robust_expected": m["expected"], "robust_expected_ci": m["expected_ci"],
                              "robust_worst": m["worst_of_n"], "robust_worst_ci": m["worst_of_n_ci"],
                              "mean_t_clean": mean(clean["t_star"]), "mean_t_adv": mean(res["t_star"]),
                              "seconds": clean["seconds"] + res["seconds"], "flags": res["flags"]})
+            if len(rows) == first_row:  # no attack ran on this defense: still report its clean accuracy
+                cm = clean["metrics"]
+                rows.append({"defense": dname, "attack": "clean", "n": cm["n"], "draws": cm["draws"],
+                             "clean": cm["expected"], "clean_ci": cm["expected_ci"],
+                             "robust_expected": None, "robust_expected_ci": None,
+                             "robust_worst": None, "robust_worst_ci": None,
+                             "mean_t_clean": mean(clean["t_star"]), "mean_t_adv": None,
+                             "seconds": clean["seconds"], "flags": []})
         curves: Dict[str, Dict[str, List[float]]] = {}
         flags = sorted({f for r in rows for f in r["flags"]})
         if sweep_attack is not None:
@@ -333,8 +385,9 @@ class Evaluation:
             for r in rows:
                 tag = f"{r['defense']}/{r['attack']}"
                 w.add_scalar(f"clean/{r['defense']}", r["clean"], 0)
-                w.add_scalar(f"robust_expected/{tag}", r["robust_expected"], 0)
-                w.add_scalar(f"robust_worst/{tag}", r["robust_worst"], 0)
+                if r["robust_expected"] is not None:  # None: a clean-only row
+                    w.add_scalar(f"robust_expected/{tag}", r["robust_expected"], 0)
+                    w.add_scalar(f"robust_worst/{tag}", r["robust_worst"], 0)
             w.close()
         except Exception:  # TensorBoard is a convenience; results are already on disk
             pass

@@ -11,8 +11,11 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..config import ConfigError
 from ..seeding import epoch_seed, step_seed
 from .dist import DistContext
+
+SCHEDULES = ("constant", "cosine")  # learning-rate schedules after warm-up
 
 
 @dataclass
@@ -24,7 +27,26 @@ class OptimConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 100
     schedule: str = "constant"  # constant | cosine (after warm-up)
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # 0: no clipping
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise a one-line ConfigError for a setting that cannot work (nothing is clamped)."""
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"optim.lr must be a positive number, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown lr schedule optim.schedule={self.schedule!r}; valid choices: "
+                              f"{', '.join(SCHEDULES)}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.grad_clip >= 0:
+            raise ConfigError(f"optim.grad_clip must be >= 0 (0: no clipping), got {self.grad_clip}")
 
 
 @dataclass
@@ -37,12 +59,27 @@ class LoopConfig:
     ema_decay: float = 0.999
     log_every: int = 25
     sample_every: int = 0  # 0: only at the end
-    ckpt_every: int = 500
+    ckpt_every: int = 500  # 0: only at the end
     keep_checkpoints: int = 2
     device: str = "auto"
     bf16: bool = True  # autocast in bf16 on CUDA; ignored on CPU
     resume: bool = True  # continue from <run_dir>/checkpoints/latest.json when present
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise a one-line ConfigError for a setting that cannot work (nothing is clamped)."""
+        for name, low, what in (("steps", 1, ""), ("batch_size", 1, ""), ("log_every", 1, ""),
+                                ("ckpt_every", 0, " (0: only at the end)"),
+                                ("sample_every", 0, " (0: only at the end)"),
+                                ("keep_checkpoints", 1, "")):
+            value = getattr(self, name)
+            if value < low:
+                raise ConfigError(f"loop.{name} must be >= {low}{what}, got {value}")
+        if not 0 <= self.ema_decay <= 1:
+            raise ConfigError(f"loop.ema_decay must be in [0, 1], got {self.ema_decay}")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -101,6 +138,8 @@ class Trainer:
                  optim: OptimConfig, run_dir: str | Path, spec: Dict[str, Any],
                  on_sample: Optional[Callable[["Trainer", int], None]] = None,
                  dist: Optional[DistContext] = None):
+        loop.check()  # again: the configs may have been changed after they were made
+        optim.check()
         self.dist = dist or DistContext.from_env(loop.device)
         self.device = self.dist.device
         self.model = model.to(self.device)
