@@ -1,7 +1,6 @@
 """`ssni evaluate`: defenses x attacks on a data split, with a report (see ssni.evaluate)."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Dict
 
 from ..config import save_config
@@ -13,9 +12,9 @@ from .registry import command
          "evaluate defenses under attacks (expected and worst-of-N accuracy, report)")
 def run_evaluate(cfg: EvaluateConfig) -> Dict[str, Any]:
     """Run the evaluation; prints the table and flags, writes the report under cfg.run_dir."""
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    evaluation = Evaluation(cfg)  # checks the config and loads everything before writing anything
     save_config(cfg, cfg.run_dir)
-    result = Evaluation(cfg).run()
+    result = evaluation.run()
     print(result["table"])
     for f in result["flags"]:
         print(f"FLAG: {f}")

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..io import load_safetensors, safe_torch_load
 from .factory import CHECKPOINT_FORMATS, weights_file
+from .pretrained import load_state_checked
 
 
 def create_classifier(name: str, in_chans: int, num_classes: int, image_size: int,
@@ -49,6 +50,6 @@ def classifier_spec(model: nn.Module) -> Dict[str, Any]:
 def _load_timm(path: Path, spec: Dict[str, Any], weights: str = "model") -> nn.Module:
     model = create_classifier(spec["name"], **spec["config"])
     file = weights_file(path, weights)
-    model.load_state_dict(load_safetensors(file))
+    load_state_checked(model, load_safetensors(file), "timm", spec, file)
     model.loaded_weights = file.stem
     return model

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ from torch import nn
 from ..checkpoint import latest_checkpoint
 from ..io import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
 from ..registry import Registry
+from .pretrained import load_state_checked
 
 MODELS = Registry("model")
 CHECKPOINT_FORMATS = Registry("checkpoint format")
@@ -30,7 +32,13 @@ def register_model(name: str, builder: Callable[..., nn.Module], defaults: Dict[
                    **meta: Any) -> None:
     """Register a variant: a builder class/function and its default keyword arguments."""
 
+    params = inspect.signature(builder).parameters
+    options = [k for k, v in params.items() if k != "self" and v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)]
+
     def make(**kw: Any) -> nn.Module:
+        unknown = sorted(k for k in kw if k not in options)
+        if unknown:
+            raise ValueError(f"model {name!r} has no option {unknown[0]!r}; its options: {', '.join(options)}")
         return builder(**{**defaults, **kw})
 
     make.__doc__ = f"{name}: {builder.__name__} with defaults {defaults}"
@@ -84,7 +92,7 @@ def _load_ssni(path: Path, spec: Dict[str, Any], weights: str = "model") -> nn.M
     """Native format: model.json (name + config) and <weights>.safetensors."""
     model = create_model(spec["name"], **spec.get("config", {}))
     file = weights_file(path, weights)
-    model.load_state_dict(load_safetensors(file))
+    load_state_checked(model, load_safetensors(file), "ssni", spec.get("config", {}), file)
     model.loaded_weights = file.stem  # "ema" or "model": what weights="auto" chose
     return model
 

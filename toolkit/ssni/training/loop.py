@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -110,6 +111,9 @@ class EpochBatches:
         if per_rank < 1:
             raise ValueError(f"data set of {n} samples is too small for {world} processes")
         self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        if batch_size > per_rank:  # a documented conversion, not a silent one
+            warnings.warn(f"batch_size {batch_size} is larger than the data set ({per_rank} samples per "
+                          f"process); using batches of {per_rank}", stacklevel=2)
         self.batch_size = min(batch_size, per_rank)
         self.per_epoch = per_rank // self.batch_size
         self._cache: Dict[int, Tensor] = {}

@@ -1,0 +1,250 @@
+"""The "score_sde" checkpoint format: score_sde's VP DDPM++ checkpoints load as EpsModels.
+
+The fixtures hold the parameter names and shapes of the original's state dicts (written from the
+original model, not from ours): a tiny configuration and the deep CIFAR-10 model. Random weights in
+those shapes, saved in the original checkpoint layout (optimizer / model with `module.` names / ema
+with shadow_params in parameters() order / step), stand in for the real files.
+"""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssni.models import PRETRAINED_FORMATS, VPBackbone, load_pretrained
+from ssni.models.ddpmpp import build_ddpmpp, ddpmpp_timestep_embedding, score_sde_config
+from ssni.purify import Purifier
+from ssni.scoring import ScoreNorm
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY = "score_sde_tiny_keys.json"  # nf 16, ch_mult (1, 2), one block per level, attention at 8x8, 16x16 images
+UNCOND = "score_sde_tiny_uncond_keys.json"  # unconditional: its blocks still hold (unused) Dense_0 layers
+DEEP = "score_sde_cifar10_deep_keys.json"  # the deep CIFAR-10 model (checkpoint_8.pth)
+
+
+class _Payload:
+    """A pickled Python object that a weights-only load must refuse."""
+
+
+def _fixture(name):
+    return json.loads((FIXTURES / name).read_text())
+
+
+def _random_state(shapes, seed):
+    """Random weights with the given names and shapes (GroupNorm scales near 1 so activations stay sane)."""
+    g = torch.Generator().manual_seed(seed)
+    state = {k: (1.0 if "GroupNorm" in k and k.endswith("weight") else 0.0) + 0.05 * torch.randn(s, generator=g)
+             for k, s in shapes.items() if k != "sigmas"}
+    # the float64 noise-level buffer comes first in the original's state dict
+    return {"sigmas": torch.exp(torch.linspace(3.9, -4.6, shapes["sigmas"][0], dtype=torch.float64)), **state}
+
+
+def _checkpoint(state, ema_state):
+    """The original layout: DataParallel names in `model`, EMA weights as a list in parameters() order."""
+    shadow = [v for k, v in ema_state.items() if k != "sigmas"]  # the only buffer; parameters keep their order
+    return {"optimizer": {"state": {}, "param_groups": [{"lr": 2e-4, "betas": (0.9, 0.999), "params": [0]}]},
+            "model": {"module." + k: v for k, v in state.items()},
+            "ema": {"decay": 0.9999, "num_updates": 7, "shadow_params": shadow}, "step": 5}
+
+
+def _write(tmp_path, mutate=None, name="ckpt.pth", fixture=TINY):
+    fix = _fixture(fixture)
+    raw, ema = _random_state(fix["shapes"], 0), _random_state(fix["shapes"], 1)
+    ckpt = _checkpoint(raw, ema)
+    if mutate:
+        mutate(ckpt)
+    path = tmp_path / name
+    torch.save(ckpt, path)
+    return path, fix, raw, ema
+
+
+def test_format_is_registered():
+    assert "score_sde" in PRETRAINED_FORMATS.names()
+
+
+@pytest.mark.parametrize("fixture", [TINY, UNCOND])
+def test_checkpoint_loads_strictly_with_ema_weights(tmp_path, fixture):
+    path, fix, raw, ema = _write(tmp_path, fixture=fixture)
+    model = load_pretrained(path, "score_sde", **fix["config"])
+    assert isinstance(model, VPBackbone) and not model.training
+    own = model.backbone.state_dict()
+    assert {k: list(v.shape) for k, v in own.items()} == fix["shapes"]  # same names, same order, same shapes
+    assert len(own) == fix["num_entries"] and len(list(model.backbone.parameters())) == fix["num_parameter_tensors"]
+    assert sum(p.numel() for p in model.parameters()) == fix["num_parameters"]
+    assert all(torch.equal(own[k], ema[k]) for k in ema if k != "sigmas")  # EMA parameters ...
+    assert torch.equal(own["sigmas"], raw["sigmas"]) and own["sigmas"].dtype == torch.float64  # ... buffers from model
+    assert model.input_shape == (3, 16, 16) and model.time_input == "t999" and model.config["weights"] == "ema"
+
+
+def test_weights_model_picks_the_raw_weights(tmp_path):
+    path, fix, raw, _ = _write(tmp_path)
+    ema_model = load_pretrained(path, "score_sde", **fix["config"])
+    raw_model = load_pretrained(path, "score_sde", weights="model", **fix["config"])
+    own = raw_model.backbone.state_dict()
+    assert all(torch.equal(own[k], raw[k]) for k in raw)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    t = torch.tensor([0.1, 0.7])
+    with torch.no_grad():
+        assert not torch.allclose(ema_model(x, t), raw_model(x, t), atol=1e-3)
+
+
+def test_plain_state_dict_loads(tmp_path):
+    fix = _fixture(TINY)
+    state = _random_state(fix["shapes"], 3)
+    for i, prefix in enumerate(("", "module.")):
+        path = tmp_path / f"plain{i}.pt"
+        torch.save({prefix + k: v for k, v in state.items()}, path)
+        own = load_pretrained(path, "score_sde", **fix["config"]).backbone.state_dict()
+        assert all(torch.equal(own[k], state[k]) for k in state)
+
+
+def test_time_input_is_t_times_999(tmp_path):
+    path, fix, _, _ = _write(tmp_path)
+    model = load_pretrained(path, "score_sde", **fix["config"])
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    t = torch.tensor([0.001, 0.5, 1.0])
+    with torch.no_grad():
+        eps = model(x, t)
+        torch.testing.assert_close(eps, model.backbone(x, t * 999), rtol=0, atol=0)
+        assert not torch.allclose(eps, model.backbone(x, t * 1000), atol=1e-4)  # a 0.1% time shift is seen
+        assert not torch.allclose(eps[0], model(x, t.flip(0))[0])  # the time matters
+    assert eps.shape == x.shape and model.diffusion.N == 1000
+
+
+@pytest.mark.parametrize("options, entries, parameters", [
+    ({}, 957, 106_632_579),                       # the deep model (checkpoint_8.pth)
+    ({"num_res_blocks": 4}, 565, 61_804_419),     # the non-deep DDPM++
+])
+def test_cifar10_layouts_on_meta_device(options, entries, parameters):
+    """The defaults build the deep CIFAR-10 model: 106.6M parameters in 957 entries, as the original."""
+    with torch.device("meta"):  # names and shapes without allocating the weights
+        net = build_ddpmpp(score_sde_config(**options))
+    own = net.state_dict()
+    assert len(own) == entries and sum(p.numel() for p in net.parameters()) == parameters
+    if not options:
+        fix = _fixture(DEEP)
+        assert {k: list(v.shape) for k, v in own.items()} == fix["shapes"]
+        assert fix["num_entries"] == entries and fix["num_parameters"] == parameters
+        assert len(list(net.parameters())) == fix["num_parameter_tensors"] == 956
+
+
+def test_purifier_and_score_norm_run(tmp_path):
+    path, fix, _, _ = _write(tmp_path)
+    model = load_pretrained(path, "score_sde", **fix["config"])
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    seeds = torch.tensor([3, 4])
+    with torch.no_grad():
+        out = Purifier(model, "ddpm", steps=2)(x, 0.1, seeds=seeds)
+        norms = ScoreNorm(model, timesteps=2)(x, seeds=seeds)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert norms.shape == (2,) and torch.isfinite(norms).all() and (norms > 0).all()
+    x.requires_grad_(True)  # full gradients flow through the purifier into the input
+    Purifier(model, "ddpm", steps=2)(x, 0.1, seeds=seeds).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_options_accept_string_forms_and_round_trip():
+    a = score_sde_config(nf="16", ch_mult="1,2", num_res_blocks="1", attn_resolutions="8", image_size=16,
+                         conditional="true", num_channels=3)
+    b = score_sde_config(nf=16, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=(8,), image_size=16)
+    assert a == b and a["ch_mult"] == (1, 2) and a["attn_resolutions"] == (8,) and a["in_channels"] == 3
+    assert score_sde_config(**a) == a  # the resolved options rebuild the same model
+    assert score_sde_config(resblock_type="BigGAN", normalization="groupnorm")["num_res_blocks"] == 8
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(num_res_block=4), r"unknown score_sde option.*valid options: .*num_res_blocks"),
+    (dict(fir=True), r"fir=True is not supported: only the VP DDPM\+\+ variant \(fir=False\)"),
+    (dict(progressive="output_skip"), r"progressive='output_skip' is not supported"),
+    (dict(embedding_type="fourier"), r"embedding_type='fourier' is not supported"),
+    (dict(scale_by_sigma=True), r"scale_by_sigma=True is not supported"),
+    (dict(resblock_type="ddpm"), r"resblock_type='ddpm' is not supported"),
+    (dict(attn_resolutions=(12,)), r"\[12\] are not resolutions of the U-Net levels \[32, 16, 8, 4\]"),
+    (dict(image_size=20), r"image_size=20 must be divisible by 2\^3"),
+    (dict(conditional="maybe"), r"conditional: cannot read 'maybe' as a boolean"),
+    (dict(num_channels=1, in_channels=3), r"disagree"),
+    (dict(weights="best"), r"weights='best'; choose one of \['ema', 'model'\]"),
+])
+def test_bad_options_are_clear(tmp_path, options, match):
+    with pytest.raises(ValueError, match=match):
+        load_pretrained(tmp_path / "never_read.pth", "score_sde", **options)
+
+
+def _one_line_error(path, fix, exc=ValueError, **extra):
+    with pytest.raises(exc) as info:
+        load_pretrained(path, "score_sde", **fix["config"], **extra)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    return message
+
+
+@pytest.mark.parametrize("weights", ["ema", "model"])
+def test_wrong_key_is_one_clear_line(tmp_path, weights):
+    def rename(ckpt):
+        ckpt["model"]["module.all_modules.2.weight_typo"] = ckpt["model"].pop("module.all_modules.2.weight")
+
+    path, fix, _, _ = _write(tmp_path, rename)
+    message = _one_line_error(path, fix, weights=weights)
+    assert "does not fit format 'score_sde'" in message and "unexpected ['all_modules.2.weight_typo']" in message
+    if weights == "model":  # the EMA list fills every parameter name, so only the raw weights miss one
+        assert "missing ['all_modules.2.weight']" in message
+
+
+def test_wrong_shape_is_one_clear_line(tmp_path):
+    def widen(ckpt):
+        ckpt["model"]["module.all_modules.0.weight"] = torch.zeros(64, 32)
+
+    path, fix, _, _ = _write(tmp_path, widen)
+    message = _one_line_error(path, fix, weights="model")
+    assert "shape mismatches" in message and "all_modules.0.weight (64, 32) vs (64, 16)" in message
+
+
+def test_options_that_do_not_fit_the_file_are_clear(tmp_path):
+    path, fix, _, _ = _write(tmp_path)
+    wider = {"config": {**fix["config"], "nf": 32}}  # as many parameters, other shapes
+    message = _one_line_error(path, wider)
+    assert "shape mismatches" in message and "'nf': 32" in message
+    deeper = {"config": {**fix["config"], "num_res_blocks": 2}}  # more parameters than the EMA list
+    assert "EMA holds 154 parameters, the network built from the options has" in _one_line_error(path, deeper)
+
+
+def test_ema_of_another_model_is_clear(tmp_path):
+    path, fix, _, _ = _write(tmp_path, lambda ckpt: ckpt["ema"]["shadow_params"].pop())
+    assert "EMA holds 153 parameters" in _one_line_error(path, fix)
+    load_pretrained(path, "score_sde", weights="model", **fix["config"])  # the raw weights still fit
+
+
+def test_pickled_object_is_refused(tmp_path):
+    path = tmp_path / "pickled.pth"
+    torch.save({"model": {"module.sigmas": torch.zeros(1)}, "payload": _Payload()}, path)
+    with pytest.raises(RuntimeError, match="refusing to load") as info:
+        load_pretrained(path, "score_sde", **_fixture(TINY)["config"])
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("content, match", [
+    ({"state": {"w": torch.zeros(1)}, "step": 3}, r"expected score_sde's checkpoint .* the file holds a dict with keys"),
+    ({"model": {"module.sigmas": torch.zeros(1)}, "step": 3}, r"no 'ema' entry .* pass weights=\"model\""),
+    ({"model": {"module.sigmas": torch.zeros(1)}, "ema": {"decay": 0.9}}, r"'ema' entry has no list of tensors"),
+    ({"model": [1, 2], "ema": {}}, r"'model' entry is not a state dict"),
+    ([torch.zeros(1)], r"the file holds list"),
+])
+def test_other_file_contents_are_clear(tmp_path, content, match):
+    path = tmp_path / "other.pth"
+    torch.save(content, path)
+    assert "\n" not in _one_line_error(path, _fixture(TINY))
+    with pytest.raises(ValueError, match=match):
+        load_pretrained(path, "score_sde", **_fixture(TINY)["config"])
+
+
+def test_missing_file_is_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_pretrained(tmp_path / "absent.pth", "score_sde", **_fixture(TINY)["config"])
+
+
+def test_timestep_embedding_is_sin_then_cos():
+    emb = ddpmpp_timestep_embedding(torch.tensor([0.0, 2.0]), 8)
+    assert emb.shape == (2, 8)
+    torch.testing.assert_close(emb[0], torch.tensor([0.0] * 4 + [1.0] * 4))
+    freqs = torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(4) / 3)  # 10000^(-k / (half - 1))
+    torch.testing.assert_close(emb[1], torch.cat([torch.sin(2 * freqs), torch.cos(2 * freqs)]))
