@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .config import from_dict, load_config, to_dict
 from .device import resolve_device
 from .images import check_images
-from .models import create_classifier, load_model
+from .models import create_classifier, load_model, load_pretrained
 from .purify import PurifierConfig, build_purifier
 from .registry import Registry
 from .scoring import Calibration, Reweight, ReweightConfig, ScoreNorm, ScoreNormConfig, build_reweight
@@ -61,35 +61,44 @@ def _pair(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
     return size[-2:] if len(size) >= 2 else (size[0], size[0])  # type: ignore[return-value]
 
 
+def is_timm_model(model: nn.Module) -> bool:
+    """Whether `model` is a timm model (it carries timm's pretrained_cfg / default_cfg)."""
+    return any(isinstance(getattr(model, a, None), dict) for a in ("pretrained_cfg", "default_cfg"))
+
+
 def resolve_preprocessing(classifier: nn.Module, channels: int,
                           input_size: Union[int, Sequence[int], None] = None,
                           mean: Optional[Sequence[float]] = None,
                           std: Optional[Sequence[float]] = None
                           ) -> Tuple[Tuple[int, int], List[float], List[float]]:
-    """Input size (H, W) and per-channel mean/std for a classifier.
+    """Input size (H, W) and per-channel mean/std for a classifier: its preprocessing contract.
 
-    Explicit values win; otherwise the size comes from the model's own config (our
-    create_classifier), a ViT's patch embedding, or timm's data config, and mean/std from
-    timm.data.resolve_data_config (3-value stats are averaged for 1-channel inputs).
+    Explicit values win. A timm model (it has a `pretrained_cfg`) fills the rest from its own
+    config: the size from our create_classifier's config, a ViT's patch embedding, or timm's data
+    config, and mean/std from timm.data.resolve_data_config (3-value stats are averaged for
+    1-channel inputs). Any other module (torchvision, RobustBench, your own) must be given
+    `input_size`; its mean/std default to none (identity: the module normalises itself, as
+    RobustBench models do). Nothing falls back silently to timm's 224 px ImageNet defaults.
     """
+    timm_model = is_timm_model(classifier)
     data_cfg: Dict[str, Any] = {}
-    try:
+    if timm_model:
         from timm.data import resolve_data_config
 
         data_cfg = resolve_data_config({}, model=classifier)
-    except Exception:  # not a timm model: only explicit values or identity normalisation
-        data_cfg = {}
     if input_size is None:
         cfg = getattr(classifier, "config", None)
         pe = getattr(getattr(classifier, "patch_embed", None), "img_size", None)
         if isinstance(cfg, dict) and cfg.get("image_size"):
             input_size = cfg["image_size"]
-        elif pe is not None:
+        elif timm_model and pe is not None:
             input_size = pe
         elif "input_size" in data_cfg:
             input_size = data_cfg["input_size"][1:]
         else:
-            raise ValueError("cannot tell the classifier's input size; pass input_size=...")
+            raise ValueError(f"the classifier ({type(classifier).__name__}) is not a timm model, so its "
+                             f"input size is unknown: pass input_size=(H, W) (and mean/std, or leave them "
+                             f"None if it normalises itself); nothing is resized to a default")
     size = _pair(input_size)
     out = []
     for name, given, default in (("mean", mean, 0.0), ("std", std, 1.0)):
@@ -114,6 +123,12 @@ class RobustClassifier(nn.Module):
 
     seeds (LongTensor [B]) makes a call repeatable and each sample independent of its batch
     companions; None draws fresh seeds from torch's global RNG (so torch.manual_seed repeats).
+
+    The wrapper uses the given modules themselves, not copies: it puts the classifier and the score
+    network in eval mode and, with freeze=True (the default), sets requires_grad=False on their
+    parameters (attacks need gradients with respect to the input only). Pass copies if you go on
+    training those modules elsewhere. The classifier's preprocessing (input size, mean, std) is
+    stated explicitly or read from timm's config; see `resolve_preprocessing`.
     """
 
     def __init__(self, *, classifier: nn.Module, score_model: nn.Module, purifier: nn.Module,
@@ -219,10 +234,6 @@ class RobustClassifier(nn.Module):
         """The attacker's view `name` (see VIEWS: full, adaptive, bpda, bare) as a plain nn.Module."""
         return VIEWS.get(name)(self)
 
-    def surrogate(self, grad: str = "full", smooth: bool = True) -> nn.Module:
-        """An attack view with explicit settings: attack purifier, gradient mode, smooth t*(x)."""
-        return AttackView(self, grad=grad, smooth=smooth)
-
     def replace(self, **changes: Any) -> "RobustClassifier":
         """A new wrapper sharing this one's networks, with some parts changed (e.g. reweight=...)."""
         kw: Dict[str, Any] = dict(
@@ -325,8 +336,9 @@ class ClassifierRef:
 class DefenseConfig:
     """Everything that defines an SSNI defense (saved with evaluations)."""
 
-    score_model: str = "runs/score-digits"
-    score_weights: str = "auto"  # auto (EMA when present) | ema | model
+    # an ssni checkpoint/run directory, or a public checkpoint {format: ..., path: ..., options}
+    score_model: Union[str, Dict[str, Any]] = "runs/score-digits"
+    score_weights: str = "auto"  # ssni checkpoints: auto (EMA when present) | ema | model
     calibration: Optional[str] = None  # calibration.json; needed by linear / sigmoid
     score_norm: ScoreNormConfig = field(default_factory=ScoreNormConfig)
     reweight: ReweightConfig = field(default_factory=ReweightConfig)
@@ -342,9 +354,20 @@ class DefenseConfig:
     device: str = "auto"
 
 
-def load_score_model(path: Union[str, os.PathLike, nn.Module], weights: str = "auto") -> nn.Module:
-    """A score network from a checkpoint/run directory (EMA weights when present), or as given."""
-    return path if isinstance(path, nn.Module) else load_model(path, weights=weights)
+def load_score_model(spec: Union[str, os.PathLike, Dict[str, Any], nn.Module],
+                     weights: str = "auto") -> nn.Module:
+    """A score network: a module as given, an ssni checkpoint/run directory (EMA weights when
+    present), or a public checkpoint {format: score_sde | guided_diffusion | diffusers, path: ...,
+    other options of that format} (see ssni.models.load_pretrained)."""
+    if isinstance(spec, nn.Module):
+        return spec
+    if isinstance(spec, dict):
+        opts = dict(spec)
+        if "format" not in opts or "path" not in opts:
+            raise ValueError(f"score_model {spec} must name format and path (e.g. {{format: score_sde, "
+                             f"path: checkpoint_8.pth}}), or be an ssni checkpoint directory")
+        return load_pretrained(opts.pop("path"), opts.pop("format"), **opts)
+    return load_model(spec, weights=weights)
 
 
 def load_classifier(ref: ClassifierRef, in_chans: int, image_size: int) -> nn.Module:

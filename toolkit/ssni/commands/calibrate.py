@@ -3,14 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Union
 
 import torch
 
 from ..config import save_config
 from ..data import DataConfig, build_dataset
+from ..defense import load_score_model
 from ..device import resolve_device
-from ..models import load_model
 from ..scoring import ScoreNorm, ScoreNormConfig, build_reweight, calibrate, compute_norms, histogram, plot_reweight
 from .registry import command
 
@@ -20,7 +20,8 @@ class CalibrateConfig:
     """Everything `ssni calibrate` needs."""
 
     output: str = "runs/calibration-digits"  # directory: calibration.json, score_norms.png
-    score_model: str = "runs/score-digits"  # checkpoint or run directory
+    # checkpoint or run directory, or a public checkpoint {format: ..., path: ..., options}
+    score_model: Union[str, Dict[str, Any]] = "runs/score-digits"
     score_weights: str = "auto"  # auto (EMA when present) | ema | model
     data: DataConfig = field(default_factory=DataConfig)
     split: str = "train"
@@ -40,7 +41,7 @@ class CalibrateConfig:
 def run_calibrate(cfg: CalibrateConfig) -> Dict[str, Any]:
     """Calibrate a score network on clean images; writes calibration.json and a plot."""
     device = resolve_device(cfg.device)
-    model = load_model(cfg.score_model, weights=cfg.score_weights).to(device).eval()
+    model = load_score_model(cfg.score_model, cfg.score_weights).to(device).eval()
     ds = build_dataset(cfg.data, cfg.split)
     if tuple(ds.image_shape) != tuple(model.input_shape):
         raise ValueError(f"data images are {list(ds.image_shape)} but the score network expects "

@@ -17,16 +17,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import torch
 
 from ..config import save_config, to_dict
 from ..data import resize
+from ..defense import load_score_model
 from ..device import resolve_device
 from ..images import list_images, read_image, write_png
 from ..io import atomic_write_json
-from ..models import load_model
 from ..purify import PurifierConfig, build_purifier
 from ..scoring import Calibration, ReweightConfig, ScoreNorm, ScoreNormConfig, build_reweight
 from ..seeding import draw_seeds, mix_seeds
@@ -37,7 +37,8 @@ from .registry import command
 class PurifyCommandConfig:
     """What to purify, with which checkpoint, at which t*, and where to write the results."""
 
-    checkpoint: str = "runs/score-digits"  # checkpoint dir or run dir (checkpoints/latest.json)
+    # checkpoint dir or run dir (checkpoints/latest.json), or {format: ..., path: ...} (public)
+    checkpoint: Union[str, Dict[str, Any]] = "runs/score-digits"
     weights: str = "auto"                  # auto (ema if present, else model) | ema | model
     input: str = ""                        # an image file or a folder of images
     output: str = "purified"               # output folder for the PNGs
@@ -85,7 +86,7 @@ def purify_images(cfg: PurifyCommandConfig) -> Dict[str, Any]:
     if cfg.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
     device = resolve_device(cfg.device)
-    model = load_model(cfg.checkpoint, weights=cfg.weights).to(device)
+    model = load_score_model(cfg.checkpoint, cfg.weights).to(device)
     purifier = build_purifier(model, cfg.purifier)
     t_of = t_star_function(cfg, model)
     purifier.progress = cfg.progress
@@ -112,7 +113,7 @@ def purify_images(cfg: PurifyCommandConfig) -> Dict[str, Any]:
                 written.append(str(write_png(img, out_dir / f"{f.stem}.png")))
     summary = {"images": len(written), "output": str(out_dir),
                "t_star": cfg.t_star if cfg.calibration is None else "per image (calibration)",
-               "sampler": cfg.purifier.sampler, "weights": model.loaded_weights,
+               "sampler": cfg.purifier.sampler, "weights": getattr(model, "loaded_weights", "as published"),
                "network_evaluations": nfe, "files": written}
     save_config(cfg, out_dir, name="purify_config.yaml")
     atomic_write_json(out_dir / "purify.json",
