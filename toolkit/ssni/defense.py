@@ -28,6 +28,7 @@ from .config import from_dict, load_config, to_dict
 from .device import resolve_device
 from .images import check_images
 from .models import create_classifier, load_model, load_pretrained
+from .models.classifier import robustbench_classifier
 from .purify import PurifierConfig, build_purifier
 from .registry import Registry
 from .scoring import Calibration, Reweight, ReweightConfig, ScoreNorm, ScoreNormConfig, build_reweight
@@ -321,8 +322,15 @@ def bare_view(defense: RobustClassifier) -> nn.Module:
 # -- recipes -----------------------------------------------------------------------------------
 @dataclass
 class ClassifierRef:
-    """Where the classifier comes from: a checkpoint/run directory, or a timm name."""
+    """Where the classifier comes from: a checkpoint/run directory, a timm name, or RobustBench.
 
+    source "robustbench": `name` is a RobustBench model (e.g. Standard, the WideResNet-28-10) and
+    kwargs give model_dir (where RobustBench keeps its files), dataset and threat_model; such a
+    model normalises itself, so set the defense's input_size (32 for CIFAR-10) and leave mean/std
+    null.
+    """
+
+    source: str = "timm"  # timm | robustbench
     name: str = "resnet18"
     checkpoint: Optional[str] = None  # run dir or checkpoint dir (train-classifier) or weights file
     weights: str = "auto"  # for run/checkpoint dirs: auto (EMA when present) | ema | model
@@ -351,6 +359,8 @@ class DefenseConfig:
     std: Optional[List[float]] = None
     ensemble: int = 1
     vote: str = "mean_prob"
+    precision: str = "fp32"  # score network in fp32 | bf16 | fp16 autocast (eps returned in float32)
+    channels_last: bool = False  # score network in channels_last memory format (GPUs)
     device: str = "auto"
 
 
@@ -372,6 +382,10 @@ def load_score_model(spec: Union[str, os.PathLike, Dict[str, Any], nn.Module],
 
 def load_classifier(ref: ClassifierRef, in_chans: int, image_size: int) -> nn.Module:
     """A classifier from a run/checkpoint directory, a weights file, or a fresh timm model."""
+    if ref.source == "robustbench":
+        return robustbench_classifier(ref.name, **ref.kwargs)
+    if ref.source != "timm":
+        raise ValueError(f"classifier.source must be timm or robustbench, got {ref.source!r}")
     ckpt = Path(ref.checkpoint) if ref.checkpoint else None
     if ckpt is not None and ckpt.is_dir():
         return load_model(ckpt, weights=ref.weights)
@@ -393,6 +407,8 @@ def build_defense(cfg: DefenseConfig, device: Union[str, torch.device, None] = N
     """Build a RobustClassifier from a DefenseConfig (loads networks and the calibration)."""
     dev = resolve_device(device or cfg.device)
     score_model = load_score_model(cfg.score_model, cfg.score_weights).to(dev).eval()
+    if cfg.precision != "fp32" or cfg.channels_last:
+        score_model.set_speed(cfg.precision, cfg.channels_last)
     calibration = Calibration.load(cfg.calibration) if cfg.calibration else None
     reweight = build_reweight(cfg.reweight.name, calibration, **cfg.reweight.kwargs)
     purifier = _purifier(score_model, cfg.purifier)
