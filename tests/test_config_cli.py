@@ -53,7 +53,7 @@ def test_every_recipe_loads_with_its_command():
         text = path.read_text()
         named = re.search(r"ssni ([a-z-]+) " + re.escape(str(path)), text)
         cmd = named.group(1) if named else by_folder.get(path.parent.name)
-        if path.parent.name == "defense":
+        if path.parent.name == "defense" or path.name.startswith("defense"):
             from ssni.defense import DefenseConfig
 
             load_config(DefenseConfig, path, [])
