@@ -24,6 +24,11 @@ setup(
         "scikit-image",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest", "ruff"]},
+    extras_require={
+        "test": ["pytest", "ruff"],
+        "diffusers": ["diffusers>=0.20"],  # the "diffusers" pretrained format (UNet2DModel folders)
+        # RobustBench is not on PyPI
+        "robustbench": ["robustbench @ git+https://github.com/RobustBench/robustbench.git"],
+    },
     entry_points={"console_scripts": ["ssni=ssni.cli:main"]},
 )

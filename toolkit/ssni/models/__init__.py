@@ -2,7 +2,7 @@
 
 Importing this package registers every model variant and checkpoint format.
 """
-from . import classifier, ddpmpp, dncnn, guided, pretrained, zoo  # noqa: F401  (register variants and formats)
+from . import classifier, ddpmpp, diffusers_unet, dncnn, guided, pretrained, zoo  # noqa: F401  (register variants, formats)
 from .base import EpsModel
 from .classifier import classifier_spec, create_classifier
 from .factory import (
