@@ -248,3 +248,39 @@ def test_timestep_embedding_is_sin_then_cos():
     torch.testing.assert_close(emb[0], torch.tensor([0.0] * 4 + [1.0] * 4))
     freqs = torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(4) / 3)  # 10000^(-k / (half - 1))
     torch.testing.assert_close(emb[1], torch.cat([torch.sin(2 * freqs), torch.cos(2 * freqs)]))
+
+
+def test_the_cifar10_defense_recipe_builds_on_a_public_layout_checkpoint(tmp_path):
+    """recipes/cifar10/defense_linf.yaml with its score model pointed at a tiny checkpoint in the
+    original layout, a calibration of it, and a non-timm classifier: the wrapper runs end to end."""
+    import yaml
+
+    from ssni.config import load_config
+    from ssni.defense import DefenseConfig, build_defense
+    from ssni.io import atomic_save_safetensors, atomic_write_json
+    from ssni.models import classifier_spec, create_classifier
+    from ssni.scoring import ScoreNormConfig, calibrate
+
+    path, fix, _, _ = _write(tmp_path)
+    model = load_pretrained(path, "score_sde", **fix["config"])
+    cal, _ = calibrate(model, torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0)),
+                       ScoreNormConfig(timesteps=2), batch_size=8)
+    cal.save(tmp_path / "cal.json")
+    clf = create_classifier("resnet10t", in_chans=3, num_classes=10, image_size=16)
+    atomic_save_safetensors(tmp_path / "clf" / "model.safetensors", clf.state_dict())
+    atomic_write_json(tmp_path / "clf" / "model.json", classifier_spec(clf))
+    spec = {"format": "score_sde", "path": str(path), **fix["config"]}
+    cfg = load_config(DefenseConfig, "recipes/cifar10/defense_linf.yaml", [
+        f"score_model={yaml.safe_dump(spec, default_flow_style=True).strip()}",
+        f"calibration={tmp_path / 'cal.json'}", "score_norm.timesteps=2", "purifier.steps=2",
+        "attack_purifier.steps=1", "classifier={source: timm, checkpoint: " + str(tmp_path / "clf") + "}",
+        "input_size=16", "device=cpu"])
+    defense = build_defense(cfg)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits = defense(x, seeds=torch.tensor([1, 2]))
+    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+    assert defense.last_t_star.shape == (2,)
+    x.requires_grad_(True)  # the adaptive view differentiates through the public network
+    defense.view("adaptive")(x, seeds=torch.tensor([1, 2])).logsumexp(1).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
