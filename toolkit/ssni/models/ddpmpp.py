@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..diffusion import VPDiffusion
+from .layers import resample
 from .pretrained import PRETRAINED_FORMATS, VPBackbone, load_state_checked, torch_file
 
 # -- building blocks -------------------------------------------------------------------------------
@@ -109,15 +110,6 @@ class AttnBlockpp(nn.Module):
         return out / math.sqrt(2.0) if self.skip_rescale else out
 
 
-def _resample(x: Tensor, mode: str | None) -> Tensor:
-    """Nearest x2 upsampling ("up"), 2x2 average pooling ("down") or nothing; [B,C,H,W]."""
-    if mode == "up":
-        return F.interpolate(x, scale_factor=2.0, mode="nearest")
-    if mode == "down":
-        return F.avg_pool2d(x, 2)
-    return x
-
-
 class ResnetBlockBigGANpp(nn.Module):
     """BigGAN-style residual block with an additive time embedding, optional up/down resampling.
 
@@ -145,8 +137,8 @@ class ResnetBlockBigGANpp(nn.Module):
 
     def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
         """x [B,C_in,H,W], temb [B,E] | None -> [B,C_out,H',W']."""
-        h = _resample(F.silu(self.GroupNorm_0(x)), self.resample)
-        x = _resample(x, self.resample)
+        h = resample(F.silu(self.GroupNorm_0(x)), self.resample)
+        x = resample(x, self.resample)
         h = self.Conv_0(h)
         if temb is not None:
             h = h + self.Dense_0(F.silu(temb))[:, :, None, None]

@@ -30,6 +30,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..diffusion import VPDiffusion
+from .layers import resample
 from .pretrained import PRETRAINED_FORMATS, VPBackbone, load_state_checked, torch_file
 
 # -- building blocks -------------------------------------------------------------------------------
@@ -62,15 +63,6 @@ def _zeroed(module: nn.Module) -> nn.Module:
     return module
 
 
-def _resample(x: Tensor, mode: Optional[str]) -> Tensor:
-    """Nearest x2 upsampling ("up"), 2x2 average pooling ("down") or nothing; [B,C,H,W]."""
-    if mode == "up":
-        return F.interpolate(x, scale_factor=2.0, mode="nearest")
-    if mode == "down":
-        return F.avg_pool2d(x, 2)
-    return x
-
-
 class GuidedResBlock(nn.Module):
     """Residual block with a time embedding (FiLM scale/shift or additive); optional up/down resampling.
 
@@ -99,8 +91,8 @@ class GuidedResBlock(nn.Module):
         """x [B,C_in,H,W], emb [B,E] -> [B,C_out,H',W']."""
         norm_in, act_in, conv_in = self.in_layers
         # resampling sits between the activation and the convolution, on both branches
-        h = conv_in(_resample(act_in(norm_in(x)), self.resample))
-        x = _resample(x, self.resample)
+        h = conv_in(resample(act_in(norm_in(x)), self.resample))
+        x = resample(x, self.resample)
         e = self.emb_layers(emb).to(h.dtype)[:, :, None, None]
         norm_out, act_out, drop, conv_out = self.out_layers
         if self.use_scale_shift_norm:
@@ -170,7 +162,7 @@ class ConvUpsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """[B,C,H,W] -> [B,C,2H,2W]."""
-        return self.conv(_resample(x, "up"))
+        return self.conv(resample(x, "up"))
 
 
 class EmbedStage(nn.ModuleList):

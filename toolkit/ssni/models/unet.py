@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ..diffusion import VPDiffusion
 from .base import EpsModel
+from .layers import resample
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -46,17 +47,10 @@ class ResBlock(nn.Module):
         self.resample = resample
         self.skip_rescale = skip_rescale
 
-    def _resample(self, x: Tensor) -> Tensor:
-        if self.resample == "down":
-            return F.avg_pool2d(x, 2)
-        if self.resample == "up":
-            return F.interpolate(x, scale_factor=2.0, mode="nearest")
-        return x
-
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
         h = F.silu(self.norm1(x))
-        h = self._resample(h)
-        x = self._resample(x)
+        h = resample(h, self.resample)
+        x = resample(x, self.resample)
         h = self.conv1(h)
         h = h + self.temb(F.silu(temb))[:, :, None, None]
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
