@@ -2,7 +2,7 @@
 DLR loss. With `EOT` it is the randomized version of AutoAttack's first two parts."""
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -21,12 +21,16 @@ def apgd_checkpoints(steps: int) -> List[int]:
 
 @ATTACKS.register("apgd")
 class APGD(Attack):
-    """APGD-CE / APGD-DLR (loss="ce" | "dlr"), Linf or L2; returns the best point found."""
+    """APGD-CE / APGD-DLR (loss="ce" | "dlr" | "margin"), Linf or L2; returns the best point found.
 
-    def __init__(self, eps: float = 8 / 255, norm: str = "linf", steps: int = 100,
-                 loss: str = "ce", rho: float = 0.75, momentum: float = 0.75,
-                 random_start: bool = True):
-        super().__init__(eps, norm, loss)
+    Also callable torchattacks style, `APGD(model, eps=..., steps=..., loss="ce", seed=0)(x, y)`;
+    with `targeted=True`, y holds the targets and the best point is the one closest to them.
+    """
+
+    def __init__(self, model: Optional[nn.Module] = None, eps: float = 8 / 255, norm: str = "linf",
+                 steps: int = 100, loss: str = "ce", rho: float = 0.75, momentum: float = 0.75,
+                 random_start: bool = True, targeted: bool = False, seed: Optional[int] = None):
+        super().__init__(eps, norm, loss, model=model, targeted=targeted, seed=seed)
         self.steps, self.rho, self.momentum, self.random_start = int(steps), rho, momentum, random_start
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, generator) -> Tensor:
@@ -35,7 +39,8 @@ class APGD(Attack):
         shape = (b,) + (1,) * (x.dim() - 1)
         eta = torch.full(shape, 2.0 * self.eps, device=x.device)
         x_k = random_start(x, self.eps, self.norm, generator) if self.random_start else x.clone()
-        loss, grad, _ = self.grad_fn(model, x_k, y, self.loss)
+        loss_fn = self.loss
+        loss, grad, _ = self.grad_fn(model, x_k, y, loss_fn)
         x_best, loss_best, grad_best = x_k.clone(), loss.clone(), grad.clone()
         x_prev = x_k.clone()
         checkpoints = set(apgd_checkpoints(self.steps))
@@ -46,7 +51,7 @@ class APGD(Attack):
             a = self.momentum if k > 0 else 1.0
             x_new = project(x_k + a * (z - x_k) + (1 - a) * (x_k - x_prev), x, self.eps, self.norm)
             x_prev, x_k = x_k, x_new
-            loss, grad_new, _ = self.grad_fn(model, x_k, y, self.loss)
+            loss, grad_new, _ = self.grad_fn(model, x_k, y, loss_fn)
             improved = loss > loss_best
             successes += improved.float()
             x_best[improved], loss_best[improved] = x_k[improved], loss[improved]

@@ -1,12 +1,13 @@
 """Attack base class, losses, and the gradient oracle that EOT replaces (geometry: geometry.py).
 
 Every attack maps (model, x [B,C,H,W] in [0,1], y [B]) -> x_adv with ||x_adv - x|| <= eps
-(Linf or L2) and x_adv in [0,1]. Gradients come from `self.grad_fn(model, x, y, loss)` so
+(Linf or L2) and x_adv in [0,1]; torchattacks' convention (model bound at construction, then
+(x, y)) works too. Gradients come from `self.grad_fn(model, x, y, loss)` so
 that `EOT` can wrap any attack by swapping the oracle, without copying the attack.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -56,27 +57,90 @@ def plain_gradient(model: nn.Module, x: Tensor, y: Tensor, loss: Callable) -> Tu
     return per_sample.detach(), grad.detach(), logits.detach()
 
 
-class Attack:
-    """Base class. Subclasses implement `run(model, x, y, generator) -> x_adv`."""
+def targeted_loss(loss: Callable) -> Callable:
+    """The targeted variant of a per-sample loss: its negative, so ascent moves towards y (the target).
 
-    def __init__(self, eps: float = 8 / 255, norm: str = "linf", loss: str = "ce"):
+    CE: -CE(z, t) (raise the target's probability); margin: z_t - max_{j != t} z_j (make the target
+    the top class); DLR: its scale-free analogue. The wrapper carries `targeted = True` so gradient
+    oracles (selective EOT) can tell "still resists" from "already fooled".
+    """
+    def negated(logits: Tensor, y: Tensor) -> Tensor:
+        return -loss(logits, y)
+
+    negated.targeted = True  # type: ignore[attr-defined]
+    negated.__name__ = f"targeted_{getattr(loss, '__name__', 'loss')}"
+    return negated
+
+
+def resolve_step_size(step_size: Optional[float], alpha: Optional[float], default: float) -> float:
+    """`alpha` is torchattacks' name for the step size; accept either (not two different values)."""
+    if step_size is not None and alpha is not None and float(step_size) != float(alpha):
+        raise ValueError(f"step_size={step_size} and alpha={alpha} disagree; alpha is an alias of step_size")
+    value = step_size if step_size is not None else alpha
+    return float(default if value is None else value)
+
+
+class Attack:
+    """Base class. Subclasses implement `run(model, x, y, generator) -> x_adv`.
+
+    Two calling conventions: ours, `Attack(eps=...)(model, x, y, seed=...)`, and torchattacks',
+    `Attack(model, eps=...)(x, y)` (the model bound at construction). `seed` given to the
+    constructor is the default seed of every call (torchattacks' APGD has it); with no seed at all
+    the random start follows torch's global RNG. With `targeted=True`, y holds the target labels
+    and the attack ascends `targeted_loss(loss)`; torchattacks' `set_mode_targeted_by_label()` /
+    `set_mode_default()` switch the same flag.
+    """
+
+    def __init__(self, eps: float = 8 / 255, norm: str = "linf", loss: str = "ce",
+                 model: Optional[nn.Module] = None, targeted: bool = False, seed: Optional[int] = None):
         if eps < 0:
             raise ValueError(f"eps must be >= 0, got {eps}")
-        self.eps, self.norm = float(eps), check_norm(norm)
+        # torchattacks spells norms "Linf" / "L2"
+        self.eps, self.norm = float(eps), check_norm(norm.lower() if isinstance(norm, str) else norm)
         self.loss_name = loss
-        self.loss = LOSSES.get(loss)
+        LOSSES.get(loss)  # fail early on unknown names
+        self.model, self.targeted, self.seed = model, bool(targeted), seed
         self.grad_fn: Callable = plain_gradient
         self.eot_samples = 1  # set by the EOT wrapper; reported by the evaluation
+        self.eot_selective = False
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, seed: Optional[int] = None) -> Tensor:
-        """Attack a batch; returns x_adv [B,C,H,W] in [0,1] within the eps-ball of x."""
+    @property
+    def loss(self) -> Callable:
+        """The per-sample loss the attack ascends ([B,K], [B] -> [B]); negated when targeted."""
+        base = LOSSES.get(self.loss_name)
+        return targeted_loss(base) if self.targeted else base
+
+    def __call__(self, *args: Any, seed: Optional[int] = None) -> Tensor:
+        """Attack a batch: (model, x, y) or, with a bound model, (x, y); returns x_adv [B,C,H,W] in [0,1]."""
+        if len(args) == 3:
+            model, x, y = args
+        elif len(args) == 2:
+            if self.model is None:
+                raise TypeError(f"{type(self).__name__}(x, y) needs a model: pass it to the constructor "
+                                f"(torchattacks style) or call attack(model, x, y)")
+            model, (x, y) = self.model, args
+        else:
+            raise TypeError(f"{type(self).__name__} takes (model, x, y) or (x, y), got {len(args)} arguments")
         if x.min() < 0 or x.max() > 1:
             raise ValueError("attack inputs must be images in [0, 1]")
+        seed = self.seed if seed is None else seed
         g = None
         if seed is not None:
             g = torch.Generator(device=x.device).manual_seed(int(seed))
         x_adv = self.run(model, x.detach(), y, g)
         return project(x_adv.detach(), x, self.eps, self.norm)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        """torchattacks' name for calling an attack with a bound model; x [B,C,H,W] -> x_adv."""
+        return self(x, y)
+
+    def set_mode_targeted_by_label(self, quiet: bool = True) -> None:
+        """torchattacks-style switch: from now on y holds target labels."""
+        self.targeted = True
+
+    def set_mode_default(self) -> None:
+        """torchattacks-style switch back to the untargeted attack."""
+        self.targeted = False
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, generator) -> Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -84,4 +148,5 @@ class Attack:
     def describe(self) -> dict:
         """Settings for reports."""
         return {"attack": type(self).__name__, "eps": self.eps, "norm": self.norm,
-                "loss": self.loss_name, "eot": self.eot_samples}
+                "loss": self.loss_name, "eot": self.eot_samples,
+                "eot_selective": self.eot_selective, "targeted": self.targeted}

@@ -26,6 +26,7 @@ class Transfer(Attack):
         """Ignores `model`: the perturbation comes from `self.source`."""
         if self.source is None:
             raise ValueError("transfer attack needs a source model (e.g. the bare classifier)")
+        self.inner.targeted = self.targeted
         return self.inner.run(self.source, x, y, generator)
 
     def describe(self) -> dict:
