@@ -3,7 +3,7 @@
 Importing this package registers every model variant and checkpoint format.
 """
 from . import classifier, ddpmpp, diffusers_unet, dncnn, guided, pretrained, zoo  # noqa: F401  (register variants, formats)
-from .base import EpsModel
+from .base import TIME_INPUTS, EpsModel
 from .classifier import classifier_spec, create_classifier
 from .factory import (
                       CHECKPOINT_FORMATS,
@@ -19,7 +19,7 @@ from .factory import (
                       weights_file,
                       weights_fingerprint,
 )
-from .pretrained import PRETRAINED_FORMATS, TIME_INPUTS, VPBackbone, load_pretrained
+from .pretrained import PRETRAINED_FORMATS, VPBackbone, load_pretrained
 from .unet import UNet
 
 __all__ = ["EpsModel", "UNet", "MODELS", "CHECKPOINT_FORMATS", "WEIGHTS", "ModelConfig",

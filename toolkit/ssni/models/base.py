@@ -7,18 +7,42 @@ import torch
 from torch import Tensor, nn
 
 from ..diffusion import VPDiffusion
+from ..registry import Registry
+
+TIME_INPUTS = Registry("time input")
+
+
+@TIME_INPUTS.register("t999")
+def time_t999(t: Tensor, num_steps: int) -> Tensor:
+    """score_sde's continuous VP models: t * (N - 1), i.e. t x 999; t [B] -> [B]."""
+    return t * (num_steps - 1)
+
+
+@TIME_INPUTS.register("step_index")
+def time_step_index(t: Tensor, num_steps: int) -> Tensor:
+    """Discrete-step models (guided-diffusion, diffusers DDPM): step i = t N - 1; t [B] -> [B].
+
+    On the discrete grid t = (i + 1) / N this is exactly the integer i; between grid points (the
+    continuous-time samplers) it is the fractional step, which sinusoidal embeddings accept.
+    """
+    return t * num_steps - 1.0
 
 
 class EpsModel(nn.Module):
-    """Base class: forward(x [B,C,H,W] in [-1,1], t [B] in [0,1]) -> eps [B,C,H,W].
+    """The score-model contract: forward(x [B,C,H,W] in [-1,1], t [B] in [0,1]) -> eps [B,C,H,W].
 
-    Subclasses set `in_channels`, `image_size` and `config` (the keyword arguments that rebuild
-    them); `diffusion` is the VP process the model was trained for.
+    Samplers, the score norm and the defense see only this. A model owns its VP process
+    (`diffusion`; discrete step i is t = (i + 1) / N) and its conventions: `time_input` names how
+    continuous t becomes the network's time input (TIME_INPUTS: our U-Nets and score_sde take
+    t x 999, guided-diffusion and diffusers the step index). Public backbones sit behind
+    `VPBackbone`, which also keeps the eps channels of a learn_sigma output. Subclasses set
+    `in_channels`, `image_size` and `config` (the keyword arguments that rebuild them).
     """
 
     in_channels: int
     image_size: int
     config: Dict[str, Any]
+    time_input: str = "t999"  # how continuous t becomes the network's time input (TIME_INPUTS)
 
     def __init__(self, diffusion: VPDiffusion | None = None):
         super().__init__()
@@ -50,6 +74,10 @@ class EpsModel(nn.Module):
         with torch.autocast(x.device.type, dtype=self.autocast_dtype):
             out = super().__call__(x, t)
         return out.float()
+
+    def network_time(self, t: Tensor) -> Tensor:
+        """The network's own time input for continuous times t [B] (this model's TIME_INPUTS rule)."""
+        return TIME_INPUTS.get(self.time_input)(t, self.diffusion.N)
 
     def score(self, x: Tensor, t: Tensor) -> Tensor:
         """Score grad_x log p_t(x) = -eps(x, t) / sigma(t); x: [B,C,H,W], t: [B]."""

@@ -19,26 +19,9 @@ from torch import Tensor, nn
 
 from ..diffusion import VPDiffusion
 from ..registry import Registry
-from .base import EpsModel
+from .base import TIME_INPUTS, EpsModel, time_step_index, time_t999
 
-TIME_INPUTS = Registry("time input")
 PRETRAINED_FORMATS = Registry("pretrained format")
-
-
-@TIME_INPUTS.register("t999")
-def time_t999(t: Tensor, num_steps: int) -> Tensor:
-    """score_sde's continuous VP models: t * (N - 1), i.e. t x 999; t [B] -> [B]."""
-    return t * (num_steps - 1)
-
-
-@TIME_INPUTS.register("step_index")
-def time_step_index(t: Tensor, num_steps: int) -> Tensor:
-    """Discrete-step models (guided-diffusion, diffusers DDPM): step i = t N - 1; t [B] -> [B].
-
-    On the discrete grid t = (i + 1) / N this is exactly the integer i; between grid points (the
-    continuous-time samplers) it is the fractional step, which sinusoidal embeddings accept.
-    """
-    return t * num_steps - 1.0
 
 
 class VPBackbone(EpsModel):
@@ -61,7 +44,7 @@ class VPBackbone(EpsModel):
         """eps prediction; x [B,C,H,W] in model space [-1, 1], t [B] in [0, 1] -> [B,C,H,W]."""
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        out = self.backbone(x, TIME_INPUTS.get(self.time_input)(t, self.diffusion.N))
+        out = self.backbone(x, self.network_time(t))
         if out.shape[1] < self.in_channels:
             raise ValueError(f"backbone returned {out.shape[1]} channels, fewer than the "
                              f"{self.in_channels} input channels")

@@ -101,7 +101,6 @@ class UNet(EpsModel):
                            num_heads=num_heads, resample_with_resblock=resample_with_resblock,
                            beta_min=beta_min, beta_max=beta_max, num_steps=num_steps)
         self.ch = ch
-        self.time_scale = float(num_steps - 1)  # networks see t * 999, as score_sde's VP models
         temb_dim = 4 * ch
         self.temb = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
@@ -150,7 +149,7 @@ class UNet(EpsModel):
         """eps prediction; x: [B,C,H,W] in model space, t: [B] continuous times in [0, 1]."""
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        temb = self.temb(timestep_embedding(t * self.time_scale, self.ch))
+        temb = self.temb(timestep_embedding(self.network_time(t), self.ch))  # t x 999, as score_sde
         h = self.conv_in(x)
         hs = [h]
         for m in self.down:
