@@ -13,9 +13,12 @@ from .registry import command
 def run_evaluate(cfg: EvaluateConfig) -> Dict[str, Any]:
     """Run the evaluation; prints the table and flags, writes the report under cfg.run_dir."""
     evaluation = Evaluation(cfg)  # checks the config and loads everything before writing anything
-    save_config(cfg, cfg.run_dir)
+    if evaluation.dist.is_main:
+        save_config(cfg, cfg.run_dir)
     result = evaluation.run()
-    print(result["table"])
-    for f in result["flags"]:
-        print(f"FLAG: {f}")
+    if evaluation.dist.is_main:  # under torchrun: one report on the console, not one per rank
+        print(result["table"])
+        for f in result["flags"]:
+            print(f"FLAG: {f}")
+    evaluation.dist.close()
     return {"report": result["report"], "results": result["results"], "flags": result["flags"]}

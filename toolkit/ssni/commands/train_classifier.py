@@ -65,4 +65,5 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Dict[str, Any]:
         trainer.writer.add_scalar("eval/test_accuracy", result["test_accuracy"], summary["steps"])
         atomic_write_json(run_dir / "summary.json", result)
     trainer.close()
+    dist.close()
     return result

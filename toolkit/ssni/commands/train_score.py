@@ -78,4 +78,5 @@ def train_score(cfg: ScoreTrainConfig) -> Dict[str, Any]:
         trainer.writer.add_scalar("eval/heldout_dsm", loss_after, summary["steps"])
         atomic_write_json(run_dir / "summary.json", result)
     trainer.close()
+    dist.close()
     return result

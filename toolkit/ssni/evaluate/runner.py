@@ -20,6 +20,7 @@ from ..models import weights_fingerprint
 from ..registry import UnknownNameError
 from ..scoring import ReweightConfig, build_reweight
 from ..seeding import derive_seed
+from ..training.dist import DistContext
 from .checks import epsilon_checks, gradient_check, randomness_check
 from .metrics import draw_accuracy
 from .report import markdown_table, plot_accuracy_vs_eps, plot_histograms
@@ -125,12 +126,19 @@ def _same_eps(spec: AttackSpec, eps: float) -> bool:
 
 
 class Evaluation:
-    """Runs the cells of an EvaluateConfig batch by batch, saving each batch as it finishes."""
+    """Runs the cells of an EvaluateConfig batch by batch, saving each batch as it finishes.
 
-    def __init__(self, cfg: EvaluateConfig, stop_after_batches: Optional[int] = None):
+    Under torchrun each batch is done by one rank (round robin over all batches of the run); the
+    ranks share them through the state directory and the main rank writes the report.
+    """
+
+    def __init__(self, cfg: EvaluateConfig, stop_after_batches: Optional[int] = None,
+                 dist: Optional[DistContext] = None):
         check_config(cfg)
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.dist = dist or DistContext.from_env(cfg.device)
+        # one process: the device as before; several: each rank's own (cuda:LOCAL_RANK or cpu)
+        self.device = resolve_device(cfg.device) if self.dist.world_size == 1 else self.dist.device
         base_cfg = (load_config(DefenseConfig, cfg.defense_recipe, cfg.defense_overrides)
                     if cfg.defense_recipe else cfg.defense)
         self.base = build_defense(base_cfg, device=self.device)
@@ -158,6 +166,7 @@ class Evaluation:
         self.state = EvalState(self.run_dir, self.input_fingerprints(base_cfg))
         self.stop_after = stop_after_batches
         self._batches_done = 0
+        self._job = 0  # running number of every batch of the run, done or not: picks its rank
 
     def input_fingerprints(self, base_cfg: DefenseConfig) -> Dict[str, str]:
         """Fingerprints of everything the results depend on: the config (with the resolved
@@ -215,8 +224,14 @@ class Evaluation:
               x_all: Tensor, y_all: Tensor, eps: Optional[float] = None) -> Dict[str, Any]:
         """All batches of one (defense, attack) cell, resuming from saved batches."""
         bs = self.cfg.batch_size
-        parts = []
+        parts: List[Optional[Dict[str, Any]]] = []
         for bi, k in enumerate(range(0, x_all.shape[0], bs)):
+            mine = self._job % self.dist.world_size == self.dist.rank
+            self._job += 1
+            if not mine:  # another rank's batch (done now or earlier): read back after the barrier
+                parts.append(None)
+                self._bar.update(1)
+                continue
             saved = self.state.get(cell, bi)
             if saved is None:
                 x, y = x_all[k:k + bs], y_all[k:k + bs]
@@ -238,6 +253,16 @@ class Evaluation:
                 self._tick()
             parts.append(saved)
             self._bar.update(1)
+        if self.dist.world_size > 1:
+            # gather through the files: every rank waits for the cell, then reads the others' batches
+            self.dist.barrier()
+            reused = self.state.reused  # reading them back is not reuse of an earlier run
+            parts = [p if p is not None else self.state.get(cell, bi) for bi, p in enumerate(parts)]
+            self.state.reused = reused
+            missing = [bi for bi, p in enumerate(parts) if p is None]
+            if missing:
+                raise RuntimeError(f"{cell}: batches {missing} are missing from {self.state.root} after "
+                                   "every rank finished; was the state directory changed meanwhile?")
         correct = torch.tensor([row for p in parts for row in p["correct"]], dtype=torch.bool)
         res = draw_accuracy(correct)
         ts = [v for p in parts for v in (p["t_star"] or [])]
@@ -278,7 +303,8 @@ class Evaluation:
         nb_sweep = -(-ns // cfg.batch_size)  # batches per sweep point
         n_sweep = nb_sweep * len(cfg.sweep.eps) * len(cfg.sweep.defenses)
         total = nb * len(self.defenses) * (1 + len(cfg.attacks)) + (n_sweep if sweep_attack else 0)
-        self._bar = tqdm(total=total, desc="evaluate", disable=not cfg.progress, dynamic_ncols=True)
+        self._bar = tqdm(total=total, desc="evaluate", disable=not (cfg.progress and self.dist.is_main),
+                         dynamic_ncols=True)
         rows, cells = [], {}
         mean = lambda v: (sum(v) / len(v)) if v else None  # noqa: E731
         for dname, model in self.defenses.items():
@@ -332,10 +358,17 @@ class Evaluation:
                                         huge_eps=cfg.sweep.huge_eps):
                     flags.append(f"{dname}: {f}")
         self._bar.close()
-        if self.state.reused:
-            print(f"[evaluate] reused {self.state.reused} finished batches from {self.state.root} "
+        reused = sum(self.dist.all_gather_object(self.state.reused))  # every rank's own share
+        if reused and self.dist.is_main:
+            print(f"[evaluate] reused {reused} finished batches from {self.state.root} "
                   f"(same config, weights and calibration)", flush=True)
-        return self._write(rows, cells, curves, flags)
+        if not self.dist.is_main:  # the main rank writes the report; the others only wait for it
+            self.dist.barrier()
+            return {"table": markdown_table(rows), "flags": flags, "report": str(self.run_dir / "report.md"),
+                    "results": str(self.run_dir / "results.json")}
+        result = self._write(rows, cells, curves, flags)
+        self.dist.barrier()
+        return result
 
     def _write(self, rows, cells, curves, flags) -> Dict[str, Any]:
         out = self.run_dir

@@ -1,10 +1,17 @@
-"""Process placement in one place: device, rank, world size (torchrun sets the environment)."""
+"""Process placement in one place: device, rank, world size, and torch.distributed's process group.
+
+Launch with torchrun (`torchrun --nproc_per_node N -m ssni.cli ...`): it sets RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR and MASTER_PORT, and `DistContext.from_env` joins the process group
+(nccl on CUDA, gloo on CPU). With one process nothing is initialised and every helper is a no-op.
+"""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any, List
 
 import torch
+import torch.distributed as tdist
 
 
 @dataclass
@@ -19,9 +26,14 @@ class DistContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def active(self) -> bool:
+        """Whether several processes take part (a process group is initialised)."""
+        return self.world_size > 1 and tdist.is_available() and tdist.is_initialized()
+
     @classmethod
     def from_env(cls, device: str = "auto") -> "DistContext":
-        """Read RANK/WORLD_SIZE/LOCAL_RANK (torchrun); pick cuda:LOCAL_RANK when available."""
+        """Read RANK/WORLD_SIZE/LOCAL_RANK (torchrun); pick cuda:LOCAL_RANK when available; join the group."""
         rank = int(os.environ.get("RANK", 0))
         world = int(os.environ.get("WORLD_SIZE", 1))
         local = int(os.environ.get("LOCAL_RANK", 0))
@@ -29,7 +41,43 @@ class DistContext:
             dev = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
         else:
             dev = torch.device(device)
+            if dev.type == "cuda" and dev.index is None:  # "cuda" under torchrun: this process's GPU
+                dev = torch.device(f"cuda:{local}")
         if world > 1:
-            raise NotImplementedError(
-                "multi-process training is not wired up yet; run with one process")
+            if not tdist.is_available():
+                raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+            if dev.type == "cuda":
+                torch.cuda.set_device(dev)
+            if not tdist.is_initialized():
+                tdist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method="env://",
+                                         rank=rank, world_size=world)
         return cls(rank=rank, world_size=world, device=dev)
+
+    def barrier(self) -> None:
+        """Wait until every process gets here (no-op with one process)."""
+        if self.active:
+            if self.device.type == "cuda":
+                tdist.barrier(device_ids=[self.device.index])
+            else:
+                tdist.barrier()
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Sum (or max/min) `tensor` over processes in place and return it (any shape)."""
+        if self.active:
+            ops = {"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX, "min": tdist.ReduceOp.MIN}
+            tdist.all_reduce(tensor, op=ops[op])
+        return tensor
+
+    def all_gather_object(self, obj: Any) -> List[Any]:
+        """Every process's `obj` (picklable), in rank order; [obj] with one process."""
+        if not self.active:
+            return [obj]
+        out: List[Any] = [None] * self.world_size
+        tdist.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        """Leave the process group (after a last barrier); safe to call twice or with one process."""
+        if self.active:
+            self.barrier()
+            tdist.destroy_process_group()

@@ -100,34 +100,75 @@ def lr_factor(step: int, cfg: OptimConfig, total: int) -> float:
 
 
 class EpochBatches:
-    """Deterministic batches: a fresh permutation per epoch from (seed, epoch), sharded by rank.
+    """Deterministic batches: a fresh permutation per epoch from (seed, epoch), split by rank.
 
-    `batch_indices(step)` depends only on the step, so a resumed run sees exactly the batches an
-    uninterrupted one would.
+    `batch_size` is the global batch. `global_indices(step)` depends only on the step, so a resumed
+    run sees exactly the batches an uninterrupted one would, and with `world` processes rank r takes
+    the r-th contiguous part of the very batch one process would take (`rows` says which part).
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
-        per_rank = n // world
-        if per_rank < 1:
-            raise ValueError(f"data set of {n} samples is too small for {world} processes")
+        if n < 1:
+            raise ValueError("the data set is empty")
         self.n, self.seed, self.rank, self.world = n, seed, rank, world
-        if batch_size > per_rank:  # a documented conversion, not a silent one
-            warnings.warn(f"batch_size {batch_size} is larger than the data set ({per_rank} samples per "
-                          f"process); using batches of {per_rank}", stacklevel=2)
-        self.batch_size = min(batch_size, per_rank)
-        self.per_epoch = per_rank // self.batch_size
+        if batch_size > n:  # a documented conversion, not a silent one
+            warnings.warn(f"batch_size {batch_size} is larger than the data set ({n} samples); "
+                          f"using batches of {n}", stacklevel=2)
+        self.batch_size = min(batch_size, n)
+        if self.batch_size < world:
+            raise ValueError(f"the global batch of {self.batch_size} samples is too small for {world} "
+                             "processes; raise loop.batch_size to at least the number of processes")
+        self.per_epoch = n // self.batch_size
+        base, extra = divmod(self.batch_size, world)
+        self.start = rank * base + min(rank, extra)
+        self.count = base + (rank < extra)
         self._cache: Dict[int, Tensor] = {}
 
     def _perm(self, epoch: int) -> Tensor:
         if epoch not in self._cache:
             g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
-            self._cache = {epoch: torch.randperm(self.n, generator=g)[self.rank::self.world]}
+            self._cache = {epoch: torch.randperm(self.n, generator=g)}
         return self._cache[epoch]
 
-    def batch_indices(self, step: int) -> Tensor:
-        """Indices of the batch used at global step `step`."""
+    def global_indices(self, step: int) -> Tensor:
+        """Indices [batch_size] of the whole (all ranks') batch at global step `step`."""
         epoch, k = divmod(step, self.per_epoch)
         return self._perm(epoch)[k * self.batch_size:(k + 1) * self.batch_size]
+
+    def batch_indices(self, step: int) -> Tensor:
+        """Indices [count] of this rank's rows of the batch at global step `step`."""
+        return self.global_indices(step)[self.start:self.start + self.count]
+
+
+class _Rows:
+    """Calls `net` on this rank's rows only; the loss sees the whole global batch.
+
+    A loss draws its randomness (noise, t, shifts) for every row of the global batch from the step's
+    generator, exactly as one process would, and this stand-in for the network runs the network on
+    this rank's rows and pads its output with zeros elsewhere (rows the caller then drops). The loss
+    must call the network once, with the batch rows first; anything else raises.
+    """
+
+    def __init__(self, net: Callable, module: nn.Module, start: int, count: int, total: int):
+        self.net, self.module = net, module
+        self.start, self.count, self.total = start, count, total
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:  # e.g. `.training`, `.diffusion` of the network
+        return getattr(self.module, name)
+
+    def __call__(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        self.calls += 1
+        if self.calls > 1 or x.shape[0] != self.total:
+            raise RuntimeError("multi-process training needs a loss that calls the network once on the "
+                               f"whole batch (got call {self.calls} with {x.shape[0]} rows, expected "
+                               f"{self.total}); run this loss with one process")
+        sl = slice(self.start, self.start + self.count)
+        cut = lambda a: a[sl] if torch.is_tensor(a) and a.dim() and a.shape[0] == self.total else a  # noqa: E731
+        out = self.net(x[sl], *[cut(a) for a in args], **{k: cut(v) for k, v in kwargs.items()})
+        before = out.new_zeros((self.start, *out.shape[1:]))
+        after = out.new_zeros((self.total - self.start - self.count, *out.shape[1:]))
+        return torch.cat([before, out, after])
 
 
 class Trainer:
@@ -136,6 +177,8 @@ class Trainer:
     dataset: any indexable of (image, label) pairs, or an object with `.images`/`.labels`
     tensors (fast path). `spec` is the JSON that rebuilds the model (saved with checkpoints).
     Callbacks `on_sample(trainer, step)` run on the main process every `sample_every` steps.
+    Under torchrun (world_size > 1) the model is wrapped in DistributedDataParallel, each rank
+    takes its share of the global batch `loop.batch_size`, and the main rank logs and saves.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, dataset: Any, loop: LoopConfig,
@@ -156,6 +199,12 @@ class Trainer:
                                            betas=tuple(optim.betas), weight_decay=optim.weight_decay)
         self.batches = EpochBatches(len(dataset), loop.batch_size, loop.seed,
                                     self.dist.rank, self.dist.world_size)
+        self.net: nn.Module = self.model  # what the loss calls: the model, or its DDP wrapper
+        if self.dist.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
         self.step = 0
         self.history: List[Dict[str, float]] = []
         self._writer = None
@@ -171,6 +220,7 @@ class Trainer:
         return self._writer
 
     def _batch(self, step: int):
+        """This rank's rows; with several ranks, placed in a zero batch of the global size."""
         idx = self.batches.batch_indices(step)
         if hasattr(self.dataset, "images") and hasattr(self.dataset, "labels"):
             x, y = self.dataset.images[idx], self.dataset.labels[idx]
@@ -178,12 +228,33 @@ class Trainer:
             items = [self.dataset[int(i)] for i in idx]
             x = torch.stack([it[0] for it in items])
             y = torch.as_tensor([int(it[1]) for it in items])
+        if self.dist.world_size > 1:
+            # other ranks' rows are placeholders: the loss only draws randomness for them
+            b, a = self.batches, self.batches.start
+            gx, gy = x.new_zeros((b.batch_size, *x.shape[1:])), y.new_zeros((b.batch_size, *y.shape[1:]))
+            gx[a:a + b.count], gy[a:a + b.count] = x, y
+            x, y = gx, gy
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def _generator(self, step: int) -> torch.Generator:
+        # seeded by the step alone (rank 0's seed): every rank draws the same global batch's randomness
         g = torch.Generator(device=self.device)
-        g.manual_seed(step_seed(self.loop.seed, step, self.dist.rank))
+        g.manual_seed(step_seed(self.loop.seed, step, 0))
         return g
+
+    def _loss(self, step: int) -> tuple[Tensor, Tensor]:
+        """(objective to back-propagate, mean loss over the global batch) at `step`; both scalars."""
+        batch = self._batch(step)
+        if self.dist.world_size == 1:
+            loss = self.loss_fn(self.net, batch, self._generator(step)).mean()
+            return loss, loss.detach()
+        b = self.batches
+        rows = self.loss_fn(_Rows(self.net, self.model, b.start, b.count, b.batch_size), batch,
+                            self._generator(step))[b.start:b.start + b.count].sum()
+        # DDP averages gradients over ranks: scale so that the result is d(mean over the global batch)
+        objective = rows * (self.dist.world_size / b.batch_size)
+        total = self.dist.all_reduce(rows.detach().float().clone()) / b.batch_size
+        return objective, total
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -195,12 +266,14 @@ class Trainer:
             be.copy_(bm)
 
     def save(self) -> Optional[Path]:
-        """Checkpoint the current state (main process only)."""
-        if not self.dist.is_main:
-            return None
-        return save_checkpoint(self.ckpt_root, self.step, self.model, self.ema, self.optimizer,
-                               self.spec, {"history_tail": self.history[-5:]},
-                               keep=self.loop.keep_checkpoints)
+        """Checkpoint the current state (the main process writes; the others wait until it is on disk)."""
+        path = None
+        if self.dist.is_main:
+            path = save_checkpoint(self.ckpt_root, self.step, self.model, self.ema, self.optimizer,
+                                   self.spec, {"history_tail": self.history[-5:]},
+                                   keep=self.loop.keep_checkpoints)
+        self.dist.barrier()  # a rank that resumes next must see the files
+        return path
 
     def try_resume(self) -> bool:
         """Load the newest checkpoint of this run directory if there is one."""
@@ -223,24 +296,23 @@ class Trainer:
         use_bf16 = self.loop.bf16 and self.device.type == "cuda"
         bar = tqdm(total=total, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (self.loop.progress and self.dist.is_main), mininterval=1.0)
-        self.model.train()
+        self.net.train()
         while self.step < end:
             step = self.step
             lr = self.optim_cfg.lr * lr_factor(step, self.optim_cfg, total)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             torch.manual_seed(step_seed(self.loop.seed, step))  # dropout etc.: repeatable on resume
-            batch = self._batch(step)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = self.loss_fn(self.model, batch, self._generator(step)).mean()
-            if not torch.isfinite(loss):
+                objective, loss = self._loss(step)
+            if not torch.isfinite(loss):  # the global mean: every rank stops together
                 bar.close()
                 where = self.ckpt_root if (self.ckpt_root / "latest.json").exists() else "none yet"
                 raise NonFiniteLossError(
                     f"loss became {loss.item()} at step {step}; training stopped without saving "
                     f"this state. Last good checkpoint: {where}. Lower optim.lr or check the data.")
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(
                 self.model.parameters(), self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0
                 else float("inf"))
