@@ -11,6 +11,8 @@ running the one pipeline method `RobustClassifier.run` with the attack purifier:
   sample towards a low t* (our stronger SSNI-adaptive attack);
 - `bpda`: identity in place of the purifier's backward pass, t* without gradients;
 - `bare`: the classifier alone with the wrapper's preprocessing (transfer source, "none").
+`FixedView` (the evaluation's `fixed_seeds: true`; not a registered view) is the defense itself, full
+gradients: called with the seeds the defense later uses, the attack differentiates exactly that draw.
 """
 from __future__ import annotations
 
@@ -317,6 +319,21 @@ def bpda_view(defense: RobustClassifier) -> nn.Module:
 def bare_view(defense: RobustClassifier) -> nn.Module:
     """The classifier alone (transfer attacks, the undefended row)."""
     return BareView(defense)
+
+
+class FixedView(nn.Module):
+    """The defense's own pipeline with full gradients; x [B,C,H,W] in [0,1], seeds [B] -> logits [B,n].
+
+    Same seeds, same output as `RobustClassifier.forward`: the attacker knows the defense's randomness.
+    """
+
+    def __init__(self, parent: RobustClassifier):
+        super().__init__()
+        self.parent = parent
+
+    def forward(self, x: Tensor, seeds: Optional[Tensor] = None) -> Tensor:
+        """Defense logits [B,n], differentiable in x through every purification step."""
+        return self.parent.run(x, seeds, attack=False, smooth=False, grad="full")
 
 
 # -- recipes -----------------------------------------------------------------------------------

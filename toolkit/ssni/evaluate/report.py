@@ -21,9 +21,13 @@ def pct_ci(v: float | None, ci: Sequence[float] | None = None) -> str:
 
 
 def markdown_table(rows: List[Dict[str, Any]]) -> str:
-    """Rows of cell results -> a markdown table (percentages with 95% Wilson intervals)."""
-    head = ("| defense | attack | n | clean % | robust % (expected) | robust % (worst-of-N) "
-            "| mean t* clean | mean t* adv | seconds |\n|---|---|---|---|---|---|---|---|---|\n")
+    """Rows of cell results -> a markdown table (percentages with 95% Wilson intervals).
+
+    majority: accuracy of the per-image majority vote over the draws ('—' for results saved without
+    per-draw predictions).
+    """
+    head = ("| defense | attack | n | clean % | robust % (expected) | robust % (worst-of-N) | robust % (majority) "
+            "| mean t* clean | mean t* adv | seconds |\n|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         tc, ta = r.get("mean_t_clean"), r.get("mean_t_adv")
@@ -31,6 +35,7 @@ def markdown_table(rows: List[Dict[str, Any]]) -> str:
             f"| {r['defense']} | {r['attack']} | {r['n']} | {pct_ci(r['clean'], r.get('clean_ci'))} "
             f"| {pct_ci(r['robust_expected'], r.get('robust_expected_ci'))} "
             f"| {pct_ci(r['robust_worst'], r.get('robust_worst_ci'))} "
+            f"| {pct_ci(r.get('majority'), r.get('majority_ci'))} "
             f"| {'—' if tc is None else f'{tc:.3f}'} | {'—' if ta is None else f'{ta:.3f}'} "
             f"| {r['seconds']:.0f} |")
     return head + "\n".join(lines) + "\n"

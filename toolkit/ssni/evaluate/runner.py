@@ -13,18 +13,18 @@ from torch import Tensor, nn
 from ..attacks import ATTACKS, EOT
 from ..config import ConfigError, load_config, to_dict
 from ..data import DataConfig, build_dataset
-from ..defense import VIEWS, DefenseConfig, build_defense
+from ..defense import VIEWS, DefenseConfig, FixedView, build_defense
 from ..device import resolve_device
-from ..io import atomic_write_json, atomic_write_text
+from ..io import atomic_save_safetensors, atomic_write_json, atomic_write_text
 from ..models import weights_fingerprint
 from ..registry import UnknownNameError
 from ..scoring import ReweightConfig, build_reweight
 from ..seeding import derive_seed
 from ..training.dist import DistContext
 from .checks import epsilon_checks, gradient_check, randomness_check
-from .metrics import draw_accuracy
+from .metrics import draw_accuracy, majority_vote_accuracy, wilson_interval, worst_case
 from .report import markdown_table, plot_accuracy_vs_eps, plot_histograms
-from .state import EvalState, config_fingerprint
+from .state import EvalState, _slug, config_fingerprint
 
 
 @dataclass
@@ -44,7 +44,39 @@ class AttackSpec:
     kwargs: Dict[str, Any] = field(default_factory=dict)
     eot: int = 1
     view: str = "full"  # full | adaptive | bpda | bare (transfer)
+    # attack the defense itself (its own purifier, full gradients) with the seeds it uses for draw 0
+    fixed_seeds: bool = False
     only_sample_specific: bool = False  # skip defenses whose t* does not depend on x
+    selective: bool = False  # EOT over the draws that still resist only (DiffHammer)
+    preset: Optional[str] = None  # rand: AutoAttack's rand version, APGD-CE + APGD-DLR with EOT 20
+
+
+# preset -> (label suffix, loss) of the APGD runs it expands into
+PRESETS: Dict[str, List[tuple]] = {"rand": [("apgd-ce", "ce"), ("apgd-dlr", "dlr")]}
+# left out of the fingerprint at their defaults
+NEW_ATTACK_FIELDS = {"selective": False, "preset": None, "fixed_seeds": False}
+
+
+def expand_attacks(attacks: List[AttackSpec]) -> tuple:
+    """Presets expanded into plain specs -> (specs, {preset label: [its expanded labels]})."""
+    out, groups = [], {}
+    for i, a in enumerate(attacks):
+        if a.preset is None:
+            out.append(a)
+            continue
+        if a.preset not in PRESETS:
+            raise ConfigError(f"attacks[{i}] ({a.name!r}): unknown preset {a.preset!r}; valid choices: "
+                              f"{', '.join(sorted(PRESETS))}")
+        groups[a.name] = []
+        for suffix, loss in PRESETS[a.preset]:
+            label = f"{a.name}-{suffix}"
+            # AutoAttack's rand version: 100 APGD steps, EOT 20 (eot > 1 in the spec overrides it)
+            out.append(AttackSpec(name=label, attack="apgd", kwargs={"steps": 100, **a.kwargs, "loss": loss},
+                                  eot=a.eot if a.eot > 1 else 20, view=a.view,
+                                  only_sample_specific=a.only_sample_specific, selective=a.selective,
+                                  fixed_seeds=a.fixed_seeds))
+            groups[a.name].append(label)
+    return out, groups
 
 
 @dataclass
@@ -81,6 +113,7 @@ class EvaluateConfig:
     checks: bool = True
     progress: bool = True
     device: str = "auto"
+    save_adversarial: bool = False  # x_adv of every attacked batch: run_dir/adv/<cell>/batch_XXXXX.safetensors
 
 
 def check_config(cfg: EvaluateConfig) -> None:
@@ -94,13 +127,17 @@ def check_config(cfg: EvaluateConfig) -> None:
         raise ConfigError("evaluate: `defenses` is empty; list at least one (e.g. name: none)")
     if len(set(names)) != len(names):
         raise ConfigError(f"defense names must be unique, got {names}")
-    labels = [a.name for a in cfg.attacks]
+    attacks, groups = expand_attacks(cfg.attacks)
+    labels = [a.name for a in attacks] + list(groups)
     if len(set(labels)) != len(labels):
         raise ConfigError(f"attack labels must be unique, got {labels}")
-    for i, a in enumerate(cfg.attacks):
+    labels = [a.name for a in attacks]
+    for i, a in enumerate(attacks):
         where = f"attacks[{i}] ({a.name!r})"
-        if a.name == "clean":  # cells are named <defense>/<attack>; <defense>/clean is the clean cell
-            raise ConfigError(f"{where}: the label 'clean' is reserved for clean accuracy; rename the attack")
+        if a.name in ("clean", "worst-case"):  # <defense>/clean is the clean cell; worst-case a summary row
+            raise ConfigError(f"{where}: the label {a.name!r} is reserved for "
+                              f"{'clean accuracy' if a.name == 'clean' else 'the worst over attacks'}; "
+                              "rename the attack")
         for registry, value in ((ATTACKS, a.attack), (VIEWS, a.view)):
             if value not in registry:
                 raise UnknownNameError(f"{where}: unknown {registry.kind} {value!r}; valid choices: "
@@ -125,6 +162,27 @@ def _same_eps(spec: AttackSpec, eps: float) -> bool:
     return own is not None and abs(float(own) - float(eps)) <= 1e-9 * max(1.0, abs(float(eps)))
 
 
+class _BoundSeeds(nn.Module):
+    """A view called with fixed per-sample seeds [B]; x [R*B,...] (EOT copies) -> logits [R*B,n]."""
+
+    def __init__(self, view: nn.Module, seeds: Tensor):
+        super().__init__()
+        self.view, self.seeds = view, seeds
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits of the view with every copy of sample i drawn with seeds[i]."""
+        b = self.seeds.numel()
+        if x.shape[0] % b:
+            raise ValueError(f"fixed seeds: {x.shape[0]} inputs are not copies of the {b} seeded samples")
+        return self.view(x, seeds=self.seeds.repeat(x.shape[0] // b))
+
+
+def _maj(cell: Dict[str, Any]) -> tuple:
+    """(majority accuracy, its interval) of a cell, or (None, None) when its predictions were not saved."""
+    m = cell.get("majority")
+    return (None, None) if m is None else (m["majority"], m["majority_ci"])
+
+
 class Evaluation:
     """Runs the cells of an EvaluateConfig batch by batch, saving each batch as it finishes.
 
@@ -143,6 +201,7 @@ class Evaluation:
                     if cfg.defense_recipe else cfg.defense)
         self.base = build_defense(base_cfg, device=self.device)
         self.bare = self.base.view("bare")
+        self.attacks, self.groups = expand_attacks(cfg.attacks)
         self.defenses: Dict[str, Optional[nn.Module]] = {}
         for spec in cfg.defenses:
             rw = spec.reweight
@@ -150,7 +209,7 @@ class Evaluation:
                 reweight=build_reweight(rw.name, self.base.calibration, **rw.kwargs))
         if not self.defenses:
             raise ValueError("evaluate: `defenses` is empty; list at least one (e.g. name: none)")
-        for i, spec in enumerate(cfg.attacks):  # bad attack settings fail here, not after hours of work
+        for i, spec in enumerate(self.attacks):  # bad attack settings fail here, not after hours of work
             try:
                 self._make_attack(spec)
             except (TypeError, ValueError) as e:
@@ -175,8 +234,15 @@ class Evaluation:
         reweights = {name: None if m is None else {"name": type(m.reweight).__name__,
                                                    **m.reweight.config()}
                      for name, m in self.defenses.items()}
-        return {"config": config_fingerprint({**to_dict(self.cfg),
-                                              "resolved_defense": to_dict(base_cfg)}),
+        cfg = to_dict(self.cfg)
+        # options added later are left out at their defaults, so older run directories still resume
+        if not cfg.get("save_adversarial"):
+            cfg.pop("save_adversarial", None)
+        for a in cfg.get("attacks", []):
+            for k, v in NEW_ATTACK_FIELDS.items():
+                if a.get(k, v) == v:
+                    a.pop(k, None)
+        return {"config": config_fingerprint({**cfg, "resolved_defense": to_dict(base_cfg)}),
                 "score_model": weights_fingerprint(b.score_model),
                 "classifier": weights_fingerprint(b.classifier),
                 "calibration": config_fingerprint(None if b.calibration is None
@@ -184,23 +250,28 @@ class Evaluation:
                 "reweights": config_fingerprint(reweights)}
 
     # -- pieces ------------------------------------------------------------------------------
+    def _seeds(self, cell: str, first: int, b: int, m: int) -> Tensor:
+        """The defense's per-sample seeds [b] of draw m for samples first..first+b-1 of a cell."""
+        return torch.tensor([derive_seed(self.cfg.seed, cell, i, m) for i in range(first, first + b)])
+
     def _draw_correct(self, model: Optional[nn.Module], x: Tensor, y: Tensor, first: int,
                       cell: str) -> Dict[str, Any]:
-        """Defense outputs over `draws` seeded draws: correctness [B, M], t*, score norms."""
-        out: Dict[str, Any] = {"correct": [], "t_star": None, "score_norm": None}
+        """Defense outputs over `draws` seeded draws: correctness and predicted class [B, M], t*, score norms."""
+        out: Dict[str, Any] = {"correct": [], "pred": [], "t_star": None, "score_norm": None}
         with torch.no_grad():
             for m in range(self.cfg.draws):
                 if model is None:
                     logits = self.bare(x)
                 else:
-                    idx = torch.arange(first, first + x.shape[0])
-                    seeds = torch.tensor([derive_seed(self.cfg.seed, cell, int(i), m) for i in idx])
-                    logits = model(x, seeds=seeds)
+                    logits = model(x, seeds=self._seeds(cell, first, x.shape[0], m))
                     if m == 0:
                         out["t_star"] = model.last_t_star.cpu().tolist()
                         out["score_norm"] = model.last_score_norm.cpu().tolist()
-                out["correct"].append((logits.argmax(1) == y).cpu().tolist())
+                pred = logits.argmax(1)
+                out["correct"].append((pred == y).cpu().tolist())
+                out["pred"].append(pred.cpu().tolist())
         out["correct"] = [list(c) for c in zip(*out["correct"])]  # [B, M]
+        out["pred"] = [list(c) for c in zip(*out["pred"])]  # [B, M]
         return out
 
     def _make_attack(self, spec: AttackSpec, eps: Optional[float] = None):
@@ -213,7 +284,13 @@ class Evaluation:
         if spec.attack == "transfer":
             kwargs["source"] = self.bare
         attack = ATTACKS.create(spec.attack, **kwargs)
-        return EOT(attack, spec.eot) if spec.eot > 1 else attack
+        return EOT(attack, spec.eot, selective=spec.selective) if spec.eot > 1 or spec.selective else attack
+
+    def _targets(self, y: Tensor, cell: str, bi: int) -> Tensor:
+        """Target labels [B] of a targeted attack: a seeded class other than y, per sample."""
+        g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, cell, bi, "target"))
+        shift = torch.randint(1, self.num_classes, (y.shape[0],), generator=g).to(y.device)
+        return (y + shift) % self.num_classes
 
     def _tick(self) -> None:
         self._batches_done += 1
@@ -238,12 +315,22 @@ class Evaluation:
                 t0 = time.perf_counter()
                 flags: List[str] = []
                 if attack_spec is not None:
-                    view = self.bare if model is None else model.view(attack_spec.view)
+                    view = check_view = self.bare if model is None else model.view(attack_spec.view)
+                    if attack_spec.fixed_seeds and model is not None:
+                        # the attacker knows the defense's randomness: the seeds the evaluation uses for draw 0
+                        seeds0 = self._seeds(cell, k, x.shape[0], 0)
+                        fixed = FixedView(model)
+                        view, check_view = _BoundSeeds(fixed, seeds0), _BoundSeeds(fixed, seeds0[:8])
                     attack = self._make_attack(attack_spec, eps)
                     if self.cfg.checks and bi == 0 and eps is None:
-                        flags += self._self_check(view, x[:8], y[:8], attack_spec)
+                        flags += self._self_check(check_view, x[:8], y[:8], attack_spec)
+                    target = self._targets(y, cell, bi) if attack.targeted else y
                     torch.manual_seed(derive_seed(self.cfg.seed, cell, bi))  # view randomness
-                    x_in = attack(view, x, y, seed=derive_seed(self.cfg.seed, cell, bi, "start"))
+                    x_in = attack(view, x, target, seed=derive_seed(self.cfg.seed, cell, bi, "start"))
+                    if self.cfg.save_adversarial:
+                        atomic_save_safetensors(self.run_dir / "adv" / _slug(cell) / f"batch_{bi:05d}.safetensors",
+                                                {"x_adv": x_in.detach().cpu().contiguous(),
+                                                 "y": y.cpu().contiguous()})
                 else:
                     x_in = x
                 saved = self._draw_correct(model, x_in, y, k, cell)
@@ -265,9 +352,15 @@ class Evaluation:
                                    "every rank finished; was the state directory changed meanwhile?")
         correct = torch.tensor([row for p in parts for row in p["correct"]], dtype=torch.bool)
         res = draw_accuracy(correct)
+        pred = None  # batches saved before predictions were stored have none: no majority vote then
+        if all(p.get("pred") is not None for p in parts):
+            pred = [row for p in parts for row in p["pred"]]
+        maj = None if pred is None else majority_vote_accuracy(torch.tensor(pred, dtype=torch.long), y_all.cpu())
         ts = [v for p in parts for v in (p["t_star"] or [])]
         sn = [v for p in parts for v in (p["score_norm"] or [])]
         return {"metrics": res, "t_star": ts, "score_norm": sn, "correct": correct.tolist(),
+                "majority": None if maj is None else {"majority": maj["majority"], "majority_ci": maj["majority_ci"],
+                                                      "correct": maj["correct"].tolist()},
                 "seconds": sum(p["seconds"] for p in parts),
                 "flags": [f for p in parts for f in p["flags"]]}
 
@@ -295,24 +388,24 @@ class Evaluation:
 
         cfg = self.cfg
         nb = -(-self.x.shape[0] // cfg.batch_size)
-        sweep_attack = next((a for a in cfg.attacks if a.name == cfg.sweep.attack), None)
+        sweep_attack = next((a for a in self.attacks if a.name == cfg.sweep.attack), None)
         if cfg.sweep.attack and sweep_attack is None:
             raise ValueError(f"sweep.attack {cfg.sweep.attack!r} is not one of the attacks "
-                             f"{[a.name for a in cfg.attacks]}")
+                             f"{[a.name for a in self.attacks]}")
         ns = min(cfg.sweep.num_samples, self.x.shape[0])
         nb_sweep = -(-ns // cfg.batch_size)  # batches per sweep point
         n_sweep = nb_sweep * len(cfg.sweep.eps) * len(cfg.sweep.defenses)
-        total = nb * len(self.defenses) * (1 + len(cfg.attacks)) + (n_sweep if sweep_attack else 0)
+        total = nb * len(self.defenses) * (1 + len(self.attacks)) + (n_sweep if sweep_attack else 0)
         self._bar = tqdm(total=total, desc="evaluate", disable=not (cfg.progress and self.dist.is_main),
                          dynamic_ncols=True)
-        rows, cells = [], {}
+        rows, cells, worst_rows = [], {}, []
         mean = lambda v: (sum(v) / len(v)) if v else None  # noqa: E731
         for dname, model in self.defenses.items():
             sample_specific = model is not None and model.reweight.sample_specific
             clean = self._cell(f"{dname}/clean", model, None, self.x, self.y)
             cells[f"{dname}/clean"] = clean
             first_row = len(rows)
-            for spec in cfg.attacks:
+            for spec in self.attacks:
                 if spec.only_sample_specific and not sample_specific:
                     self._bar.update(nb)
                     continue
@@ -322,18 +415,23 @@ class Evaluation:
                 res = self._cell(f"{dname}/{spec.name}", model, spec, self.x, self.y)
                 cells[f"{dname}/{spec.name}"] = res
                 m, cm = res["metrics"], clean["metrics"]
+                maj, maj_ci = _maj(res)
                 rows.append({"defense": dname, "attack": spec.name, "n": m["n"],
                              "draws": m["draws"], "clean": cm["expected"], "clean_ci": cm["expected_ci"],
                              "robust_expected": m["expected"], "robust_expected_ci": m["expected_ci"],
                              "robust_worst": m["worst_of_n"], "robust_worst_ci": m["worst_of_n_ci"],
+                             "majority": maj, "majority_ci": maj_ci,
                              "mean_t_clean": mean(clean["t_star"]), "mean_t_adv": mean(res["t_star"]),
                              "seconds": clean["seconds"] + res["seconds"], "flags": res["flags"]})
+            worst_rows += self._worst_rows(dname, clean, cells, rows[first_row:])
             if len(rows) == first_row:  # no attack ran on this defense: still report its clean accuracy
                 cm = clean["metrics"]
+                maj, maj_ci = _maj(clean)
                 rows.append({"defense": dname, "attack": "clean", "n": cm["n"], "draws": cm["draws"],
                              "clean": cm["expected"], "clean_ci": cm["expected_ci"],
                              "robust_expected": None, "robust_expected_ci": None,
                              "robust_worst": None, "robust_worst_ci": None,
+                             "majority": maj, "majority_ci": maj_ci,
                              "mean_t_clean": mean(clean["t_star"]), "mean_t_adv": None,
                              "seconds": clean["seconds"], "flags": []})
         curves: Dict[str, Dict[str, List[float]]] = {}
@@ -364,13 +462,40 @@ class Evaluation:
                   f"(same config, weights and calibration)", flush=True)
         if not self.dist.is_main:  # the main rank writes the report; the others only wait for it
             self.dist.barrier()
-            return {"table": markdown_table(rows), "flags": flags, "report": str(self.run_dir / "report.md"),
+            return {"table": markdown_table(rows + worst_rows), "flags": flags, "report": str(self.run_dir / "report.md"),
                     "results": str(self.run_dir / "results.json")}
-        result = self._write(rows, cells, curves, flags)
+        result = self._write(rows, cells, curves, flags, worst_rows)
         self.dist.barrier()
         return result
 
-    def _write(self, rows, cells, curves, flags) -> Dict[str, Any]:
+    def _worst_rows(self, dname: str, clean: Dict[str, Any], cells: Dict[str, Any],
+                    rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """Worst over attacks (AutoAttack style) of one defense: a row per preset group, and a
+        "worst-case" row over all its attack cells when there are >= 2 (and they are not one group)."""
+        names = [r["attack"] for r in rows]
+        sets = [(g, [a for a in members if a in names]) for g, members in self.groups.items()]
+        sets = [(g, m) for g, m in sets if len(m) >= 2]
+        if len(names) >= 2 and not any(set(m) == set(names) for _, m in sets):
+            sets.append(("worst-case", names))
+        out, cm = [], clean["metrics"]
+        for label, members in sets:
+            parts = [cells[f"{dname}/{a}"] for a in members]
+            wc = worst_case({a: torch.tensor(p["correct"], dtype=torch.bool) for a, p in zip(members, parts)})
+            maj = maj_ci = None
+            if all(p.get("majority") is not None for p in parts):  # the vote survives every attack
+                hits = torch.tensor([p["majority"]["correct"] for p in parts], dtype=torch.bool).all(0)
+                maj, maj_ci = int(hits.sum()) / max(wc["n"], 1), wilson_interval(int(hits.sum()), wc["n"])
+            out.append({"defense": dname, "attack": label, "n": wc["n"], "draws": cm["draws"],
+                        "clean": cm["expected"], "clean_ci": cm["expected_ci"],
+                        "robust_expected": wc["expected"], "robust_expected_ci": wc["expected_ci"],
+                        "robust_worst": wc["worst_of_n"], "robust_worst_ci": wc["worst_of_n_ci"],
+                        "majority": maj, "majority_ci": maj_ci, "attacks": members,
+                        "mean_t_clean": None, "mean_t_adv": None,
+                        "seconds": sum(p["seconds"] for p in parts),
+                        "flags": sorted({f for p in parts for f in p["flags"]})})
+        return out
+
+    def _write(self, rows, cells, curves, flags, worst_rows) -> Dict[str, Any]:
         out = self.run_dir
         hist_s, hist_t = {}, {}
         for dname, model in self.defenses.items():
@@ -379,7 +504,7 @@ class Evaluation:
             clean = cells.get(f"{dname}/clean", {})
             groups_s = {"clean": clean.get("score_norm", [])}
             groups_t = {"clean": clean.get("t_star", [])}
-            for spec in self.cfg.attacks:
+            for spec in self.attacks:
                 c = cells.get(f"{dname}/{spec.name}")
                 if c:
                     groups_s[spec.name] = c["score_norm"]
@@ -395,8 +520,9 @@ class Evaluation:
                               f"{self.cfg.sweep.attack}: accuracy vs epsilon"))):
             if path is not None:
                 plots[key] = str(path)
-        table = markdown_table(rows)
-        results = {"rows": rows, "curves": curves, "flags": flags, "plots": plots,
+        table = markdown_table(rows + worst_rows)
+        # worst-over-attacks rows stay apart from the per-cell rows (one row per cell there)
+        results = {"rows": rows, "worst_case": worst_rows, "curves": curves, "flags": flags, "plots": plots,
                    "n": int(self.x.shape[0]), "draws": self.cfg.draws,
                    "attacks": [to_dict(a) for a in self.cfg.attacks],
                    "per_sample": {k: {"t_star": v["t_star"], "score_norm": v["score_norm"]}
@@ -407,8 +533,10 @@ class Evaluation:
               "Wilson intervals over images.", "", table, "## Self-checks", ""]
         md += [f"- FLAG: {f}" for f in flags] or ["- no flags raised"]
         md += ["", "## Attacks", ""]
-        md += [f"- `{a.name}`: {a.attack} {a.kwargs}, EOT {a.eot}, view `{a.view}`"
-               for a in self.cfg.attacks]
+        md += [f"- `{a.name}`: {a.attack} {a.kwargs}, EOT {a.eot}{' (selective)' if a.selective else ''}, "
+               f"view `{a.view}`" for a in self.attacks]
+        md += [f"- `{g}` (worst of {', '.join(m)}): preset rand, AutoAttack's randomized-defense version"
+               for g, m in self.groups.items()]
         md += [""] + [f"![{k}]({Path(v).name})" for k, v in plots.items()]
         atomic_write_text(out / "report.md", "\n".join(md) + "\n")
         try:

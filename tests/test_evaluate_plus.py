@@ -1,0 +1,167 @@
+import json
+
+import pytest
+import torch
+import yaml
+
+from ssni.attacks import PGD
+from ssni.config import load_config
+from ssni.defense import FixedView
+from ssni.evaluate.runner import AttackSpec, EvaluateConfig, Evaluation, _BoundSeeds, expand_attacks
+from ssni.io import atomic_save_safetensors, atomic_write_json
+from ssni.models import classifier_spec, create_classifier, create_model, save_model
+from ssni.scoring import ScoreNormConfig, calibrate
+
+STEP = {"eps": 0.1, "steps": 1, "step_size": 0.05}
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """A perturbed unet_tiny score model, its calibration and a resnet10t, on 8x8 digits."""
+    root = tmp_path_factory.mktemp("evalplus")
+    torch.manual_seed(0)
+    sm = create_model("unet_tiny")
+    with torch.no_grad():
+        for p in sm.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    save_model(root / "score", sm)
+    from ssni.data import DataConfig, build_dataset
+
+    train = build_dataset(DataConfig(image_size=8), "train")
+    cal, _ = calibrate(sm.eval(), train.images[:32], ScoreNormConfig(timesteps=4), batch_size=32)
+    cal.save(root / "calibration.json")
+    clf = create_classifier("resnet10t", in_chans=1, num_classes=10, image_size=8)
+    atomic_save_safetensors(root / "clf" / "model.safetensors", clf.state_dict())
+    atomic_write_json(root / "clf" / "model.json", classifier_spec(clf))
+    return root
+
+
+def _config(root, run_dir, **over):
+    rec = {
+        "run_dir": str(run_dir), "data": {"name": "digits", "image_size": 8},
+        "num_samples": 6, "batch_size": 3, "draws": 2, "progress": False, "device": "cpu",
+        "defense": {"score_model": str(root / "score"), "score_weights": "model",
+                    "calibration": str(root / "calibration.json"),
+                    "score_norm": {"timesteps": 4},
+                    "purifier": {"sampler": "ddpm", "steps": 1},
+                    "classifier": {"checkpoint": str(root / "clf"), "weights": "model"},
+                    "mean": [0.0], "std": [1.0], "device": "cpu"},
+        "defenses": [{"name": "none"},
+                     {"name": "dbp", "reweight": {"name": "constant", "kwargs": {"t_base": 0.05}}}],
+        "attacks": [{"name": "pgd", "attack": "pgd", "eot": 2, "kwargs": STEP},
+                    {"name": "rand", "preset": "rand", "eot": 2, "kwargs": {"eps": 0.1, "steps": 1}}],
+        "sweep": {},
+    }
+    rec.update(over)
+    path = run_dir.parent / f"{run_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(rec))
+    return load_config(EvaluateConfig, path, [])
+
+
+def test_rand_preset_expands_to_apgd_ce_and_dlr_with_eot_20():
+    specs, groups = expand_attacks([AttackSpec(name="pgd"),
+                                    AttackSpec(name="aa", preset="rand", kwargs={"eps": 0.5, "norm": "l2"})])
+    assert [s.name for s in specs] == ["pgd", "aa-apgd-ce", "aa-apgd-dlr"]
+    assert groups == {"aa": ["aa-apgd-ce", "aa-apgd-dlr"]}
+    for s, loss in zip(specs[1:], ("ce", "dlr")):
+        assert s.attack == "apgd" and s.eot == 20
+        assert s.kwargs == {"steps": 100, "eps": 0.5, "norm": "l2", "loss": loss}
+
+
+def test_majority_column_and_worst_case_rows(tiny_setup, tmp_path):
+    Evaluation(_config(tiny_setup, tmp_path / "ev")).run()
+    res = json.loads((tmp_path / "ev/results.json").read_text())
+    assert [(r["defense"], r["attack"]) for r in res["rows"]] == [
+        (d, a) for d in ("none", "dbp") for a in ("pgd", "rand-apgd-ce", "rand-apgd-dlr")]
+    for r in res["rows"]:
+        assert 0 <= r["majority"] <= 1 and r["majority_ci"][0] <= r["majority"] <= r["majority_ci"][1]
+    state = tmp_path / "ev/state"
+    wc = {(r["defense"], r["attack"]): r for r in res["worst_case"]}
+    assert set(wc) == {(d, a) for d in ("none", "dbp") for a in ("rand", "worst-case")}
+    for d in ("none", "dbp"):
+        assert wc[(d, "rand")]["attacks"] == ["rand-apgd-ce", "rand-apgd-dlr"]
+        assert wc[(d, "worst-case")]["attacks"] == ["pgd", "rand-apgd-ce", "rand-apgd-dlr"]
+        # a sample counts only if every draw survives every attack (recomputed from the saved batches)
+        per = [[row for b in sorted((state / f"{d}_{a}").glob("batch_*.json"))
+                for row in json.loads(b.read_text())["correct"]] for a in ("pgd", "rand-apgd-ce", "rand-apgd-dlr")]
+        robust = [all(all(p[i]) for p in per) for i in range(6)]
+        assert wc[(d, "worst-case")]["robust_worst"] == pytest.approx(sum(robust) / 6)
+        mine = [r for r in res["rows"] if r["defense"] == d]
+        assert wc[(d, "worst-case")]["robust_expected"] <= min(r["robust_expected"] for r in mine) + 1e-9
+        assert wc[(d, "worst-case")]["majority"] <= min(r["majority"] for r in mine) + 1e-9
+    report = (tmp_path / "ev/report.md").read_text()
+    assert "robust % (majority)" in report and "| dbp | worst-case |" in report
+
+    # batches saved before per-draw predictions were stored still load: no majority, same other numbers
+    for p in state.rglob("batch_*.json"):
+        b = json.loads(p.read_text())
+        del b["pred"]
+        p.write_text(json.dumps(b))
+    Evaluation(_config(tiny_setup, tmp_path / "ev")).run()
+    old = json.loads((tmp_path / "ev/results.json").read_text())
+    assert all(r["majority"] is None for r in old["rows"] + old["worst_case"])
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("seconds", "majority", "majority_ci")}  # noqa: E731
+                        for r in rs]
+    assert strip(old["rows"]) == strip(res["rows"]) and strip(old["worst_case"]) == strip(res["worst_case"])
+    assert "| — |" in (tmp_path / "ev/report.md").read_text()
+
+
+def test_selective_targeted_and_reserved_labels(tiny_setup, tmp_path):
+    from ssni.config import ConfigError
+
+    ev = Evaluation(_config(tiny_setup, tmp_path / "ev", attacks=[]))
+    a = ev._make_attack(AttackSpec(name="s", eot=3, selective=True, kwargs=STEP))
+    assert a.eot_selective and a.eot_samples == 3 and a.grad_fn.selective
+    assert ev._make_attack(AttackSpec(name="t", kwargs={**STEP, "targeted": True})).targeted
+    t = ev._targets(ev.y, "dbp/t", 0)
+    assert (t != ev.y).all() and torch.equal(t, ev._targets(ev.y, "dbp/t", 0))
+    with pytest.raises(ConfigError, match="reserved"):
+        Evaluation(_config(tiny_setup, tmp_path / "bad", attacks=[{"name": "worst-case", "kwargs": STEP}]))
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        Evaluation(_config(tiny_setup, tmp_path / "bad2", attacks=[{"name": "x", "preset": "nope"}]))
+
+
+def test_targeted_attack_runs_in_an_evaluation(tiny_setup, tmp_path):
+    cfg = _config(tiny_setup, tmp_path / "ev", defenses=[{"name": "none"}],
+                  attacks=[{"name": "tgt", "attack": "pgd", "view": "bare", "kwargs": {**STEP, "targeted": True}}])
+    Evaluation(cfg).run()
+    rows = json.loads((tmp_path / "ev/results.json").read_text())["rows"]
+    assert [r["attack"] for r in rows] == ["tgt"] and 0 <= rows[0]["robust_expected"] <= 1
+
+
+def test_fixed_view_is_the_defense_and_the_attack_wins_draw_0(tiny_setup, tmp_path):
+    ev = Evaluation(_config(tiny_setup, tmp_path / "ev", attacks=[]))
+    model, x = ev.defenses["dbp"], ev.x
+    seeds = [ev._seeds("dbp/fixed", 0, x.shape[0], m) for m in range(4)]
+    view = _BoundSeeds(FixedView(model), seeds[0])
+    with torch.no_grad():
+        y0 = model(x, seeds=seeds[0]).argmax(1)  # labels the clean draw 0 gets right by construction
+        assert torch.allclose(view(x), model(x, seeds=seeds[0]), atol=1e-5)
+        assert torch.allclose(view(x.repeat(2, 1, 1, 1))[:6], view(x), atol=1e-5)  # EOT copies share seeds
+    x_adv = PGD(eps=0.3, steps=8, step_size=0.08)(view, x, y0, seed=0)
+    with torch.no_grad():
+        fooled = [(model(x_adv, seeds=s).argmax(1) != y0).float().mean().item() for s in seeds]
+    assert fooled[0] > 0 and fooled[0] >= max(fooled[1:])
+
+
+def test_fixed_view_evaluation_resumes_and_saves_adversarials(tiny_setup, tmp_path):
+    over = {"defenses": [{"name": "dbp", "reweight": {"name": "constant", "kwargs": {"t_base": 0.05}}}],
+            "attacks": [{"name": "fixed", "attack": "pgd", "fixed_seeds": True, "kwargs": STEP}],
+            "save_adversarial": True}
+    Evaluation(_config(tiny_setup, tmp_path / "full", **over)).run()
+    with pytest.raises(KeyboardInterrupt):
+        Evaluation(_config(tiny_setup, tmp_path / "part", **over), stop_after_batches=3).run()
+    Evaluation(_config(tiny_setup, tmp_path / "part", **over)).run()
+    a = json.loads((tmp_path / "full/results.json").read_text())
+    b = json.loads((tmp_path / "part/results.json").read_text())
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+    assert strip(a["rows"]) == strip(b["rows"])
+    # the bound seeds make the attacked view deterministic: no "randomized without EOT" flag
+    assert not any("EOT" in f for f in a["flags"])
+    from safetensors.torch import load_file
+
+    files = sorted((tmp_path / "part/adv/dbp_fixed").glob("batch_*.safetensors"))
+    assert [f.name for f in files] == ["batch_00000.safetensors", "batch_00001.safetensors"]
+    adv = load_file(str(files[0]))
+    ev = Evaluation(_config(tiny_setup, tmp_path / "part", **over))
+    assert adv["x_adv"].shape == (3, 1, 8, 8) and (adv["x_adv"] - ev.x[:3]).abs().max() <= 0.1 + 1e-6
