@@ -1,4 +1,8 @@
-"""`ssni calibrate`: clean score norms of a score network -> calibration.json and a plot."""
+"""`ssni calibrate`: clean score norms of a score network -> calibration.json and a plot.
+
+Under torchrun each process scores every world-th batch (sample seeds unchanged), the norms are
+gathered, and rank 0 writes: the calibration equals the one-process one.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,8 +14,9 @@ import torch
 from ..config import save_config
 from ..data import DataConfig, build_dataset
 from ..defense import load_score_model
-from ..device import resolve_device
-from ..scoring import ScoreNorm, ScoreNormConfig, build_reweight, calibrate, compute_norms, histogram, plot_reweight
+from ..scoring import ScoreNorm, ScoreNormConfig, build_reweight, compute_norms, histogram, plot_reweight
+from ..scoring.calibration import calibration_from_norms, join_shards
+from ..training.dist import DistContext
 from .registry import command
 
 
@@ -40,7 +45,8 @@ class CalibrateConfig:
 @command("calibrate", CalibrateConfig, "score norms of clean images -> calibration JSON (+ plot)")
 def run_calibrate(cfg: CalibrateConfig) -> Dict[str, Any]:
     """Calibrate a score network on clean images; writes calibration.json and a plot."""
-    device = resolve_device(cfg.device)
+    dist = DistContext.from_env(cfg.device)
+    device = dist.device
     model = load_score_model(cfg.score_model, cfg.score_weights).to(device).eval()
     ds = build_dataset(cfg.data, cfg.split)
     if tuple(ds.image_shape) != tuple(model.input_shape):
@@ -54,25 +60,34 @@ def run_calibrate(cfg: CalibrateConfig) -> Dict[str, Any]:
     images = ds.images[idx]
     info = {"name": cfg.data.name, "split": cfg.split, "image_size": cfg.data.image_size,
             "indices_seed": cfg.seed}
-    cal, norms = calibrate(model, images, cfg.score_norm, cfg.batch_size, cfg.seed, cfg.bins,
-                           cfg.progress, info)
     scorer = ScoreNorm.from_config(model, cfg.score_norm)
+    progress = cfg.progress and dist.is_main
+
+    def norms_of(x: torch.Tensor, seed: int, desc: str) -> torch.Tensor:
+        """Score norms [N] of x: this rank's batches, gathered from every rank."""
+        part = compute_norms(scorer, x, cfg.batch_size, seed, device, progress, desc, dist.rank, dist.world_size)
+        return join_shards(dist.all_gather_object(part), cfg.batch_size)
+
+    norms = norms_of(images, cfg.seed, "calibrate")
+    cal = calibration_from_norms(model, norms, cfg.score_norm, cfg.bins, list(images.shape[1:]), info)
     perturbed = {}
     g = torch.Generator().manual_seed(cfg.seed + 1)
     for std in cfg.plot_noise_std:
         noisy = (images + std * torch.randn(images.shape, generator=g)).clamp(0, 1)
-        pn = compute_norms(scorer, noisy, cfg.batch_size, cfg.seed + 2, device, cfg.progress,
-                           f"noise {std:g}")
+        pn = norms_of(noisy, cfg.seed + 2, f"noise {std:g}")
         perturbed[f"gaussian {std:g}"] = pn
         cal.perturbed[f"gaussian {std:g}"] = histogram(pn, cfg.bins)
     out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out)
-    path = cal.save(out / "calibration.json")
-    curves = {name: build_reweight(name, cal, t_base=cfg.plot_t_base)
-              for name in ("constant", "linear", "sigmoid")}
-    png = plot_reweight(curves, out / "score_norms.png", clean=norms, perturbed=perturbed,
-                        title=f"{cal.model_name} score norms (T'={cfg.score_norm.timesteps})")
+    path, png = out / "calibration.json", out / "score_norms.png"
+    if dist.is_main:  # every rank holds the same norms; one writes
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out)
+        cal.save(path)
+        curves = {name: build_reweight(name, cal, t_base=cfg.plot_t_base)
+                  for name in ("constant", "linear", "sigmoid")}
+        png = plot_reweight(curves, png, clean=norms, perturbed=perturbed,
+                            title=f"{cal.model_name} score norms (T'={cfg.score_norm.timesteps})")
+    dist.close()  # after a last barrier: the files exist when any rank returns
     return {"calibration": str(path), "plot": str(png), "count": cal.count, "mean": cal.mean,
             "std": cal.std, "q01": cal.quantile(0.01), "q99": cal.quantile(0.99),
             "fingerprint": cal.fingerprint,

@@ -4,6 +4,10 @@ It builds the defense of a recipe (score network, calibration, purifier, classif
 clean training images itself (Gaussian noise at several strengths, Linf PGD against the bare
 classifier), finds the oracle t* of every copy, fits a LearnedReweight and saves its JSON and a
 plot. The saved file plugs into a defense recipe as reweight: {name: learned, kwargs: {path: ...}}.
+
+Under torchrun rank 0 does all the work and writes (the PGD copies share one random stream, so the
+work is not split); the other ranks wait for it (a gather, within torch's process-group timeout) and
+return its file paths, or raise if rank 0 failed.
 """
 from __future__ import annotations
 
@@ -18,10 +22,10 @@ from ..attacks import PGD
 from ..config import save_config
 from ..data import DataConfig, build_dataset
 from ..defense import RobustClassifier
-from ..device import resolve_device
 from ..io import atomic_write_json
 from ..scoring import LearnedFitConfig, compute_norms, fit_learned, gaussian_noise, oracle_t_star, plot_reweight
 from ..seeding import block_seeds
+from ..training.dist import DistContext
 from .registry import command
 
 # Offsets of this command's random streams from its seed (part of what fixes its output).
@@ -79,8 +83,31 @@ def make_perturbed(classify, images: torch.Tensor, labels: torch.Tensor, cfg: Fi
 @command("fit-reweight", FitReweightConfig,
          "learn a monotone reweight from oracle t* of self-perturbed clean images")
 def run_fit_reweight(cfg: FitReweightConfig) -> Dict[str, Any]:
-    """Fit the learned reweight; writes reweight.json, oracle.json and reweight.png."""
-    device = resolve_device(cfg.device)
+    """Fit the learned reweight; writes reweight.json, oracle.json and reweight.png (rank 0 only)."""
+    dist = DistContext.from_env(cfg.device)
+    result: Dict[str, Any] = {}
+    error = None
+    if dist.is_main:
+        try:
+            result = _fit(cfg, dist.device)
+        except BaseException as e:  # tell the waiting ranks before raising here
+            error = f"{type(e).__name__}: {e}"
+            dist.all_gather_object(error)
+            dist.close()
+            raise
+    # the other ranks wait here until rank 0 has written, and learn whether it succeeded
+    error = dist.all_gather_object(error)[0]
+    dist.close()
+    if error is not None:
+        raise RuntimeError(f"fit-reweight failed on rank 0: {error}")
+    if not dist.is_main:
+        out = Path(cfg.output)
+        result = {"reweight": str(out / "reweight.json"), "plot": str(out / "reweight.png"), "rank": dist.rank}
+    return result
+
+
+def _fit(cfg: FitReweightConfig, device: torch.device) -> Dict[str, Any]:
+    """The work of `run_fit_reweight`, in one process."""
     defense = RobustClassifier.from_recipe(cfg.defense_recipe, cfg.defense_overrides,
                                            device=device)
     ds = build_dataset(cfg.data, "train")  # clean training data only

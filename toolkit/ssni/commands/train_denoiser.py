@@ -1,9 +1,15 @@
-"""`ssni train-denoiser`: train a denoiser at one noise level on random patches (Gaussian or TS noise)."""
+"""`ssni train-denoiser`: train a denoiser at one noise level on random patches (Gaussian or TS noise).
+
+Under torchrun the Trainer splits each global batch over the processes (DDP); rank 0 logs and saves.
+"""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict
+
+import torch
 
 from ..config import save_config
 from ..data import DataConfig, build_dataset
@@ -55,6 +61,16 @@ def train_denoiser(cfg: DenoiserTrainConfig) -> Dict[str, Any]:
                             augment=cfg.augment)
     with seeded(cfg.loop.seed):  # the recipe's seed fixes the initial weights
         model = build_denoiser(cfg.model, train_ds.image_shape[0], cfg.sigma)
+    spec = model_spec(model)
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if dist.world_size > 1 and has_bn:
+        # each rank sees its share of the batch: BatchNorm needs the whole batch's statistics to match one
+        # process, which SyncBatchNorm gives on GPUs only (DDP refuses it on CPU)
+        if dist.device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif dist.is_main:
+            warnings.warn("BatchNorm on CPU under torchrun uses each process's share of the batch, so the "
+                          "result differs from one process; set model.kwargs.batch_norm=false or use GPUs")
     noise = build_noise(cfg.noise)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -62,7 +78,7 @@ def train_denoiser(cfg: DenoiserTrainConfig) -> Dict[str, Any]:
     x_test = test_ds.images
     y_test = noisy_observation(x_test, cfg.sigma, cfg.eval_seed)
     trainer = Trainer(model, DenoiseLoss(cfg.sigma, noise), patches, cfg.loop, cfg.optim, run_dir,
-                      model_spec(model), dist=dist)
+                      spec, dist=dist)
     resumed = trainer.try_resume() if cfg.loop.resume else False
     before = None if resumed else denoise_quality(trainer.model, x_test, y_test, cfg.eval_batch)
     summary = trainer.fit()
@@ -78,4 +94,5 @@ def train_denoiser(cfg: DenoiserTrainConfig) -> Dict[str, Any]:
         trainer.writer.add_scalar("eval/test_psnr", after["psnr"], summary["steps"])
         atomic_write_json(run_dir / "summary.json", result)
     trainer.close()
+    dist.close()
     return result

@@ -132,34 +132,59 @@ def histogram(norms: Tensor, bins: int = 50, lo: float | None = None,
     return {"edges": edges.tolist(), "counts": counts.tolist()}
 
 
+def shard_starts(n: int, batch_size: int, rank: int = 0, world: int = 1) -> range:
+    """First indices of the batches that `rank` of `world` processes scores: every world-th batch
+    (strided, so ranks stay within one batch of each other in work)."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, {world}), got {rank}")
+    return range(rank * batch_size, n, world * batch_size)
+
+
+def join_shards(parts: List[Tensor], batch_size: int) -> Tensor:
+    """Undo `shard_starts`: per-rank norms (rank order) -> the one-process order [N]."""
+    world = len(parts)
+    chunks = [list(p.split(batch_size)) for p in parts]
+    out = [chunks[j % world][j // world] for j in range(sum(len(c) for c in chunks))]
+    return torch.cat(out) if out else torch.zeros(0)
+
+
 @torch.no_grad()
 def compute_norms(scorer: ScoreNorm, images: Tensor, batch_size: int = 256, seed: int = 0,
                   device: torch.device | str = "cpu", progress: bool = False,
-                  desc: str = "score norms") -> Tensor:
+                  desc: str = "score norms", rank: int = 0, world: int = 1) -> Tensor:
     """Score norms [N] of images [N,C,H,W] in [0,1], batched; sample i's seed is seed block
-    `seed`, index i (so a sample's norm does not depend on the batching)."""
+    `seed`, index i (so a sample's norm does not depend on the batching). With world > 1 only
+    this rank's batches (`shard_starts`) are scored: [its share]; `join_shards` rebuilds [N]."""
     from tqdm.auto import tqdm
 
-    out = []
-    for a in tqdm(range(0, images.shape[0], batch_size), disable=not progress, desc=desc):
+    out = [torch.zeros(0)]
+    for a in tqdm(shard_starts(images.shape[0], batch_size, rank, world), disable=not progress, desc=desc):
         x = images[a:a + batch_size].to(device)
         seeds = block_seeds(seed, a, x.shape[0])
         out.append(scorer(x, seeds=seeds).float().cpu())
     return torch.cat(out)
 
 
+def calibration_from_norms(model: nn.Module, norms: Tensor, score_norm: ScoreNormConfig | None = None,
+                           bins: int = 50, image_shape: Optional[List[int]] = None,
+                           data_info: Optional[Dict[str, Any]] = None) -> Calibration:
+    """The Calibration of `model` from its clean score norms [N] (computed with `score_norm`)."""
+    cfg = score_norm or ScoreNormConfig()
+    stats = summarize(norms, bins)
+    return Calibration(**stats, fingerprint=model_fingerprint(model),
+                       score_norm={"timesteps": cfg.timesteps, "draws": cfg.draws, "num_steps": cfg.num_steps},
+                       model_name=getattr(model, "model_name", type(model).__name__),
+                       image_shape=None if image_shape is None else list(image_shape),
+                       data=dict(data_info or {}))
+
+
 def calibrate(model: nn.Module, images: Tensor, score_norm: ScoreNormConfig | None = None,
               batch_size: int = 256, seed: int = 0, bins: int = 50, progress: bool = False,
               data_info: Optional[Dict[str, Any]] = None) -> tuple[Calibration, Tensor]:
-    """Calibrate on clean images [N,C,H,W] in [0,1]; returns (Calibration, norms [N])."""
+    """Calibrate on clean images [N,C,H,W] in [0,1] in one process; returns (Calibration, norms [N])."""
     cfg = score_norm or ScoreNormConfig()
     device = next(iter(model.parameters()), torch.empty(0)).device
     scorer = ScoreNorm.from_config(model, cfg)
     norms = compute_norms(scorer, images, batch_size, seed, device, progress, "calibrate")
-    stats = summarize(norms, bins)
-    cal = Calibration(**stats, fingerprint=model_fingerprint(model),
-                      score_norm={"timesteps": cfg.timesteps, "draws": cfg.draws,
-                                  "num_steps": cfg.num_steps},
-                      model_name=getattr(model, "model_name", type(model).__name__),
-                      image_shape=list(images.shape[1:]), data=dict(data_info or {}))
+    cal = calibration_from_norms(model, norms, cfg, bins, list(images.shape[1:]), data_info)
     return cal, norms

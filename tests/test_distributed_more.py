@@ -1,0 +1,169 @@
+"""Several processes (torchrun, gloo on CPU) give the results of one process: calibrate, train-denoiser,
+fit-reweight.
+
+Run as a script, this file is the worker that torchrun starts (one command per launch):
+    python -m torch.distributed.run --nproc_per_node 2 tests/test_distributed_more.py SETUP_DIR OUT_DIR COMMAND
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import torch
+
+from ssni.seeding import seeded
+
+
+def _commands(setup: Path, out: Path) -> Dict[str, List[str]]:
+    """The ssni command lines of the three runs, writing under `out`."""
+    return {
+        "calibrate": ["calibrate", f"output={out / 'cal'}", f"score_model={setup / 'score'}",
+                      "score_weights=model", "data.image_size=8", "count=32", "batch_size=6",
+                      "score_norm.timesteps=2", "plot_noise_std=[0.1]", "progress=false", "device=cpu"],
+        "train-denoiser": ["train-denoiser", f"run_dir={out / 'den'}", "data.image_size=32",
+                           "model.name=dncnn_tiny",
+                           "model.kwargs.batch_norm=false", "patch_size=16", "loop.steps=4", "loop.batch_size=4",
+                           "loop.progress=false", "loop.ckpt_every=0", "loop.device=cpu", "eval_batch=8"],
+        "fit-reweight": ["fit-reweight", f"output={out / 'rw'}", f"defense_recipe={setup / 'defense.yaml'}",
+                         "data.image_size=8", "count=8", "noise_std=[0.2]", "pgd_eps=[0.1]", "pgd_steps=1",
+                         "t_grid=[0.0,0.05,0.2]", "fit.steps=20", "fit.knots=4", "progress=false",
+                         "device=cpu"],
+    }
+
+
+def _worker(setup: Path, out: Path, name: str) -> None:
+    """One command (a process joins the group once per launch: commands leave it when done)."""
+    from ssni.commands import COMMANDS
+    from ssni.config import load_config
+
+    rank = int(os.environ["RANK"])
+    argv = _commands(setup, out)[name]
+    res = COMMANDS.get(name)(load_config(COMMANDS.meta(name)["config"], None, argv[1:]))
+    (out / f"{name}-rank{rank}.json").write_text(json.dumps(res, default=str))
+
+
+# -- helpers of the tests ------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "SSNI_THREADS": "1",
+            "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> Path:
+    """A perturbed unet_tiny score model, its calibration, a resnet10t and a defense recipe (8x8 digits)."""
+    import yaml
+
+    from ssni.io import atomic_save_safetensors, atomic_write_json
+    from ssni.models import classifier_spec, create_classifier, create_model, save_model
+    from ssni.scoring import ScoreNormConfig, calibrate
+
+    root = tmp_path_factory.mktemp("dist-more-setup")
+    with seeded(0):
+        sm = create_model("unet_tiny")
+        with torch.no_grad():  # nudge the zero-initialised output layers so the score is not zero
+            for p in sm.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        clf = create_classifier("resnet10t", in_chans=1, num_classes=10, image_size=8)
+    save_model(root / "score", sm)
+    cal, _ = calibrate(sm.eval(), torch.rand(16, 1, 8, 8), ScoreNormConfig(timesteps=3))
+    cal.save(root / "calibration.json")
+    atomic_save_safetensors(root / "clf" / "model.safetensors", clf.state_dict())
+    atomic_write_json(root / "clf" / "model.json", classifier_spec(clf))
+    recipe = {"score_model": str(root / "score"), "score_weights": "model",
+              "calibration": str(root / "calibration.json"), "score_norm": {"timesteps": 3},
+              "purifier": {"sampler": "ddpm", "steps": 2},
+              "classifier": {"checkpoint": str(root / "clf"), "weights": "model"},
+              "mean": [0.0], "std": [1.0], "device": "cpu"}
+    (root / "defense.yaml").write_text(yaml.safe_dump(recipe))
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(setup, tmp_path_factory):
+    """The one-process runs (in this process, one thread as each worker) and one 2-process launch."""
+    from ssni.cli import main
+
+    out = tmp_path_factory.mktemp("dist-more")
+    threads = torch.get_num_threads()
+    old = os.environ.get("SSNI_THREADS")
+    os.environ["SSNI_THREADS"] = "1"
+    try:
+        one = {name: main(argv) for name, argv in _commands(setup, out / "one").items()}
+    finally:
+        torch.set_num_threads(threads)
+        if old is None:
+            os.environ.pop("SSNI_THREADS")
+        else:
+            os.environ["SSNI_THREADS"] = old
+    procs = {}
+    for name in _commands(setup, out):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+               "127.0.0.1", "--master_port", str(_free_port()), __file__, str(setup), str(out / "two"), name]
+        procs[name] = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    return {"out": out, "one": one, "procs": procs}
+
+
+def _ok(runs, name: str) -> None:
+    proc = runs["procs"][name]
+    assert runs["one"][name] == 0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_shard_starts_and_join_shards_restore_the_one_process_order():
+    from ssni.scoring.calibration import join_shards, shard_starts
+
+    n, bs = 23, 4
+    for world in (1, 2, 3, 7):
+        parts = [torch.cat([torch.arange(a, min(a + bs, n)) for a in shard_starts(n, bs, r, world)]
+                           or [torch.zeros(0, dtype=torch.long)]) for r in range(world)]
+        assert torch.equal(join_shards(parts, bs), torch.arange(n))
+    with pytest.raises(ValueError, match="rank"):
+        shard_starts(n, bs, 2, 2)
+
+
+def test_two_process_calibration_equals_one_process(runs):
+    _ok(runs, "calibrate")
+    one = json.loads((runs["out"] / "one" / "cal" / "calibration.json").read_text())
+    two = json.loads((runs["out"] / "two" / "cal" / "calibration.json").read_text())
+    assert two["count"] == 32 and two == one  # fingerprint, mean, quantiles, histograms: all equal
+    assert (runs["out"] / "two" / "cal" / "score_norms.png").stat().st_size > 1000
+
+
+def test_two_process_train_denoiser_equals_one_process(runs):
+    from ssni.models import load_model
+
+    _ok(runs, "train-denoiser")
+    for weights in ("model", "ema"):
+        one = load_model(runs["out"] / "one" / "den", weights).state_dict()
+        two = load_model(runs["out"] / "two" / "den", weights).state_dict()
+        torch.testing.assert_close(two, one, rtol=1e-4, atol=1e-5)
+    summary = [json.loads((runs["out"] / k / "den" / "summary.json").read_text()) for k in ("one", "two")]
+    assert summary[1]["steps"] == 4
+    assert abs(summary[1]["final_loss"] - summary[0]["final_loss"]) <= 1e-3 * summary[0]["final_loss"]
+
+
+def test_two_process_fit_reweight_runs_on_rank_0_and_the_others_wait(runs):
+    out = runs["out"]
+    _ok(runs, "fit-reweight")
+    for name in ("reweight.json", "oracle.json"):
+        assert json.loads((out / "two" / "rw" / name).read_text()) == json.loads((out / "one" / "rw" / name).read_text())
+    ranks = [json.loads((out / "two" / f"fit-reweight-rank{r}.json").read_text()) for r in range(2)]
+    assert "fit" in ranks[0] and ranks[1]["rank"] == 1  # rank 1 waited and returned rank 0's paths
+    assert ranks[1]["reweight"] == ranks[0]["reweight"] == str(out / "two" / "rw" / "reweight.json")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    _worker(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])
