@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..diffusion import VPDiffusion
-from .layers import resample
+from .layers import level_sizes, resample
 from .pretrained import PRETRAINED_FORMATS, VPBackbone, load_state_checked, torch_file
 
 # -- building blocks -------------------------------------------------------------------------------
@@ -326,13 +326,7 @@ def _check_geometry(cfg: Dict[str, Any]) -> None:
         raise ValueError(f"score_sde options: need nf >= 4, positive ch_mult, num_res_blocks >= 0 and in_channels > 0, "
                          f"got nf={cfg['nf']}, ch_mult={cfg['ch_mult']}, num_res_blocks={cfg['num_res_blocks']}, "
                          f"in_channels={cfg['in_channels']}")
-    if size <= 0 or size % 2 ** (levels - 1):
-        raise ValueError(f"score_sde option image_size={size} must be divisible by 2^{levels - 1} "
-                         f"({levels} levels in ch_mult {cfg['ch_mult']})")
-    level_sizes = [size // 2 ** i for i in range(levels)]
-    bad = [r for r in cfg["attn_resolutions"] if r not in level_sizes]
-    if bad:
-        raise ValueError(f"score_sde option attn_resolutions: {bad} are not resolutions of the U-Net levels {level_sizes}")
+    level_sizes(size, levels, cfg["attn_resolutions"], "score_sde option", "image_size", "attn_resolutions")
     if not cfg["continuous"] and cfg["num_scales"] != 1000:
         raise ValueError(f"score_sde: a discrete-time model with num_scales={cfg['num_scales']} takes t x "
                          f"{cfg['num_scales'] - 1}; only the t x 999 time input (continuous, or 1000 scales) is supported")

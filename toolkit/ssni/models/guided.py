@@ -30,7 +30,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..diffusion import VPDiffusion
-from .layers import resample
+from .layers import level_sizes, resample
 from .pretrained import PRETRAINED_FORMATS, VPBackbone, load_state_checked, torch_file
 
 # -- building blocks -------------------------------------------------------------------------------
@@ -328,15 +328,8 @@ def _channel_mult(value: Any, image_size: int) -> List[float]:
 
 def _check_geometry(cfg: Dict[str, Any]) -> None:
     """Image size divisible down the levels; every attention resolution is one of the levels."""
-    size, levels = cfg["image_size"], len(cfg["channel_mult"])
-    if size <= 0 or size % 2 ** (levels - 1):
-        raise ValueError(f"guided_diffusion: image_size {size} must be divisible by 2^{levels - 1} "
-                         f"({levels} levels in channel_mult {cfg['channel_mult']})")
-    level_sizes = [size // 2 ** i for i in range(levels)]
-    bad = [r for r in cfg["attention_resolutions"] if r not in level_sizes]
-    if bad:
-        raise ValueError(f"guided_diffusion flag attention_resolutions: {bad} are not resolutions of the U-Net "
-                         f"levels {level_sizes} (they are image resolutions, e.g. \"32,16,8\")")
+    level_sizes(cfg["image_size"], len(cfg["channel_mult"]), cfg["attention_resolutions"], "guided_diffusion flag",
+                "image_size", "attention_resolutions")
 
 
 def _check_diffusion_flags(cfg: Dict[str, Any]) -> None:
