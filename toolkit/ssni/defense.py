@@ -11,7 +11,7 @@ running the one pipeline method `RobustClassifier.run` with the attack purifier:
   sample towards a low t* (our stronger SSNI-adaptive attack);
 - `bpda`: identity in place of the purifier's backward pass, t* without gradients;
 - `bare`: the classifier alone with the wrapper's preprocessing (transfer source, "none").
-`FixedView` (the evaluation's `fixed_seeds: true`; not a registered view) is the defense itself, full
+`fixed_view` (the evaluation's `fixed_seeds: true`; not a registered view) is the defense itself, full
 gradients: called with the seeds the defense later uses, the attack differentiates exactly that draw.
 """
 from __future__ import annotations
@@ -270,19 +270,21 @@ class RobustClassifier(nn.Module):
 class AttackView(nn.Module):
     """Attack view of a RobustClassifier: forward(x [B,C,H,W] in [0,1], seeds=None) -> logits.
 
-    Runs the defense's pipeline with the attack purifier, gradient mode `grad`, the smooth
-    reweight if `smooth` (gradients through the score norm and t*(x)), and a mean-probability vote.
+    Runs the defense's pipeline with gradient mode `grad`, the smooth reweight if `smooth`
+    (gradients through the score norm and t*(x)), and the attack purifier with a mean-probability
+    vote, or with `defense=True` the defense's own purifier and vote (its forward, differentiable).
     """
 
-    def __init__(self, parent: RobustClassifier, grad: str = "full", smooth: bool = True):
+    def __init__(self, parent: RobustClassifier, grad: str = "full", smooth: bool = True,
+                 defense: bool = False):
         super().__init__()
         self.parent = parent
-        self.grad, self.smooth = grad, smooth
+        self.grad, self.smooth, self.defense = grad, smooth, defense
 
     def forward(self, x: Tensor, seeds: Optional[Tensor] = None) -> Tensor:
         """Logits [B,n]; differentiable in x as the view's settings say."""
-        return self.parent.run(x, seeds, attack=True, smooth=self.smooth, grad=self.grad,
-                               vote="mean_prob")
+        return self.parent.run(x, seeds, attack=not self.defense, smooth=self.smooth, grad=self.grad,
+                               vote=None if self.defense else "mean_prob")
 
 
 class BareView(nn.Module):
@@ -321,19 +323,9 @@ def bare_view(defense: RobustClassifier) -> nn.Module:
     return BareView(defense)
 
 
-class FixedView(nn.Module):
-    """The defense's own pipeline with full gradients; x [B,C,H,W] in [0,1], seeds [B] -> logits [B,n].
-
-    Same seeds, same output as `RobustClassifier.forward`: the attacker knows the defense's randomness.
-    """
-
-    def __init__(self, parent: RobustClassifier):
-        super().__init__()
-        self.parent = parent
-
-    def forward(self, x: Tensor, seeds: Optional[Tensor] = None) -> Tensor:
-        """Defense logits [B,n], differentiable in x through every purification step."""
-        return self.parent.run(x, seeds, attack=False, smooth=False, grad="full")
+def fixed_view(defense: RobustClassifier) -> nn.Module:
+    """The defense's own pipeline with full gradients: same seeds, same output as its forward."""
+    return AttackView(defense, grad="full", smooth=False, defense=True)
 
 
 # -- recipes -----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ..attacks import ATTACKS, EOT
 from ..config import ConfigError, load_config, to_dict
 from ..data import DataConfig, build_dataset
-from ..defense import VIEWS, DefenseConfig, FixedView, build_defense
+from ..defense import VIEWS, DefenseConfig, build_defense, fixed_view
 from ..device import resolve_device
 from ..io import atomic_save_safetensors, atomic_write_json, atomic_write_text
 from ..models import weights_fingerprint
@@ -24,7 +24,7 @@ from ..training.dist import DistContext
 from .checks import epsilon_checks, gradient_check, randomness_check
 from .metrics import draw_accuracy, majority_vote_accuracy, wilson_interval, worst_case
 from .report import markdown_table, plot_accuracy_vs_eps, plot_histograms
-from .state import EvalState, _slug, config_fingerprint
+from .state import EvalState, config_fingerprint, slug
 
 
 @dataclass
@@ -319,7 +319,7 @@ class Evaluation:
                     if attack_spec.fixed_seeds and model is not None:
                         # the attacker knows the defense's randomness: the seeds the evaluation uses for draw 0
                         seeds0 = self._seeds(cell, k, x.shape[0], 0)
-                        fixed = FixedView(model)
+                        fixed = fixed_view(model)
                         view, check_view = _BoundSeeds(fixed, seeds0), _BoundSeeds(fixed, seeds0[:8])
                     attack = self._make_attack(attack_spec, eps)
                     if self.cfg.checks and bi == 0 and eps is None:
@@ -328,7 +328,7 @@ class Evaluation:
                     torch.manual_seed(derive_seed(self.cfg.seed, cell, bi))  # view randomness
                     x_in = attack(view, x, target, seed=derive_seed(self.cfg.seed, cell, bi, "start"))
                     if self.cfg.save_adversarial:
-                        atomic_save_safetensors(self.run_dir / "adv" / _slug(cell) / f"batch_{bi:05d}.safetensors",
+                        atomic_save_safetensors(self.run_dir / "adv" / slug(cell) / f"batch_{bi:05d}.safetensors",
                                                 {"x_adv": x_in.detach().cpu().contiguous(),
                                                  "y": y.cpu().contiguous()})
                 else:
@@ -343,9 +343,8 @@ class Evaluation:
         if self.dist.world_size > 1:
             # gather through the files: every rank waits for the cell, then reads the others' batches
             self.dist.barrier()
-            reused = self.state.reused  # reading them back is not reuse of an earlier run
-            parts = [p if p is not None else self.state.get(cell, bi) for bi, p in enumerate(parts)]
-            self.state.reused = reused
+            # reading the others' batches back is not reuse of an earlier run: not counted
+            parts = [p if p is not None else self.state.get(cell, bi, count=False) for bi, p in enumerate(parts)]
             missing = [bi for bi, p in enumerate(parts) if p is None]
             if missing:
                 raise RuntimeError(f"{cell}: batches {missing} are missing from {self.state.root} after "

@@ -26,7 +26,8 @@ def config_fingerprint(cfg: Any) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
+    """A cell name as a file-system-safe folder name."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
@@ -58,14 +59,14 @@ class EvalState:
             atomic_write_json(meta, {"fingerprint": self.fingerprint, "parts": self.parts})
 
     def _path(self, cell: str, batch: int) -> Path:
-        return self.root / _slug(cell) / f"batch_{batch:05d}.json"
+        return self.root / slug(cell) / f"batch_{batch:05d}.json"
 
-    def get(self, cell: str, batch: int) -> Optional[Dict[str, Any]]:
-        """The saved result of a finished batch, or None (counts what it reuses in `reused`)."""
+    def get(self, cell: str, batch: int, count: bool = True) -> Optional[Dict[str, Any]]:
+        """The saved result of a finished batch, or None (counted in `reused` unless count=False)."""
         p = self._path(cell, batch)
         if not p.is_file():
             return None
-        self.reused += 1
+        self.reused += int(count)
         return read_json(p, "evaluation batch result")
 
     def put(self, cell: str, batch: int, result: Dict[str, Any]) -> None:
