@@ -78,7 +78,7 @@ def _to_unit_range(arr: np.ndarray, path: Path) -> np.ndarray:
     """uint8 / uint16 / int / float pixels -> float32 in [0, 1] (documented conversions)."""
     if arr.dtype == np.uint8 or arr.dtype == bool:
         return arr.astype(np.float32) / (1.0 if arr.dtype == bool else 255.0)
-    if arr.dtype in (np.uint16, np.int32, np.int64, np.uint32) or arr.dtype.kind in "iu":
+    if arr.dtype.kind in "iu":  # 16-bit (and wider) integer pixels
         top = 65535.0 if arr.max(initial=0) <= 65535 else float(np.iinfo(arr.dtype).max)
         if arr.min(initial=0) < 0:
             raise ImageReadError(f"{path}: negative integer pixels; expected unsigned 8- or "
