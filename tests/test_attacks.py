@@ -100,9 +100,13 @@ def test_eot_lowers_gradient_variance(toy_classifier):
     assert v16 < v1 / 4  # about 1/16 in expectation
 
 
-def test_eot_wraps_any_attack_without_copying_it(toy_classifier):
-    attack = EOT(PGD(eps=0.1, steps=3, step_size=0.05), samples=5)
-    assert isinstance(attack, PGD) and attack.eot_samples == 5
+def test_eot_wraps_any_attack_in_a_new_attack_leaving_the_given_one_unchanged(toy_classifier):
+    plain = PGD(eps=0.1, steps=3, step_size=0.05)
+    attack = EOT(plain, samples=5)
+    assert isinstance(attack, PGD) and attack.eot_samples == 5 and attack is not plain
+    assert plain.grad_fn is plain_gradient and plain.eot_samples == 1 and not plain.eot_selective
+    twice = EOT(plain, samples=3)  # the same attack wrapped again is not EOT of EOT
+    assert twice.grad_fn.base is plain_gradient and attack.grad_fn.samples == 5
     calls = []
 
     class Counting(nn.Module):

@@ -3,6 +3,7 @@ batched copies of the input (one large call per chunk, not a loop of calls). The
 variant (DiffHammer's idea) averages only over the draws that still resist the attack."""
 from __future__ import annotations
 
+import copy
 from typing import Callable, Tuple
 
 import torch
@@ -81,8 +82,10 @@ class SelectiveEOTGradient(EOTGradient):
 
 
 def EOT(attack: Attack, samples: int = 20, max_batch: int = 4096, selective: bool = False) -> Attack:
-    """Make `attack` average its gradients over `samples` batched copies (returns it); selective: DiffHammer-style."""
-    attack.grad_fn = EOTGradient(samples, max_batch, base=attack.grad_fn, selective=selective)
-    attack.eot_samples = samples
-    attack.eot_selective = bool(selective)
-    return attack
+    """A new attack: `attack` with its gradients averaged over `samples` batched copies (selective:
+    DiffHammer-style). The attack given is left unchanged; wrapping an EOT attack again nests the oracles."""
+    wrapped = copy.copy(attack)  # shallow: same settings and bound model, its own gradient oracle
+    wrapped.grad_fn = EOTGradient(samples, max_batch, base=attack.grad_fn, selective=selective)
+    wrapped.eot_samples = samples
+    wrapped.eot_selective = bool(selective)
+    return wrapped
