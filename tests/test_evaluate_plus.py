@@ -165,3 +165,45 @@ def test_fixed_view_evaluation_resumes_and_saves_adversarials(tiny_setup, tmp_pa
     adv = load_file(str(files[0]))
     ev = Evaluation(_config(tiny_setup, tmp_path / "part", **over))
     assert adv["x_adv"].shape == (3, 1, 8, 8) and (adv["x_adv"] - ev.x[:3]).abs().max() <= 0.1 + 1e-6
+
+
+def _attack_purifiers(ev, spec_purifier):
+    """The purifier the attack views of `dbp` differentiate for an attack with `purifier: spec_purifier`."""
+    spec = AttackSpec(name="x", attack="pgd", kwargs=STEP, purifier=spec_purifier)
+    model = ev.defenses["dbp"]
+    return ev._attacked(model, spec).view("full").parent.attack_purifier, model
+
+
+def test_attacks_differentiate_the_defense_purifier_unless_a_surrogate_is_chosen(tiny_setup, tmp_path):
+    cfg = _config(tiny_setup, tmp_path / "ev", draws=6, attacks=[
+        {"name": "own", "attack": "pgd", "eot": 2, "kwargs": STEP},
+        {"name": "cheap", "attack": "pgd", "eot": 2, "kwargs": STEP, "purifier": "surrogate"}])
+    cfg.defense.purifier.steps = 2
+    cfg.defense.attack_purifier = type(cfg.defense.purifier)(sampler="ddim", steps=1)
+    ev = Evaluation(cfg)
+    own, model = _attack_purifiers(ev, "defense")
+    assert own is model.purifier
+    cheap, _ = _attack_purifiers(ev, "surrogate")
+    assert cheap is model.attack_purifier and cheap is not model.purifier
+    assert ev.budgets["own"] == "pgd ce, 1 it, EOT 2, through defense purifier ddpm(steps=2, clip=True)"
+    assert ev.budgets["cheap"] == "pgd ce, 1 it, EOT 2, through surrogate purifier ddim(steps=1, clip=True)"
+    ev.run()
+    report = (tmp_path / "ev/report.md").read_text()
+    res = json.loads((tmp_path / "ev/results.json").read_text())
+    for r in res["rows"] + res["worst_case"]:
+        assert r["budget"] and f"| {r['budget']} |" in report
+        # six draws: worst-of-4 over the first four draws beside worst-of-6, which can only be lower
+        assert r["worst_k"] == 4 and r["robust_worst"] <= r["robust_worst_k"]
+    assert "robust % (worst-of-4)" in report and "robust % (worst-of-6)" in report
+
+
+def test_a_surrogate_attack_without_an_attack_purifier_is_a_one_line_error(tiny_setup, tmp_path):
+    from ssni.config import ConfigError
+
+    cfg = _config(tiny_setup, tmp_path / "ev", attacks=[
+        {"name": "cheap", "attack": "pgd", "kwargs": STEP, "purifier": "surrogate"}])
+    with pytest.raises(ConfigError, match="purifier: surrogate needs an attack_purifier"):
+        Evaluation(cfg)
+    cfg.attacks[0].purifier = "cheap"
+    with pytest.raises(ConfigError, match="purifier must be one of defense, surrogate"):
+        Evaluation(cfg)

@@ -23,22 +23,32 @@ def pct_ci(v: float | None, ci: Sequence[float] | None = None) -> str:
 def markdown_table(rows: List[Dict[str, Any]]) -> str:
     """Rows of cell results -> a markdown table (percentages with 95% Wilson intervals).
 
+    worst-of-N: N is the number of draws (shown in the header when every row has the same);
+    worst-of-k: the same over the first k draws, a column only when rows carry it (draws > k);
     majority: accuracy of the per-image majority vote over the draws ('—' for results saved without
-    per-draw predictions).
+    per-draw predictions); budget: the attack, its iterations and EOT samples and the purifier it
+    differentiated.
     """
-    head = ("| defense | attack | n | clean % | robust % (expected) | robust % (worst-of-N) | robust % (majority) "
-            "| mean t* clean | mean t* adv | seconds |\n|---|---|---|---|---|---|---|---|---|---|\n")
-    lines = []
+    draws = {r.get("draws") for r in rows}
+    worst = f"worst-of-{draws.pop()}" if len(draws) == 1 and None not in draws else "worst-of-N"
+    ks = sorted({r["worst_k"] for r in rows if r.get("worst_k")})
+    few = [f"robust % (worst-of-{k})" for k in ks]
+    cols = (["defense", "attack", "n", "clean %", "robust % (expected)", *few, f"robust % ({worst})",
+             "robust % (majority)", "mean t* clean", "mean t* adv", "seconds"]
+            + (["attack budget"] if any(r.get("budget") for r in rows) else []))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         tc, ta = r.get("mean_t_clean"), r.get("mean_t_adv")
-        lines.append(
-            f"| {r['defense']} | {r['attack']} | {r['n']} | {pct_ci(r['clean'], r.get('clean_ci'))} "
-            f"| {pct_ci(r['robust_expected'], r.get('robust_expected_ci'))} "
-            f"| {pct_ci(r['robust_worst'], r.get('robust_worst_ci'))} "
-            f"| {pct_ci(r.get('majority'), r.get('majority_ci'))} "
-            f"| {'—' if tc is None else f'{tc:.3f}'} | {'—' if ta is None else f'{ta:.3f}'} "
-            f"| {r['seconds']:.0f} |")
-    return head + "\n".join(lines) + "\n"
+        cells = [r["defense"], r["attack"], str(r["n"]), pct_ci(r["clean"], r.get("clean_ci")),
+                 pct_ci(r["robust_expected"], r.get("robust_expected_ci"))]
+        cells += [pct_ci(r.get("robust_worst_k"), r.get("robust_worst_k_ci")) if r.get("worst_k") == k else "—"
+                  for k in ks]
+        cells += [pct_ci(r["robust_worst"], r.get("robust_worst_ci")), pct_ci(r.get("majority"), r.get("majority_ci")),
+                  "—" if tc is None else f"{tc:.3f}", "—" if ta is None else f"{ta:.3f}", f"{r['seconds']:.0f}"]
+        if cols[-1] == "attack budget":
+            cells.append(r.get("budget") or "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _shared_bins(values: List[float], n: int = 30) -> List[float]:

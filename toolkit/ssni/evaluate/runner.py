@@ -49,12 +49,19 @@ class AttackSpec:
     only_sample_specific: bool = False  # skip defenses whose t* does not depend on x
     selective: bool = False  # EOT over the draws that still resist only (DiffHammer)
     preset: Optional[str] = None  # rand: AutoAttack's rand version, APGD-CE + APGD-DLR with EOT 20
+    # what the full / adaptive / bpda views differentiate: the defense's own purifier, or (an explicit,
+    # cheaper choice) the defense recipe's attack_purifier; every report line names the one used
+    purifier: str = "defense"  # defense | surrogate
+    per_step: bool = False  # the loss at every reverse step of the purification (DiffAttack style)
 
 
 # preset -> (label suffix, loss) of the APGD runs it expands into
 PRESETS: Dict[str, List[tuple]] = {"rand": [("apgd-ce", "ce"), ("apgd-dlr", "dlr")]}
 # left out of the fingerprint at their defaults
-NEW_ATTACK_FIELDS = {"selective": False, "preset": None, "fixed_seeds": False}
+NEW_ATTACK_FIELDS = {"selective": False, "preset": None, "fixed_seeds": False, "per_step": False}
+ATTACK_PURIFIERS = ("defense", "surrogate")
+# with more draws than this, rows also give worst-of-this-many (over the first draws) beside worst-of-all
+WORST_OF_FEW = 4
 
 
 def expand_attacks(attacks: List[AttackSpec]) -> tuple:
@@ -74,7 +81,7 @@ def expand_attacks(attacks: List[AttackSpec]) -> tuple:
             out.append(AttackSpec(name=label, attack="apgd", kwargs={"steps": 100, **a.kwargs, "loss": loss},
                                   eot=a.eot if a.eot > 1 else 20, view=a.view,
                                   only_sample_specific=a.only_sample_specific, selective=a.selective,
-                                  fixed_seeds=a.fixed_seeds))
+                                  fixed_seeds=a.fixed_seeds, purifier=a.purifier, per_step=a.per_step))
             groups[a.name].append(label)
     return out, groups
 
@@ -144,6 +151,9 @@ def check_config(cfg: EvaluateConfig) -> None:
                                        f"{', '.join(registry.names())}")
         if a.eot < 1:
             raise ConfigError(f"{where}: eot must be >= 1 (gradient samples per step), got {a.eot}")
+        if a.purifier not in ATTACK_PURIFIERS:
+            raise ConfigError(f"{where}: purifier must be one of {', '.join(ATTACK_PURIFIERS)} (the defense's "
+                              f"own, or the defense recipe's attack_purifier), got {a.purifier!r}")
     sw = cfg.sweep
     if sw.attack is not None:
         if sw.attack not in labels:
@@ -175,6 +185,15 @@ class _BoundSeeds(nn.Module):
         if x.shape[0] % b:
             raise ValueError(f"fixed seeds: {x.shape[0]} inputs are not copies of the {b} seeded samples")
         return self.view(x, seeds=self.seeds.repeat(x.shape[0] // b))
+
+
+def purifier_label(purifier: nn.Module) -> str:
+    """A purifier in a few words, e.g. 'ddpm(steps=20, clip=True)' or 'diffpure(dt=0.001)' (t*/dt steps)."""
+    sampler = getattr(purifier, "sampler", None)
+    if sampler is None:
+        return type(purifier).__name__
+    opts = ", ".join(f"{k}={v}" for k, v in sampler.options().items() if v is not None)
+    return f"{getattr(purifier, 'sampler_name', type(sampler).__name__)}({opts})"
 
 
 def _maj(cell: Dict[str, Any]) -> tuple:
@@ -209,11 +228,17 @@ class Evaluation:
                 reweight=build_reweight(rw.name, self.base.calibration, **rw.kwargs))
         if not self.defenses:
             raise ValueError("evaluate: `defenses` is empty; list at least one (e.g. name: none)")
+        self._own: Dict[int, nn.Module] = {}  # defense -> the same defense attacked through its own purifier
         for i, spec in enumerate(self.attacks):  # bad attack settings fail here, not after hours of work
+            if spec.purifier == "surrogate" and base_cfg.attack_purifier is None:
+                raise ConfigError(f"attacks[{i}] ({spec.name!r}): purifier: surrogate needs an attack_purifier "
+                                  "in the defense recipe (e.g. defense_overrides: [attack_purifier.sampler=ddpm, "
+                                  "attack_purifier.steps=10]), or purifier: defense")
             try:
                 self._make_attack(spec)
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"attacks[{i}] ({spec.name!r}): {e}") from None
+        self.budgets = {spec.name: self.budget(spec) for spec in self.attacks}
         ds = build_dataset(cfg.data, cfg.split)
         if cfg.num_samples > len(ds):
             raise ConfigError(f"num_samples={cfg.num_samples}, but the {cfg.split!r} split of "
@@ -286,6 +311,33 @@ class Evaluation:
         attack = ATTACKS.create(spec.attack, **kwargs)
         return EOT(attack, spec.eot, selective=spec.selective) if spec.eot > 1 or spec.selective else attack
 
+    def _attacked(self, model: Optional[nn.Module], spec: AttackSpec) -> Optional[nn.Module]:
+        """The defense as `spec` attacks it: through its own purifier, or the recipe's surrogate."""
+        if model is None or spec.purifier == "surrogate" or model.attack_purifier is model.purifier:
+            return model
+        if id(model) not in self._own:  # shares every network; only the purifier the views use differs
+            self._own[id(model)] = model.replace(attack_purifier=model.purifier)
+        return self._own[id(model)]
+
+    def budget(self, spec: AttackSpec) -> str:
+        """One line saying what the attack spent and what it differentiated, for every report line."""
+        d = self._make_attack(spec).describe()
+        parts = [f"{spec.attack} {d.get('loss', '')}".strip()]
+        if d.get("steps") is not None:
+            parts.append(f"{d['steps']} it")
+        parts.append(f"EOT {spec.eot}{' selective' if spec.selective else ''}")
+        if spec.per_step:
+            parts.append("loss at every step")
+        if spec.view == "bare" or spec.attack == "transfer":
+            parts.append("no purifier (bare classifier)")
+        elif spec.fixed_seeds:
+            parts.append(f"own purifier {purifier_label(self.base.purifier)}, fixed seeds")
+        else:
+            p = self.base.attack_purifier if spec.purifier == "surrogate" else self.base.purifier
+            how = {"bpda": "BPDA (identity backward) through", "adaptive": "through score norm, t*(x) and"}
+            parts.append(f"{how.get(spec.view, 'through')} {spec.purifier} purifier {purifier_label(p)}")
+        return ", ".join(parts)
+
     def _targets(self, y: Tensor, cell: str, bi: int) -> Tensor:
         """Target labels [B] of a targeted attack: a seeded class other than y, per sample."""
         g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, cell, bi, "target"))
@@ -315,7 +367,8 @@ class Evaluation:
                 t0 = time.perf_counter()
                 flags: List[str] = []
                 if attack_spec is not None:
-                    view = check_view = self.bare if model is None else model.view(attack_spec.view)
+                    attacked = self._attacked(model, attack_spec)
+                    view = check_view = self.bare if attacked is None else attacked.view(attack_spec.view)
                     if attack_spec.fixed_seeds and model is not None:
                         # the attacker knows the defense's randomness: the seeds the evaluation uses for draw 0
                         seeds0 = self._seeds(cell, k, x.shape[0], 0)
@@ -415,18 +468,20 @@ class Evaluation:
                 cells[f"{dname}/{spec.name}"] = res
                 m, cm = res["metrics"], clean["metrics"]
                 maj, maj_ci = _maj(res)
-                rows.append({"defense": dname, "attack": spec.name, "n": m["n"],
+                rows.append({"defense": dname, "attack": spec.name, "budget": self.budgets[spec.name], "n": m["n"],
                              "draws": m["draws"], "clean": cm["expected"], "clean_ci": cm["expected_ci"],
                              "robust_expected": m["expected"], "robust_expected_ci": m["expected_ci"],
                              "robust_worst": m["worst_of_n"], "robust_worst_ci": m["worst_of_n_ci"],
                              "majority": maj, "majority_ci": maj_ci,
                              "mean_t_clean": mean(clean["t_star"]), "mean_t_adv": mean(res["t_star"]),
-                             "seconds": clean["seconds"] + res["seconds"], "flags": res["flags"]})
+                             "seconds": clean["seconds"] + res["seconds"], "flags": res["flags"],
+                             **self._first_draws({spec.name: res["correct"]})})
             worst_rows += self._worst_rows(dname, clean, cells, rows[first_row:])
             if len(rows) == first_row:  # no attack ran on this defense: still report its clean accuracy
                 cm = clean["metrics"]
                 maj, maj_ci = _maj(clean)
-                rows.append({"defense": dname, "attack": "clean", "n": cm["n"], "draws": cm["draws"],
+                rows.append({"defense": dname, "attack": "clean", "budget": "no attack", "n": cm["n"],
+                             "draws": cm["draws"],
                              "clean": cm["expected"], "clean_ci": cm["expected_ci"],
                              "robust_expected": None, "robust_expected_ci": None,
                              "robust_worst": None, "robust_worst_ci": None,
@@ -484,7 +539,9 @@ class Evaluation:
             if all(p.get("majority") is not None for p in parts):  # the vote survives every attack
                 hits = torch.tensor([p["majority"]["correct"] for p in parts], dtype=torch.bool).all(0)
                 maj, maj_ci = int(hits.sum()) / max(wc["n"], 1), wilson_interval(int(hits.sum()), wc["n"])
-            out.append({"defense": dname, "attack": label, "n": wc["n"], "draws": cm["draws"],
+            out.append({"defense": dname, "attack": label, "budget": f"worst over {', '.join(members)}",
+                        "n": wc["n"], "draws": cm["draws"], **self._first_draws({a: p["correct"] for a, p in
+                                                                              zip(members, parts)}),
                         "clean": cm["expected"], "clean_ci": cm["expected_ci"],
                         "robust_expected": wc["expected"], "robust_expected_ci": wc["expected_ci"],
                         "robust_worst": wc["worst_of_n"], "robust_worst_ci": wc["worst_of_n_ci"],
@@ -493,6 +550,14 @@ class Evaluation:
                         "seconds": sum(p["seconds"] for p in parts),
                         "flags": sorted({f for p in parts for f in p["flags"]})})
         return out
+
+    def _first_draws(self, correct_by_attack: Dict[str, Any], k: int = WORST_OF_FEW) -> Dict[str, Any]:
+        """Worst-of-k over the first k draws (when more were taken), per-sample worst over the attacks given:
+        {robust_worst_k, robust_worst_k_ci, worst_k}; {} when draws <= k."""
+        if self.cfg.draws <= k:
+            return {}
+        wc = worst_case({a: torch.tensor(c, dtype=torch.bool)[:, :k] for a, c in correct_by_attack.items()})
+        return {"worst_k": k, "robust_worst_k": wc["worst_of_n"], "robust_worst_k_ci": wc["worst_of_n_ci"]}
 
     def _write(self, rows, cells, curves, flags, worst_rows) -> Dict[str, Any]:
         out = self.run_dir
@@ -532,8 +597,7 @@ class Evaluation:
               "Wilson intervals over images.", "", table, "## Self-checks", ""]
         md += [f"- FLAG: {f}" for f in flags] or ["- no flags raised"]
         md += ["", "## Attacks", ""]
-        md += [f"- `{a.name}`: {a.attack} {a.kwargs}, EOT {a.eot}{' (selective)' if a.selective else ''}, "
-               f"view `{a.view}`" for a in self.attacks]
+        md += [f"- `{a.name}`: {self.budgets[a.name]}; view `{a.view}`; settings {a.kwargs}" for a in self.attacks]
         md += [f"- `{g}` (worst of {', '.join(m)}): preset rand, AutoAttack's randomized-defense version"
                for g, m in self.groups.items()]
         md += [""] + [f"![{k}]({Path(v).name})" for k, v in plots.items()]
