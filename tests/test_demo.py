@@ -25,12 +25,22 @@ def test_demo_runs_every_stage_then_reuses_its_cache(tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "| ssni-learned | ssni-adaptive |" in out and "| none | pgd-eot |" in out
+    # under the table: the budget, the strongest attack per sample-specific defense, and what this is
+    assert "Attack budget: 4 images, 2 defense draws each; pgd-eot: pgd 1 iterations, EOT 2" in out
+    assert "CPU-sized check" in out
+    for name in ("ssni-l", "ssni-n", "ssni-learned"):
+        assert f"| {name} | worst-case |" in out
+    assert "| dbp | worst-case |" not in out  # DBP's t* does not depend on x: not in the strongest rows
     summary = json.loads((tmp_path / "demo/demo_summary.json").read_text())
     assert not any(s.get("cached") for s in summary["stages"].values())
     report = (tmp_path / "demo/report.md").read_text()
+    assert "Strongest attack that fits the budget" in report
+    strongest = {r["defense"]: r for r in summary["strongest"]}
+    assert set(strongest) == {"ssni-l", "ssni-n", "ssni-learned"}
+    assert all(r["attacks"] == ["full-own", "adaptive-own", "selective-own"] for r in strongest.values())
     for name in ("none", "dbp", "ssni-l", "ssni-n", "ssni-learned"):
         assert f"| {name} |" in report
     # a second run reuses every stage and the evaluation state
     assert main(args) == 0
     summary = json.loads((tmp_path / "demo/demo_summary.json").read_text())
-    assert all(s.get("cached") for k, s in summary["stages"].items() if k != "evaluation")
+    assert all(s.get("cached") for k, s in summary["stages"].items() if k not in ("evaluation", "strongest attack"))
