@@ -248,7 +248,7 @@ def test_forward_diffusion_matches_alpha_bar_per_sample():
         p = Purifier(m, name)
         xt = p.diffuse(x0, tt, seeds=torch.arange(len(tt))).reshape(len(t), -1)
         t1 = t * p.sampler.stage_scales[0] if name == "gns" else t  # gns: its first stage
-        if name == "diffpure":
+        if name in ("diffpure", "vpode"):  # the fixed-dt samplers: continuous VP time
             ab = d.alpha_bar(torch.round(t1.double() / 1e-3) * 1e-3)
         else:
             i = torch.round(t1.double() * d.N).long() - 1
@@ -295,7 +295,7 @@ def test_bad_input_names_samples_and_expected_values():
 
 
 def test_config_from_yaml_and_registries_complete(tmp_path):
-    assert set(SAMPLER_NAMES) >= {"diffpure", "ddpm", "ddim", "gns", "gdmp"}
+    assert set(SAMPLER_NAMES) >= {"diffpure", "vpode", "ddpm", "ddim", "gns", "gdmp"}
     assert set(GRAD_MODES.names()) == {"full", "bpda"}
     recipe = tmp_path / "p.yaml"
     recipe.write_text("sampler: ddim\nsteps: 4\n")

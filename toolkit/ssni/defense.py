@@ -13,6 +13,8 @@ running the one pipeline method `RobustClassifier.run` with the attack purifier:
 - `bare`: the classifier alone with the wrapper's preprocessing (transfer source, "none").
 `fixed_view` (the evaluation's `fixed_seeds: true`; not a registered view) is the defense itself, full
 gradients: called with the seeds the defense later uses, the attack differentiates exactly that draw.
+Every view (and the defense) also has `stepwise(x, seeds)`: the logits at every reverse step
+[S,B,n], for the per-step loss of attacks/perstep.py.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .config import from_dict, load_config, to_dict
 from .device import resolve_device
@@ -229,9 +232,43 @@ class RobustClassifier(nn.Module):
             return logits[0]
         return VOTES.get(vote or self.vote)(logits)
 
+    def run_steps(self, x: Tensor, seeds: Optional[Tensor] = None, attack: bool = False,
+                  smooth: bool = False, grad: Optional[str] = None, vote: Optional[str] = None) -> Tensor:
+        """`run`'s logits at every reverse step; x [B,C,H,W] in [0,1] -> [S,B,n], [-1] = run's logits.
+
+        Step s is the purifier's s-th global reverse step (Purifier.trajectory: a sample whose own
+        grid has not started yet is classified on its diffused image). Same seeds, t*(x), members
+        and vote as `run`; each step's classifier call is checkpointed while autograd records, so
+        activation memory holds one classifier pass, not S.
+        """
+        check_images(x, self.score_model.input_shape, dtype=self.dtype)
+        seeds = self._seeds(x, seeds)
+        purifier = self.attack_purifier if attack else self.purifier
+        if not callable(getattr(purifier, "trajectory", None)):
+            raise TypeError(f"per-step logits need a purifier with trajectory() (ssni's Purifier), "
+                            f"got {type(purifier).__name__}")
+        t, s = self.noise_levels(x, seeds, smooth=smooth)
+        self.last_t_star, self.last_score_norm = t.detach(), s.detach()
+        k, b = self.ensemble, x.shape[0]
+        member_seeds = torch.cat([mix_seeds(seeds, 1 + i) for i in range(k)])
+        xk = x.repeat(k, 1, 1, 1) if k > 1 else x
+        tk = t.repeat(k) if k > 1 else t
+        states = purifier.trajectory(xk, tk, seeds=member_seeds, grad=grad)
+        recompute = torch.is_grad_enabled() and any(st.requires_grad for st in states)
+        out = []
+        for st in states:
+            z = _checkpoint(self.classify, st, use_reentrant=False) if recompute else self.classify(st)
+            z = z.reshape(k, b, -1)
+            out.append(z[0] if k == 1 else VOTES.get(vote or self.vote)(z))
+        return torch.stack(out)
+
     def forward(self, x: Tensor, seeds: Optional[Tensor] = None) -> Tensor:
         """Defense logits [B,n] for images x [B,C,H,W] in [0,1] (the defense purifier)."""
         return self.run(x, seeds, attack=False, smooth=False, grad=self.purifier_grad)
+
+    def stepwise(self, x: Tensor, seeds: Optional[Tensor] = None) -> Tensor:
+        """Defense logits at every reverse step; x [B,C,H,W] in [0,1] -> [S,B,n], [-1] = forward's."""
+        return self.run_steps(x, seeds, attack=False, smooth=False, grad=self.purifier_grad)
 
     def view(self, name: str) -> nn.Module:
         """The attacker's view `name` (see VIEWS: full, adaptive, bpda, bare) as a plain nn.Module."""
@@ -286,6 +323,11 @@ class AttackView(nn.Module):
         return self.parent.run(x, seeds, attack=not self.defense, smooth=self.smooth, grad=self.grad,
                                vote=None if self.defense else "mean_prob")
 
+    def stepwise(self, x: Tensor, seeds: Optional[Tensor] = None) -> Tensor:
+        """Logits at every reverse step, this view's settings; [B,C,H,W] -> [S,B,n], [-1] = forward's."""
+        return self.parent.run_steps(x, seeds, attack=not self.defense, smooth=self.smooth,
+                                     grad=self.grad, vote=None if self.defense else "mean_prob")
+
 
 class BareView(nn.Module):
     """The wrapped classifier without purification; x [B,C,H,W] in [0,1] -> logits."""
@@ -297,6 +339,10 @@ class BareView(nn.Module):
     def forward(self, x: Tensor, seeds: Optional[Tensor] = None) -> Tensor:
         """Bare classifier logits [B,n] (seeds unused: nothing is random)."""
         return self.parent.classify(x)
+
+    def stepwise(self, x: Tensor, seeds: Optional[Tensor] = None) -> Tensor:
+        """No purification, so one step: the bare logits as [1,B,n]."""
+        return self.parent.classify(x)[None]
 
 
 @VIEWS.register("full")

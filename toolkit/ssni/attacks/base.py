@@ -103,6 +103,7 @@ class Attack:
         self.grad_fn: Callable = plain_gradient
         self.eot_samples = 1  # set by the EOT wrapper; reported by the evaluation
         self.eot_selective = False
+        self.per_step = False  # set by perstep.per_step: the loss is taken at every reverse step
 
     @property
     def loss(self) -> Callable:
@@ -149,4 +150,4 @@ class Attack:
         """Settings for reports."""
         return {"attack": type(self).__name__, "eps": self.eps, "norm": self.norm,
                 "loss": self.loss_name, "eot": self.eot_samples,
-                "eot_selective": self.eot_selective, "targeted": self.targeted}
+                "eot_selective": self.eot_selective, "targeted": self.targeted, "per_step": self.per_step}

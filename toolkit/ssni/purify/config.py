@@ -19,11 +19,11 @@ class PurifierConfig:
     does not take is an error listing the options it does (see each sampler's docstring).
     """
 
-    sampler: str = "diffpure"                # diffpure | ddpm | ddim | gdmp | gns (see SAMPLERS)
+    sampler: str = "diffpure"                # diffpure | vpode | ddpm | ddim | gdmp | gns (see SAMPLERS)
     grad: str = "full"                       # default gradient mode: full | bpda
     checkpoint: bool = True                  # full gradients: checkpoint every reverse step
     # -- sampler options ----------------------------------------------------------------------
-    dt: Optional[float] = None               # diffpure: SDE step size (default 1e-3: t* 0.1 = 100 steps)
+    dt: Optional[float] = None               # diffpure/vpode: SDE/ODE step size (default 1e-3: t* 0.1 = 100 steps)
     steps: Optional[int] = None              # ddpm/ddim/gdmp: reverse steps per sample (default: every step)
     clip: Optional[bool] = None              # ddpm/ddim/gdmp: clip x0 predictions to [-1, 1] (default true)
     guidance_scale: Optional[float] = None   # gdmp: pull of each step towards the input (default 10)

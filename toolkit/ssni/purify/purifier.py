@@ -19,7 +19,7 @@ of the continuous VP process at t*: the value is unchanged, and an attacker can 
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -43,7 +43,8 @@ class Purifier(nn.Module):
     purifier's default). `nfe_last` / `calls_last`: network evaluations in sample-steps / batched
     network calls of the last forward. The score network is put, and kept, in eval mode (see
     `train`). `options` are the sampler's own (e.g. steps for ddpm, dt for diffpure); one the
-    sampler does not take is an error listing those it does.
+    sampler does not take is an error listing those it does. `trajectory` (same arguments) returns
+    the image after every reverse step, for losses taken along the way (DiffAttack-style).
     """
 
     def __init__(self, score_model: nn.Module, sampler: str | Sampler = "diffpure", *,
@@ -140,10 +141,29 @@ class Purifier(nn.Module):
         return total
 
     # -- the engine ----------------------------------------------------------------------------
-    def run(self, x: Tensor, t: Tensor, seeds: Sequence[int]) -> Tensor:
+    def trajectory(self, x: Tensor, t_star: Tensor | float, seeds: Optional[Tensor] = None,
+                   generator: Optional[torch.Generator] = None, grad: Optional[str] = None) -> List[Tensor]:
+        """The image after every global reverse step: x [B,C,H,W] in [0,1] -> S tensors [B,C,H,W] in [0,1].
+
+        Step s is the s-th pass of the reverse loop over all stages (S = the sum over stages of the
+        largest per-sample step count, at least 1). Grids are end-aligned, so at step s a sample
+        with fewer steps than the largest may not have started: it then holds its forward-diffused
+        image (clamped to [0,1], noise and all), which is its true state at that point; a sample
+        with t* = 0 holds its input. Rows are in the input's order; the last entry is exactly
+        forward's output with the same seeds and grad mode. Each entry is part of the autograd
+        graph (S extra images of memory beside the checkpointed steps' own).
+        """
+        t = self.check_inputs(x, t_star)
+        seed_list = self.resolve_seeds(x.shape[0], seeds, generator)
+        record: List[Tensor] = []
+        GRAD_MODES.get(grad or self.grad)(self, x, t, seed_list, record=record)
+        return record
+
+    def run(self, x: Tensor, t: Tensor, seeds: Sequence[int], record: Optional[List[Tensor]] = None) -> Tensor:
         """Purify with autograd recording as the caller set it (the "full" mode's body).
 
-        x: [B,C,H,W] in [0,1] (validated), t: float [B] (validated), seeds: B ints.
+        x: [B,C,H,W] in [0,1] (validated), t: float [B] (validated), seeds: B ints. record: a list
+        that receives the image after every global reverse step (see `trajectory`), [B,C,H,W] each.
         """
         stream = NoiseStream(seeds, x.shape[1:], x.device, x.dtype)
         ref = to_model_space(x)
@@ -152,22 +172,33 @@ class Purifier(nn.Module):
             x.requires_grad or any(p.requires_grad for p in self.model.parameters()))
         steps = np.zeros(x.shape[0], dtype=np.int64)
         calls = 0
+        states: Optional[List[Tensor]] = [] if record is not None else None
         stages = self.sampler.stages(t)
         for k, (sampler, ts) in enumerate(stages):
             plan = sampler.plan(self.diffusion, ts.detach().double().cpu())
             xm = self._diffuse(sampler, plan, xm, stream, ts if ts.requires_grad else None)
-            xm = self._reverse(sampler, plan, xm, ref, stream, use_ckpt)
+            xm = self._reverse(sampler, plan, xm, ref, stream, use_ckpt, states)
             if k < len(stages) - 1:  # each stage hands an image on to the next
                 xm = xm.clamp(-1.0, 1.0)
             steps += plan.lengths
             calls += plan.max_len
         self.nfe_last = int(steps.sum())
         self.calls_last = calls
-        out = to_pixel_space(xm).clamp(0.0, 1.0)
         untouched = steps == 0
-        if untouched.any():  # t* = 0 (or below one step): return the input exactly
-            keep = torch.as_tensor(untouched, device=x.device)
-            out = torch.where(per_sample(keep, x).bool(), x, out)
+        keep = torch.as_tensor(untouched, device=x.device)
+
+        def finish(state: Tensor) -> Tensor:
+            out = to_pixel_space(state).clamp(0.0, 1.0)
+            if untouched.any():  # t* = 0 (or below one step): return the input exactly
+                out = torch.where(per_sample(keep, x).bool(), x, out)
+            return out
+
+        out = finish(xm)
+        if record is not None:
+            # the last state is xm itself, so the final entry is `out` (with no reverse step at
+            # all, `out` is the only entry)
+            record.extend(finish(s) for s in states[:-1])
+            record.append(out)
         return out
 
     def _diffuse(self, sampler: Sampler, plan: Plan, xm: Tensor, stream: NoiseStream,
@@ -183,7 +214,9 @@ class Purifier(nn.Module):
         return per_sample(a, xm) * xm + per_sample(s, xm) * z
 
     def _reverse(self, sampler: Sampler, plan: Plan, xm: Tensor, ref: Tensor,
-                 stream: NoiseStream, use_ckpt: bool) -> Tensor:
+                 stream: NoiseStream, use_ckpt: bool, states: Optional[List[Tensor]] = None) -> Tensor:
+        """Reverse every sample from its grid start to 0; states (if given) gets the model-space
+        batch, in input order, after every global step (the last one is the returned tensor)."""
         big_l = plan.max_len
         if big_l == 0:
             return xm
@@ -197,6 +230,8 @@ class Purifier(nn.Module):
         perm = torch.as_tensor(order, device=dev)
         grid = plan.grid.index_select(0, torch.as_tensor(order)).to(dev)
         xp = xm if identity else xm.index_select(0, perm)
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(n, device=dev)
         refp = None
         if sampler.needs_reference:
             refp = ref if identity else ref.index_select(0, perm)
@@ -216,11 +251,12 @@ class Purifier(nn.Module):
             else:
                 new = sampler.step(*args)
             xp = new if a == n else torch.cat([new, xp[a:]], 0)
-        if identity:
-            return xp
-        inv = torch.empty_like(perm)
-        inv[perm] = torch.arange(n, device=dev)
-        return xp.index_select(0, inv)
+            if states is not None and g < big_l - 1:
+                states.append(xp if identity else xp.index_select(0, inv))
+        out = xp if identity else xp.index_select(0, inv)
+        if states is not None:
+            states.append(out)
+        return out
 
     def extra_repr(self) -> str:
         return f"sampler={self.sampler!r}, grad={self.grad!r}, checkpoint={self.checkpoint}"

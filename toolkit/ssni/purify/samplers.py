@@ -5,9 +5,14 @@ clean image to the top of that grid, and how to take one reverse step on a sub-b
 purifier (purifier.py) owns the loop: it evaluates the network only on the samples that still have
 a step left, so the cost follows the sum of the samples' own step counts.
 
-Registered: `diffpure` (reverse VP SDE, Euler-Maruyama at a fixed dt), `ddpm` (ancestral,
-per-sample discrete grid), `ddim` (same grid, eta = 0), `gdmp` (ddpm steps guided towards the
-input), `gns` (several diffuse-then-reverse stages).
+Registered: `diffpure` (reverse VP SDE, Euler-Maruyama at a fixed dt), `vpode` (the VP SDE's
+probability-flow ODE, Euler at the same fixed dt: deterministic given the forward diffusion),
+`ddpm` (ancestral, per-sample discrete grid), `ddim` (same grid, eta = 0), `gdmp` (ddpm steps
+guided towards the input), `gns` (several diffuse-then-reverse stages).
+
+DiffBreak's `ddpm_ode` is not registered: it is not DDIM. It takes the DDPM posterior-mean step
+with the network's eps halved and no noise (a discretised probability flow on the DDPM chain),
+while our `ddim` steps x0 and eps to the next alpha_bar; an alias would claim a parity we lack.
 """
 from __future__ import annotations
 
@@ -110,12 +115,9 @@ class Sampler:
         return f"{type(self).__name__}({args})"
 
 
-@SAMPLERS.register("diffpure")
-class DiffPureSampler(Sampler):
-    """Reverse VP SDE by Euler-Maruyama at a fixed step dt (DiffPure: 1e-3, so t* = 0.1 is 100
-    steps). Sample b takes round(t*_b / dt) steps from t = n_b dt to 0; grid values count dt's."""
-
-    stochastic = True
+class _FixedDtSampler(Sampler):
+    """Continuous VP time stepped at a fixed dt: sample b takes round(t*_b / dt) steps from
+    t = n_b dt to 0; grid values count dt's (DiffPure: dt = 1e-3, so t* = 0.1 is 100 steps)."""
 
     def __init__(self, dt: float = 1e-3):
         if not 0.0 < float(dt) <= 1.0:
@@ -134,14 +136,39 @@ class DiffPureSampler(Sampler):
         log_ab = diffusion.log_alpha_bar(t)
         return torch.exp(0.5 * log_ab), torch.sqrt(-torch.expm1(log_ab))
 
-    def step(self, model, x, cur, nxt, noise, ref):
+    def _beta_score(self, model, x: Tensor, cur: Tensor) -> Tuple[Tensor, Tensor]:
+        """beta(t) [A] and the score -eps / sigma(t) [A,C,H,W] at t = cur * dt."""
         d: VPDiffusion = model.diffusion
         t = cur.to(x.dtype) * self.dt
-        beta, sigma = d.beta(t), d.sigma(t)
-        score = -model(x, t) / per_sample(sigma, x)
+        return d.beta(t), -model(x, t) / per_sample(d.sigma(t), x)
+
+
+@SAMPLERS.register("diffpure")
+class DiffPureSampler(_FixedDtSampler):
+    """Reverse VP SDE by Euler-Maruyama at a fixed step dt (DiffPure: 1e-3, so t* = 0.1 is 100
+    steps). Sample b takes round(t*_b / dt) steps from t = n_b dt to 0; grid values count dt's."""
+
+    stochastic = True
+
+    def step(self, model, x, cur, nxt, noise, ref):
+        beta, score = self._beta_score(model, x, cur)
         # reverse-time drift f - g^2 score with f = -beta x / 2, g^2 = beta, stepped by -dt
         x = x + per_sample(beta * self.dt, x) * (0.5 * x + score)
         return x + per_sample(torch.sqrt(beta * self.dt), x) * noise
+
+
+@SAMPLERS.register("vpode")
+class VPODESampler(_FixedDtSampler):
+    """Probability-flow ODE of the VP SDE, Euler at a fixed step dt (same grid as diffpure:
+    t* = 0.1 with dt = 1e-3 is 100 steps). dx/dt = -beta(t)/2 (x + score), score = -eps / sigma;
+    the reverse consumes no noise, so only the forward diffusion is random (DiffBreak's vpode)."""
+
+    stochastic = False
+
+    def step(self, model, x, cur, nxt, noise, ref):
+        beta, score = self._beta_score(model, x, cur)
+        # f - g^2 score / 2 with f = -beta x / 2, g^2 = beta: half the SDE's score pull, no noise
+        return x + per_sample(0.5 * beta * self.dt, x) * (x + score)
 
 
 class _DiscreteSampler(Sampler):
