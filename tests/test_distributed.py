@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -87,11 +88,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch_and_wait(cmd: list, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """Run `cmd` in its own session; past `timeout`, kill its whole process group (torchrun and the
+    workers it started, which would otherwise wait forever in a collective) and raise TimeoutExpired."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def _torchrun(*args: str, timeout: float = 150) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
            "127.0.0.1", "--master_port", str(_free_port()), __file__, *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return launch_and_wait(cmd, env, timeout)
 
 
 def test_epoch_batches_split_the_one_process_batch():
@@ -195,7 +210,8 @@ def eval_setup(tmp_path_factory):
     return root
 
 
-def _eval_config(root: Path, run_dir: Path):
+def _eval_config(root: Path, run_dir: Path, extra: dict | None = None):
+    """The tiny evaluation's config (with `extra` top-level keys replaced), also written as RUN_DIR.yaml."""
     import yaml
 
     from ssni.config import load_config
@@ -217,6 +233,7 @@ def _eval_config(root: Path, run_dir: Path):
                      "kwargs": {"eps": 0.1, "steps": 1, "step_size": 0.05}}],
         "sweep": {"attack": "pgd", "defenses": ["ssni-n"], "eps": [0.0, 0.1], "num_samples": 4},
     }
+    rec.update(extra or {})
     path = run_dir.parent / f"{run_dir.name}.yaml"
     path.write_text(yaml.safe_dump(rec))
     return load_config(EvaluateConfig, path, [])

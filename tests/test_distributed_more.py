@@ -1,15 +1,15 @@
 """Several processes (torchrun, gloo on CPU) give the results of one process: calibrate, train-denoiser,
 fit-reweight.
 
-Run as a script, this file is the worker that torchrun starts (one command per launch):
-    python -m torch.distributed.run --nproc_per_node 2 tests/test_distributed_more.py SETUP_DIR OUT_DIR COMMAND
+Run as a script, this file is the worker that torchrun starts (the commands one after the other in one
+process, as `ssni demo` runs its stages):
+    python -m torch.distributed.run --nproc_per_node 2 tests/test_distributed_more.py SETUP_DIR OUT_DIR COMMAND...
 """
 from __future__ import annotations
 
 import json
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -18,6 +18,12 @@ import pytest
 import torch
 
 from ssni.seeding import seeded
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_distributed import launch_and_wait  # noqa: E402
+
+# the commands of each 2-process launch: calibrate and fit-reweight share one (one process group for both)
+LAUNCHES = [["calibrate", "fit-reweight"], ["train-denoiser"]]
 
 
 def _commands(setup: Path, out: Path) -> Dict[str, List[str]]:
@@ -32,19 +38,39 @@ def _commands(setup: Path, out: Path) -> Dict[str, List[str]]:
                            "loop.progress=false", "loop.ckpt_every=0", "loop.device=cpu", "eval_batch=8"],
         "fit-reweight": ["fit-reweight", f"output={out / 'rw'}", f"defense_recipe={setup / 'defense.yaml'}",
                          "data.image_size=8", "count=8", "noise_std=[0.2]", "pgd_eps=[0.1]", "pgd_steps=1",
-                         "t_grid=[0.0,0.05,0.2]", "fit.steps=20", "fit.knots=4", "progress=false",
+                         "t_grid=[0.0,0.05,0.2]", "fit.steps=20", "fit.knots=4", "batch_size=4", "progress=false",
                          "device=cpu"],
     }
 
 
-def _worker(setup: Path, out: Path, name: str) -> None:
-    """One command (a process joins the group once per launch: commands leave it when done)."""
+def _worker(setup: Path, out: Path, names: List[str]) -> None:
+    """The commands one after the other in this process (they share its process group)."""
+    for name in names:
+        _run_command(setup, out, name)
+
+
+def _run_command(setup: Path, out: Path, name: str) -> None:
+    """One command; this rank's result as OUT/NAME-rankR.json."""
     from ssni.commands import COMMANDS
     from ssni.config import load_config
 
     rank = int(os.environ["RANK"])
     argv = _commands(setup, out)[name]
+    shares = []
+    if name == "fit-reweight":  # record this rank's share of the oracle search
+        from ssni.commands import fit_reweight
+
+        search = fit_reweight._oracle_batches
+
+        def recorded(*args):
+            batches = search(*args)
+            shares.extend(sorted(batches))
+            return batches
+
+        fit_reweight._oracle_batches = recorded
     res = COMMANDS.get(name)(load_config(COMMANDS.meta(name)["config"], None, argv[1:]))
+    if name == "fit-reweight":
+        (out / f"fit-reweight-share{rank}.json").write_text(json.dumps(shares))
     (out / f"{name}-rank{rank}.json").write_text(json.dumps(res, default=str))
 
 
@@ -108,10 +134,11 @@ def runs(setup, tmp_path_factory):
         else:
             os.environ["SSNI_THREADS"] = old
     procs = {}
-    for name in _commands(setup, out):
+    for names in LAUNCHES:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-               "127.0.0.1", "--master_port", str(_free_port()), __file__, str(setup), str(out / "two"), name]
-        procs[name] = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+               "127.0.0.1", "--master_port", str(_free_port()), __file__, str(setup), str(out / "two"), *names]
+        proc = launch_and_wait(cmd, _env(), 150)
+        procs.update({name: proc for name in names})
     return {"out": out, "one": one, "procs": procs}
 
 
@@ -154,16 +181,47 @@ def test_two_process_train_denoiser_equals_one_process(runs):
     assert abs(summary[1]["final_loss"] - summary[0]["final_loss"]) <= 1e-3 * summary[0]["final_loss"]
 
 
-def test_two_process_fit_reweight_runs_on_rank_0_and_the_others_wait(runs):
+def test_two_process_fit_reweight_shards_the_oracle_and_equals_one_process(runs):
     out = runs["out"]
     _ok(runs, "fit-reweight")
     for name in ("reweight.json", "oracle.json"):
         assert json.loads((out / "two" / "rw" / name).read_text()) == json.loads((out / "one" / "rw" / name).read_text())
     ranks = [json.loads((out / "two" / f"fit-reweight-rank{r}.json").read_text()) for r in range(2)]
-    assert "fit" in ranks[0] and ranks[1]["rank"] == 1  # rank 1 waited and returned rank 0's paths
+    assert "fit" in ranks[0] and ranks[1]["rank"] == 1  # rank 1 waited for the fit and returned rank 0's paths
     assert ranks[1]["reweight"] == ranks[0]["reweight"] == str(out / "two" / "rw" / "reweight.json")
+    oracle = json.loads((out / "one" / "rw" / "oracle.json").read_text())
+    assert len(oracle["oracle_t"]) == 8 * 3  # clean, noise 0.2, pgd 0.1 copies of 8 images
+    # rank 1 did its share of the oracle search: its batches (every second one, batch_size=4) were its own
+    assert [json.loads((out / "two" / f"fit-reweight-share{r}.json").read_text()) for r in range(2)] == [[0], [4]]
+
+
+def test_fit_reweight_samples_do_not_depend_on_their_batch(setup):
+    """A sample's perturbed copies, score norm and oracle t* are the same alone as in a batch."""
+    from ssni.commands.fit_reweight import FitReweightConfig, _oracle_batches, _training_images
+    from ssni.config import load_config
+    from ssni.defense import RobustClassifier
+
+    argv = _commands(setup, setup / "unused")["fit-reweight"][1:]
+    cfg = load_config(FitReweightConfig, None, argv + ["batch_size=8"])
+    defense = RobustClassifier.from_recipe(cfg.defense_recipe, device="cpu")
+    images, labels = _training_images(cfg, torch.device("cpu"))
+    whole = _oracle_batches(defense, images, labels, cfg, 0, 1)[0]
+    cfg.batch_size = 3
+    parts = [_oracle_batches(defense, images, labels, cfg, r, 2) for r in range(2)]
+    for kind, res in whole.items():
+        for key in ("norm", "t", "correct"):
+            got = torch.cat([p[a][kind][key] for a in (0, 3, 6) for p in parts if a in p])
+            torch.testing.assert_close(got, res[key], equal_nan=True, msg=f"{kind} {key}")
+
+
+def test_two_commands_in_one_launch_share_the_process_group(runs):
+    """calibrate then fit-reweight in one 2-process launch (a second group after the first hung before)."""
+    proc = runs["procs"]["fit-reweight"]
+    assert proc is runs["procs"]["calibrate"] and proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("calibrate", "fit-reweight"):
+        assert all((runs["out"] / "two" / f"{name}-rank{r}.json").is_file() for r in range(2))
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    _worker(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])
+    _worker(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:])

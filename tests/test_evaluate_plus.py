@@ -207,3 +207,16 @@ def test_a_surrogate_attack_without_an_attack_purifier_is_a_one_line_error(tiny_
     cfg.attacks[0].purifier = "cheap"
     with pytest.raises(ConfigError, match="purifier must be one of defense, surrogate"):
         Evaluation(cfg)
+
+
+def test_per_step_attacks_run_in_evaluate_also_with_fixed_seeds(tiny_setup, tmp_path):
+    cfg = _config(tiny_setup, tmp_path / "ev", defenses=[
+        {"name": "dbp", "reweight": {"name": "constant", "kwargs": {"t_base": 0.05}}}], attacks=[
+        {"name": "step", "attack": "pgd", "eot": 2, "kwargs": STEP, "per_step": True},
+        {"name": "step-fixed", "attack": "pgd", "kwargs": STEP, "per_step": True, "fixed_seeds": True}])
+    cfg.defense.purifier.steps = 2
+    ev = Evaluation(cfg)
+    assert ev._make_attack(ev.attacks[0]).per_step and "loss at every step" in ev.budgets["step"]
+    res = ev.run()
+    rows = json.loads((tmp_path / "ev/results.json").read_text())["rows"]
+    assert [r["attack"] for r in rows] == ["step", "step-fixed"] and not res["flags"]

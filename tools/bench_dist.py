@@ -1,11 +1,13 @@
 """Speed-up of an evaluation under torchrun with 2 processes over 1, measured side by side.
 
-    .venv/bin/python tools/bench_dist.py [--samples 48] [--batch 4]
+    .venv/bin/python tools/bench_dist.py [--samples 48] [--batch 4] [--eot 2] [--eot-across-ranks]
 
 Builds a tiny defense (perturbed unet_tiny score model, its calibration, a resnet10t on 8x8 digits),
 then runs the same evaluation with `torch.distributed.run --nproc_per_node 1` and `... 2` (one thread
 per process, gloo on CPU), each in a fresh run directory, and prints the time of `Evaluation.run()`
 (rank 0, after a barrier) and of the whole launch (with start-up), and the speed-up (ideal 2.0).
+With --eot-across-ranks the 2-process run splits each batch's EOT copies across the processes
+(`eot_across_ranks: true`) instead of the batches.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ def _worker(config: str, out: str) -> None:
     evaluation.dist.close()
 
 
-def _setup(root: Path, samples: int, batch: int) -> None:
+def _setup(root: Path, samples: int, batch: int, eot: int = 2, across: bool = False) -> None:
     import torch
     import yaml
 
@@ -72,9 +74,9 @@ def _setup(root: Path, samples: int, batch: int) -> None:
                         "classifier": {"checkpoint": str(root / "clf"), "weights": "model"},
                         "mean": [0.0], "std": [1.0], "device": "cpu"},
             "defenses": [{"name": "ssni-n", "reweight": {"name": "sigmoid", "kwargs": {"t_base": 0.05}}}],
-            "attacks": [{"name": "pgd", "attack": "pgd", "eot": 2, "view": "full",
+            "attacks": [{"name": "pgd", "attack": "pgd", "eot": eot, "view": "full",
                          "kwargs": {"eps": 0.1, "steps": 3, "step_size": 0.05}}],
-            "checks": False,
+            "checks": False, "eot_across_ranks": across and name == "two",
         }
         (root / f"{name}.yaml").write_text(yaml.safe_dump(rec))
 
@@ -98,17 +100,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=48)
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--eot", type=int, default=2, help="EOT copies of the attack")
+    ap.add_argument("--eot-across-ranks", action="store_true", help="2 processes split the EOT copies, not batches")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        _setup(root, args.samples, args.batch)
+        _setup(root, args.samples, args.batch, args.eot, args.eot_across_ranks)
         wall1 = _launch(1, root / "one.yaml", root / "one.json")
         wall2 = _launch(2, root / "two.yaml", root / "two.json")
         run1 = json.loads((root / "one.json").read_text())["seconds"]
         run2 = json.loads((root / "two.json").read_text())["seconds"]
         same = json.loads((root / "one" / "results.json").read_text())["per_sample"] == json.loads(
             (root / "two" / "results.json").read_text())["per_sample"]
-    print(f"evaluation of {args.samples} images, batches of {args.batch}, on {os.cpu_count()} CPU cores")
+    split = "EOT copies" if args.eot_across_ranks else "batches"
+    print(f"evaluation of {args.samples} images, batches of {args.batch}, EOT {args.eot}, 2 processes split "
+          f"{split}, on {os.cpu_count()} CPU cores")
     print(f"1 process : run {run1:7.2f} s   launch {wall1:7.2f} s")
     print(f"2 processes: run {run2:7.2f} s   launch {wall2:7.2f} s")
     print(f"speed-up (ideal 2.0): run {run1 / run2:.2f}x   launch {wall1 / wall2:.2f}x   "

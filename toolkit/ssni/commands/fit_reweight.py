@@ -5,25 +5,28 @@ clean training images itself (Gaussian noise at several strengths, Linf PGD agai
 classifier), finds the oracle t* of every copy, fits a LearnedReweight and saves its JSON and a
 plot. The saved file plugs into a defense recipe as reweight: {name: learned, kwargs: {path: ...}}.
 
-Under torchrun rank 0 does all the work and writes (the PGD copies share one random stream, so the
-work is not split); the other ranks wait for it (a gather, within torch's process-group timeout) and
-return its file paths, or raise if rank 0 failed.
+Every sample's noise, PGD start, score-norm and purification draws come from its own seeds (its index
+in the run), so under torchrun the batches of samples are split across ranks (every world-th batch,
+as calibrate does) and give what one process gives; rank 0 gathers the per-sample oracle results,
+fits and writes, while the others wait for it (a gather, within torch's process-group timeout) and
+return its file paths, or raise if any rank failed.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 import torch
 
-from ..attacks import PGD
+from ..attacks import LOSSES, plain_gradient, project, random_in_ball, steepest_step
 from ..config import save_config
 from ..data import DataConfig, build_dataset
 from ..defense import RobustClassifier
 from ..io import atomic_write_json
-from ..scoring import LearnedFitConfig, compute_norms, fit_learned, gaussian_noise, oracle_t_star, plot_reweight
+from ..scoring import LearnedFitConfig, fit_learned, oracle_t_star, plot_reweight
+from ..scoring.calibration import shard_starts
 from ..seeding import block_seeds
 from ..training.dist import DistContext
 from .registry import command
@@ -60,23 +63,42 @@ def _over_255(eps: float) -> str:
     return f"{round(v)}/255" if abs(v - round(v)) < 0.05 else f"{v:.1f}/255"
 
 
-def make_perturbed(classify, images: torch.Tensor, labels: torch.Tensor, cfg: FitReweightConfig,
-                   device: torch.device) -> Dict[str, torch.Tensor]:
-    """The clean images plus their noisy and PGD copies: {kind: [N,C,H,W] in [0,1]}."""
-    from tqdm.auto import tqdm
+def _per_sample(draw: Callable[[torch.Generator], torch.Tensor], seeds: torch.Tensor,
+                device: torch.device) -> torch.Tensor:
+    """Stack draw(generator seeded with seeds[i]) over samples: [B, ...] (sample i's draw is its own)."""
+    return torch.cat([draw(torch.Generator(device=device).manual_seed(int(s))) for s in seeds])
 
-    g = torch.Generator(device=device).manual_seed(cfg.seed + NOISE_STREAM)
+
+def pgd_per_sample(classify, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
+                   seeds: torch.Tensor) -> torch.Tensor:
+    """Linf PGD (step 2.5 eps / steps) against `classify`, sample i's random start drawn from seeds[i];
+    x [B,C,H,W] in [0,1], y [B], seeds LongTensor [B] -> x_adv [B,C,H,W]."""
+    shape = (1, *x.shape[1:])
+    start = _per_sample(lambda g: random_in_ball(shape, eps, "linf", g, x.device), seeds, x.device)
+    x_adv = project(x + start.to(x.dtype), x, eps, "linf")
+    step, loss = 2.5 * eps / max(steps, 1), LOSSES.get("ce")
+    for _ in range(steps):
+        _, grad, _ = plain_gradient(classify, x_adv, y, loss)
+        x_adv = project(x_adv + step * steepest_step(grad, "linf"), x, eps, "linf")
+    return x_adv.detach()
+
+
+def make_perturbed(classify, images: torch.Tensor, labels: torch.Tensor, cfg: FitReweightConfig,
+                   first: int = 0) -> Dict[str, torch.Tensor]:
+    """The clean images plus their noisy and PGD copies: {kind: [B,C,H,W] in [0,1]}.
+
+    `images` are samples first .. first + B - 1 of the run; each sample's noise and PGD start come from
+    its own seed (seed block per kind, its index), so a sample's copies do not depend on its batch.
+    """
     sets = {"clean": images}
-    for std in cfg.noise_std:
-        sets[f"noise {std:g}"] = gaussian_noise(images, std, g)
-    for eps in cfg.pgd_eps:
-        out = []
-        for a in tqdm(range(0, images.shape[0], cfg.batch_size), disable=not cfg.progress,
-                      desc=f"pgd {eps:.4f}"):
-            xb, yb = images[a:a + cfg.batch_size], labels[a:a + cfg.batch_size]
-            attack = PGD(eps=eps, steps=cfg.pgd_steps, step_size=2.5 * eps / max(cfg.pgd_steps, 1))
-            out.append(attack.run(classify, xb, yb, g))  # the shared generator: one stream
-        sets[f"pgd {_over_255(eps)}"] = torch.cat(out)
+    for j, std in enumerate(cfg.noise_std):
+        seeds = block_seeds(cfg.seed + NOISE_STREAM + j, first, images.shape[0])
+        z = _per_sample(lambda g: torch.randn((1, *images.shape[1:]), generator=g, device=images.device),
+                        seeds, images.device)
+        sets[f"noise {std:g}"] = (images + std * z.to(images.dtype)).clamp(0.0, 1.0)
+    for j, eps in enumerate(cfg.pgd_eps):
+        seeds = block_seeds(cfg.seed + NOISE_STREAM + len(cfg.noise_std) + j, first, images.shape[0])
+        sets[f"pgd {_over_255(eps)}"] = pgd_per_sample(classify, images, labels, eps, cfg.pgd_steps, seeds)
     return sets
 
 
@@ -86,18 +108,33 @@ def run_fit_reweight(cfg: FitReweightConfig) -> Dict[str, Any]:
     """Fit the learned reweight; writes reweight.json, oracle.json and reweight.png (rank 0 only)."""
     dist = DistContext.from_env(cfg.device)
     result: Dict[str, Any] = {}
-    error = None
-    if dist.is_main:
-        try:
-            result = _fit(cfg, dist.device)
-        except BaseException as e:  # tell the waiting ranks before raising here
-            error = f"{type(e).__name__}: {e}"
-            dist.all_gather_object(error)
-            dist.close()
-            raise
-    # the other ranks wait here until rank 0 has written, and learn whether it succeeded
-    error = dist.all_gather_object(error)[0]
-    dist.close()
+    try:
+        mine, error = {}, None
+        try:  # this rank's batches of samples; a failure is passed on, so no rank waits for a dead one
+            defense = RobustClassifier.from_recipe(cfg.defense_recipe, cfg.defense_overrides, device=dist.device)
+            images, labels = _training_images(cfg, dist.device)
+            mine = _oracle_batches(defense, images, labels, cfg, dist.rank, dist.world_size)
+        except Exception as e:
+            if dist.world_size == 1:
+                raise  # one process: the error itself, as before
+            error = f"rank {dist.rank}: {type(e).__name__}: {e}"
+        parts = dist.all_gather_object((mine, error))
+        errors = [err for _, err in parts if err is not None]
+        if errors:
+            raise RuntimeError(f"fit-reweight failed on {'; '.join(errors)}")
+        batches = {a: res for part, _ in parts for a, res in part.items()}
+        error = None
+        if dist.is_main:
+            try:
+                result = _fit(cfg, defense, [batches[a] for a in sorted(batches)], labels.shape[0])
+            except BaseException as e:  # tell the waiting ranks before raising here
+                error = f"{type(e).__name__}: {e}"
+                dist.all_gather_object(error)
+                raise
+        # the other ranks wait here until rank 0 has written, and learn whether it succeeded
+        error = dist.all_gather_object(error)[0]
+    finally:
+        dist.close()
     if error is not None:
         raise RuntimeError(f"fit-reweight failed on rank 0: {error}")
     if not dist.is_main:
@@ -106,30 +143,46 @@ def run_fit_reweight(cfg: FitReweightConfig) -> Dict[str, Any]:
     return result
 
 
-def _fit(cfg: FitReweightConfig, device: torch.device) -> Dict[str, Any]:
-    """The work of `run_fit_reweight`, in one process."""
-    defense = RobustClassifier.from_recipe(cfg.defense_recipe, cfg.defense_overrides,
-                                           device=device)
+def _training_images(cfg: FitReweightConfig, device: torch.device):
+    """The `count` clean training images the fit uses (a seeded subset, in index order) and labels."""
     ds = build_dataset(cfg.data, "train")  # clean training data only
     n = min(cfg.count, len(ds))
     g = torch.Generator().manual_seed(cfg.seed)
     idx = torch.sort(torch.randperm(len(ds), generator=g)[:n]).values
-    images, labels = ds.images[idx].to(device), ds.labels[idx].to(device)
-    sets = make_perturbed(defense.classify, images, labels, cfg, device)
+    return ds.images[idx].to(device), ds.labels[idx].to(device)
 
-    norms, oracle, kinds, bare_acc = [], [], [], {}
-    with torch.no_grad():
-        for k, (kind, x) in enumerate(sets.items()):
-            s = compute_norms(defense.scorer, x, cfg.batch_size, cfg.seed + NORMS_STREAM + k, device,
-                              cfg.progress, f"norms {kind}")
-            seeds = block_seeds(k + 1, 0, n)
-            purify = lambda xb, tb, seeds: defense.purifier(xb, tb, seeds=seeds)  # noqa: E731
-            res = oracle_t_star(purify, defense.classify, x, labels, cfg.t_grid, seeds,
-                                cfg.draws, cfg.batch_size, cfg.progress)
-            bare_acc[kind] = float(res["correct"][:, 0].mean())
-            norms.append(s)
-            oracle.append(res["t"])
-            kinds += [kind] * n
+
+def _oracle_batches(defense: RobustClassifier, images: torch.Tensor, labels: torch.Tensor,
+                    cfg: FitReweightConfig, rank: int, world: int) -> Dict[int, Dict[str, Any]]:
+    """Perturbed copies, score norms and oracle t* of this rank's batches (every world-th, `shard_starts`):
+    {first index: {kind: {"norm": [b], "t": [b], "correct": [b] (at t = 0)}}} (CPU tensors); per-sample seeds,
+    so the results do not depend on the batching or the number of ranks."""
+    from tqdm.auto import tqdm
+
+    n, bs = images.shape[0], cfg.batch_size
+    purify = lambda xb, tb, seeds: defense.purifier(xb, tb, seeds=seeds)  # noqa: E731
+    out: Dict[int, Dict[str, Any]] = {}
+    for a in tqdm(shard_starts(n, bs, rank, world), disable=not (cfg.progress and rank == 0), desc="oracle t*"):
+        xb, yb = images[a:a + bs], labels[a:a + bs]
+        sets = make_perturbed(defense.classify, xb, yb, cfg, first=a)
+        res: Dict[str, Any] = {}
+        with torch.no_grad():
+            for k, (kind, x) in enumerate(sets.items()):
+                s = defense.scorer(x, seeds=block_seeds(cfg.seed + NORMS_STREAM + k, a, x.shape[0])).float().cpu()
+                o = oracle_t_star(purify, defense.classify, x, yb, cfg.t_grid, block_seeds(k + 1, a, x.shape[0]),
+                                  cfg.draws, cfg.batch_size)
+                res[kind] = {"norm": s, "t": o["t"].cpu(), "correct": o["correct"][:, 0].cpu()}
+        out[a] = res
+    return out
+
+
+def _fit(cfg: FitReweightConfig, defense: RobustClassifier, batches: List[Dict[str, Any]], n: int) -> Dict[str, Any]:
+    """Fit and write (rank 0) from every batch's oracle results, in sample order."""
+    kinds_order = list(batches[0]) if batches else []
+    norms = [torch.cat([b[kind]["norm"] for b in batches]) for kind in kinds_order]
+    oracle = [torch.cat([b[kind]["t"] for b in batches]) for kind in kinds_order]
+    bare_acc = {kind: float(torch.cat([b[kind]["correct"] for b in batches]).mean()) for kind in kinds_order}
+    kinds = [kind for kind in kinds_order for _ in range(n)]
     s_all, t_all = torch.cat(norms), torch.cat(oracle)
     # the curve must be able to reach the largest oracle value on the grid
     fit_cfg = dataclasses.replace(cfg.fit, t_max=max(cfg.fit.t_max, max(cfg.t_grid)))
@@ -140,7 +193,7 @@ def _fit(cfg: FitReweightConfig, device: torch.device) -> Dict[str, Any]:
     per_kind = {}
     with torch.no_grad():
         pred = curve(s_all, smooth=False)
-    for k, kind in enumerate(sets):
+    for k, kind in enumerate(kinds_order):
         sl = slice(k * n, (k + 1) * n)
         ok = torch.isfinite(t_all[sl])
         per_kind[kind] = {"mean_norm": float(norms[k].mean()),
@@ -153,7 +206,7 @@ def _fit(cfg: FitReweightConfig, device: torch.device) -> Dict[str, Any]:
     atomic_write_json(out / "oracle.json", {"kinds": kinds, "norms": s_all.tolist(),
                                             "oracle_t": [None if not torch.isfinite(v) else
                                                          float(v) for v in t_all]})
-    perturbed = {kind: norms[k] for k, kind in enumerate(sets) if kind != "clean"}
+    perturbed = {kind: norms[k] for k, kind in enumerate(kinds_order) if kind != "clean"}
     ok = torch.isfinite(t_all)
     recipe_curve = f"recipe ({type(defense.reweight).__name__})"
     png = plot_reweight({"learned": curve, recipe_curve: defense.reweight},

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from ..attacks import ATTACKS, EOT
+from ..attacks import ATTACKS, EOT, per_step
 from ..config import ConfigError, load_config, to_dict
 from ..data import DataConfig, build_dataset
 from ..defense import VIEWS, DefenseConfig, build_defense, fixed_view
@@ -121,6 +121,10 @@ class EvaluateConfig:
     progress: bool = True
     device: str = "auto"
     save_adversarial: bool = False  # x_adv of every attacked batch: run_dir/adv/<cell>/batch_XXXXX.safetensors
+    # under torchrun: cells of EOT attacks run every batch on every rank with the EOT copies split across
+    # ranks (for inputs too big for all copies on one GPU), not one batch per rank; same results.
+    # One process: no effect
+    eot_across_ranks: bool = False
 
 
 def check_config(cfg: EvaluateConfig) -> None:
@@ -181,10 +185,17 @@ class _BoundSeeds(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits of the view with every copy of sample i drawn with seeds[i]."""
+        return self.view(x, seeds=self._repeat(x))
+
+    def stepwise(self, x: Tensor) -> Tensor:
+        """Logits at every reverse step [S,R*B,n], seeded as forward (for the per-step loss)."""
+        return self.view.stepwise(x, seeds=self._repeat(x))
+
+    def _repeat(self, x: Tensor) -> Tensor:
         b = self.seeds.numel()
         if x.shape[0] % b:
             raise ValueError(f"fixed seeds: {x.shape[0]} inputs are not copies of the {b} seeded samples")
-        return self.view(x, seeds=self.seeds.repeat(x.shape[0] // b))
+        return self.seeds.repeat(x.shape[0] // b)
 
 
 def purifier_label(purifier: nn.Module) -> str:
@@ -206,7 +217,8 @@ class Evaluation:
     """Runs the cells of an EvaluateConfig batch by batch, saving each batch as it finishes.
 
     Under torchrun each batch is done by one rank (round robin over all batches of the run); the
-    ranks share them through the state directory and the main rank writes the report.
+    ranks share them through the state directory and the main rank writes the report. With
+    `eot_across_ranks`, the batches of EOT cells are instead run by every rank, the copies split.
     """
 
     def __init__(self, cfg: EvaluateConfig, stop_after_batches: Optional[int] = None,
@@ -261,8 +273,9 @@ class Evaluation:
                      for name, m in self.defenses.items()}
         cfg = to_dict(self.cfg)
         # options added later are left out at their defaults, so older run directories still resume
-        if not cfg.get("save_adversarial"):
-            cfg.pop("save_adversarial", None)
+        for key in ("save_adversarial", "eot_across_ranks"):
+            if not cfg.get(key):
+                cfg.pop(key, None)
         for a in cfg.get("attacks", []):
             for k, v in NEW_ATTACK_FIELDS.items():
                 if a.get(k, v) == v:
@@ -309,7 +322,10 @@ class Evaluation:
         if spec.attack == "transfer":
             kwargs["source"] = self.bare
         attack = ATTACKS.create(spec.attack, **kwargs)
-        return EOT(attack, spec.eot, selective=spec.selective) if spec.eot > 1 or spec.selective else attack
+        if spec.per_step:  # under EOT, so every copy ascends its own loss at every reverse step
+            attack = per_step(attack)
+        dist = self.dist if self.cfg.eot_across_ranks else None  # copies split across ranks (one rank: ignored)
+        return EOT(attack, spec.eot, selective=spec.selective, dist=dist) if spec.eot > 1 or spec.selective else attack
 
     def _attacked(self, model: Optional[nn.Module], spec: AttackSpec) -> Optional[nn.Module]:
         """The defense as `spec` attacks it: through its own purifier, or the recipe's surrogate."""
@@ -354,14 +370,22 @@ class Evaluation:
         """All batches of one (defense, attack) cell, resuming from saved batches."""
         bs = self.cfg.batch_size
         parts: List[Optional[Dict[str, Any]]] = []
+        # eot_across_ranks: every rank runs every batch of an EOT cell, its copies split across the ranks
+        # (the attack's EOT oracle all-reduces them); the main rank alone reads and writes the state
+        every = (self.cfg.eot_across_ranks and self.dist.world_size > 1 and attack_spec is not None
+                 and (attack_spec.eot > 1 or attack_spec.selective))
+        writes = self.dist.is_main or not every
         for bi, k in enumerate(range(0, x_all.shape[0], bs)):
-            mine = self._job % self.dist.world_size == self.dist.rank
+            mine = every or self._job % self.dist.world_size == self.dist.rank
             self._job += 1
             if not mine:  # another rank's batch (done now or earlier): read back after the barrier
                 parts.append(None)
                 self._bar.update(1)
                 continue
-            saved = self.state.get(cell, bi)
+            if every:  # the main rank says whether the batch is done, so every rank skips or runs it alike
+                saved = self.dist.all_gather_object(self.state.get(cell, bi) if self.dist.is_main else None)[0]
+            else:
+                saved = self.state.get(cell, bi)
             if saved is None:
                 x, y = x_all[k:k + bs], y_all[k:k + bs]
                 t0 = time.perf_counter()
@@ -380,7 +404,7 @@ class Evaluation:
                     target = self._targets(y, cell, bi) if attack.targeted else y
                     torch.manual_seed(derive_seed(self.cfg.seed, cell, bi))  # view randomness
                     x_in = attack(view, x, target, seed=derive_seed(self.cfg.seed, cell, bi, "start"))
-                    if self.cfg.save_adversarial:
+                    if self.cfg.save_adversarial and writes:
                         atomic_save_safetensors(self.run_dir / "adv" / slug(cell) / f"batch_{bi:05d}.safetensors",
                                                 {"x_adv": x_in.detach().cpu().contiguous(),
                                                  "y": y.cpu().contiguous()})
@@ -389,11 +413,12 @@ class Evaluation:
                 saved = self._draw_correct(model, x_in, y, k, cell)
                 saved["seconds"] = time.perf_counter() - t0
                 saved["flags"] = flags
-                self.state.put(cell, bi, saved)
+                if writes:
+                    self.state.put(cell, bi, saved)
                 self._tick()
             parts.append(saved)
             self._bar.update(1)
-        if self.dist.world_size > 1:
+        if self.dist.world_size > 1 and not every:
             # gather through the files: every rank waits for the cell, then reads the others' batches
             self.dist.barrier()
             # reading the others' batches back is not reuse of an earlier run: not counted

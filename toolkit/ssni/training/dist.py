@@ -3,9 +3,13 @@
 Launch with torchrun (`torchrun --nproc_per_node N -m ssni.cli ...`): it sets RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR and MASTER_PORT, and `DistContext.from_env` joins the process group
 (nccl on CUDA, gloo on CPU). With one process nothing is initialised and every helper is a no-op.
+The group lives as long as the process: several commands in one launch (`ssni demo`, or run_* calls
+in a script) share it, because joining a second group after destroying the first hangs under
+torchrun (measured with torch 2.x and gloo: the second init_process_group never returns).
 """
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any, List
@@ -51,6 +55,7 @@ class DistContext:
             if not tdist.is_initialized():
                 tdist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method="env://",
                                          rank=rank, world_size=world)
+                atexit.register(_leave_group)
         return cls(rank=rank, world_size=world, device=dev)
 
     def barrier(self) -> None:
@@ -77,7 +82,13 @@ class DistContext:
         return out
 
     def close(self) -> None:
-        """Leave the process group (after a last barrier); safe to call twice or with one process."""
+        """End of a command: a last barrier (the files exist when any rank returns); the group stays for the
+        next command of this process and is left at exit. Safe to call twice or with one process."""
         if self.active:
             self.barrier()
-            tdist.destroy_process_group()
+
+
+def _leave_group() -> None:
+    """At interpreter exit: destroy the process group this process joined (if still there)."""
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
