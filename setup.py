@@ -25,7 +25,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "ruff"],
+        "test": ["pytest", "ruff", "torchattacks"],  # torchattacks (MIT): cross-checks in tests/test_torchattacks.py
         "diffusers": ["diffusers>=0.20"],  # the "diffusers" pretrained format (UNet2DModel folders)
         # RobustBench is not on PyPI
         "robustbench": ["robustbench @ git+https://github.com/RobustBench/robustbench.git"],

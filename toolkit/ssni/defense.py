@@ -270,6 +270,10 @@ class RobustClassifier(nn.Module):
         """Defense logits at every reverse step; x [B,C,H,W] in [0,1] -> [S,B,n], [-1] = forward's."""
         return self.run_steps(x, seeds, attack=False, smooth=False, grad=self.purifier_grad)
 
+    def surrogate(self, view: str = "full") -> nn.Module:
+        """The differentiable module to hand to another attack library (torchattacks, AutoAttack): view(view)."""
+        return self.view(view)
+
     def view(self, name: str) -> nn.Module:
         """The attacker's view `name` (see VIEWS: full, adaptive, bpda, bare) as a plain nn.Module."""
         return VIEWS.get(name)(self)
@@ -317,6 +321,9 @@ class AttackView(nn.Module):
         super().__init__()
         self.parent = parent
         self.grad, self.smooth, self.defense = grad, smooth, defense
+        # eval from the start: libraries such as torchattacks save `.training`, call eval(), attack, and
+        # call train() again if it was True, which would put the wrapped defense's BatchNorm in training mode
+        self.eval()
 
     def forward(self, x: Tensor, seeds: Optional[Tensor] = None) -> Tensor:
         """Logits [B,n]; differentiable in x as the view's settings say."""
@@ -335,6 +342,7 @@ class BareView(nn.Module):
     def __init__(self, parent: RobustClassifier):
         super().__init__()
         self.parent = parent
+        self.eval()  # see AttackView
 
     def forward(self, x: Tensor, seeds: Optional[Tensor] = None) -> Tensor:
         """Bare classifier logits [B,n] (seeds unused: nothing is random)."""
