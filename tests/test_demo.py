@@ -11,7 +11,7 @@ ADAPTIVE = ("{name: ssni-adaptive, attack: pgd, eot: 2, view: adaptive, only_sam
 def test_demo_runs_every_stage_then_reuses_its_cache(tmp_path, capsys):
     small = "data.image_size=8"
     args = [
-        "demo", f"run_dir={tmp_path / 'demo'}", "progress=false",
+        "demo", f"run_dir={tmp_path / 'demo'}", "progress=false", "strong_samples=16",
         f"score_overrides=[model.name=unet_tiny, {small}, loop.steps=3, sample_count=4, sample_steps=3, loop.device=cpu]",
         f"classifier_overrides=[model.name=resnet10t, {small}, loop.steps=40, loop.device=cpu]",
         f"calibrate_overrides=[{small}, count=16, score_norm.timesteps=4, device=cpu]",
