@@ -7,7 +7,7 @@ import yaml
 from ssni.attacks import PGD
 from ssni.config import load_config
 from ssni.defense import fixed_view
-from ssni.evaluate.runner import AttackSpec, EvaluateConfig, Evaluation, _BoundSeeds, expand_attacks
+from ssni.evaluate.runner import AttackSpec, BoundSeeds, EvaluateConfig, Evaluation, expand_attacks
 from ssni.io import atomic_save_safetensors, atomic_write_json
 from ssni.models import classifier_spec, create_classifier, create_model, save_model
 from ssni.scoring import ScoreNormConfig, calibrate
@@ -133,7 +133,7 @@ def test_fixed_view_is_the_defense_and_the_attack_wins_draw_0(tiny_setup, tmp_pa
     ev = Evaluation(_config(tiny_setup, tmp_path / "ev", attacks=[]))
     model, x = ev.defenses["dbp"], ev.x
     seeds = [ev._seeds("dbp/fixed", 0, x.shape[0], m) for m in range(4)]
-    view = _BoundSeeds(fixed_view(model), seeds[0])
+    view = BoundSeeds(fixed_view(model), seeds[0])
     with torch.no_grad():
         y0 = model(x, seeds=seeds[0]).argmax(1)  # labels the clean draw 0 gets right by construction
         assert torch.allclose(view(x), model(x, seeds=seeds[0]), atol=1e-5)

@@ -55,6 +55,7 @@ from ssni.config import load_config  # noqa: E402
 from ssni.data import DataConfig, build_dataset  # noqa: E402
 from ssni.defense import DefenseConfig, RobustClassifier, build_defense, fixed_view  # noqa: E402
 from ssni.evaluate.metrics import draw_accuracy  # noqa: E402
+from ssni.evaluate.runner import BoundSeeds, purifier_label  # noqa: E402
 from ssni.io import atomic_write_json, atomic_write_text  # noqa: E402
 from ssni.plotting import pyplot, save_figure  # noqa: E402
 from ssni.scoring import build_reweight  # noqa: E402
@@ -112,29 +113,6 @@ class NFECounter:
         for h in self._handles:
             h.remove()
         self._handles = []
-
-
-class SeededView(nn.Module):
-    """A view called with fixed per-image seeds [B]; x [R*B,...] (copies of the B images) -> logits."""
-
-    def __init__(self, view: nn.Module, seeds: Tensor):
-        super().__init__()
-        self.view, self.seeds = view, seeds
-
-    def forward(self, x: Tensor) -> Tensor:
-        b = self.seeds.numel()
-        if x.shape[0] % b:
-            raise ValueError(f"fixed seeds: {x.shape[0]} inputs are not copies of the {b} seeded images")
-        return self.view(x, seeds=self.seeds.repeat(x.shape[0] // b))
-
-
-def purifier_label(purifier: nn.Module) -> str:
-    """e.g. 'ddpm(steps=20, clip=True)'."""
-    sampler = getattr(purifier, "sampler", None)
-    if sampler is None:
-        return type(purifier).__name__
-    opts = ", ".join(f"{k}={v}" for k, v in sampler.options().items() if v is not None)
-    return f"{getattr(purifier, 'sampler_name', type(sampler).__name__)}({opts})"
 
 
 def family_spec(family: str, iters: int, args: argparse.Namespace) -> Dict[str, Any]:
@@ -199,7 +177,7 @@ def run_attack(model: RobustClassifier, spec: Dict[str, Any], x: Tensor, y: Tens
     counter.forward = counter.backward = 0
     for bi, k in enumerate(range(0, x.shape[0], args.batch_size)):
         xb, yb = x[k:k + args.batch_size], y[k:k + args.batch_size]
-        view = (SeededView(fixed_view(model), draw_seeds_for(args.seed, k, xb.shape[0], 0))
+        view = (BoundSeeds(fixed_view(model), draw_seeds_for(args.seed, k, xb.shape[0], 0))
                 if spec["view"] == "fixed" else model.view(spec["view"]))
         view.eval()
         attack = make_attack(spec)

@@ -176,7 +176,7 @@ def _same_eps(spec: AttackSpec, eps: float) -> bool:
     return own is not None and abs(float(own) - float(eps)) <= 1e-9 * max(1.0, abs(float(eps)))
 
 
-class _BoundSeeds(nn.Module):
+class BoundSeeds(nn.Module):
     """A view called with fixed per-sample seeds [B]; x [R*B,...] (EOT copies) -> logits [R*B,n]."""
 
     def __init__(self, view: nn.Module, seeds: Tensor):
@@ -241,16 +241,17 @@ class Evaluation:
         if not self.defenses:
             raise ValueError("evaluate: `defenses` is empty; list at least one (e.g. name: none)")
         self._own: Dict[int, nn.Module] = {}  # defense -> the same defense attacked through its own purifier
+        self.budgets: Dict[str, str] = {}
         for i, spec in enumerate(self.attacks):  # bad attack settings fail here, not after hours of work
             if spec.purifier == "surrogate" and base_cfg.attack_purifier is None:
                 raise ConfigError(f"attacks[{i}] ({spec.name!r}): purifier: surrogate needs an attack_purifier "
                                   "in the defense recipe (e.g. defense_overrides: [attack_purifier.sampler=ddpm, "
                                   "attack_purifier.steps=10]), or purifier: defense")
             try:
-                self._make_attack(spec)
+                attack = self._make_attack(spec)
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"attacks[{i}] ({spec.name!r}): {e}") from None
-        self.budgets = {spec.name: self.budget(spec) for spec in self.attacks}
+            self.budgets[spec.name] = self.budget(spec, attack)
         ds = build_dataset(cfg.data, cfg.split)
         if cfg.num_samples > len(ds):
             raise ConfigError(f"num_samples={cfg.num_samples}, but the {cfg.split!r} split of "
@@ -335,9 +336,9 @@ class Evaluation:
             self._own[id(model)] = model.replace(attack_purifier=model.purifier)
         return self._own[id(model)]
 
-    def budget(self, spec: AttackSpec) -> str:
+    def budget(self, spec: AttackSpec, attack) -> str:
         """One line saying what the attack spent and what it differentiated, for every report line."""
-        d = self._make_attack(spec).describe()
+        d = attack.describe()
         parts = [f"{spec.attack} {d.get('loss', '')}".strip()]
         if d.get("steps") is not None:
             parts.append(f"{d['steps']} it")
@@ -397,7 +398,7 @@ class Evaluation:
                         # the attacker knows the defense's randomness: the seeds the evaluation uses for draw 0
                         seeds0 = self._seeds(cell, k, x.shape[0], 0)
                         fixed = fixed_view(model)
-                        view, check_view = _BoundSeeds(fixed, seeds0), _BoundSeeds(fixed, seeds0[:8])
+                        view, check_view = BoundSeeds(fixed, seeds0), BoundSeeds(fixed, seeds0[:8])
                     attack = self._make_attack(attack_spec, eps)
                     if self.cfg.checks and bi == 0 and eps is None:
                         flags += self._self_check(check_view, x[:8], y[:8], attack_spec)
