@@ -135,6 +135,14 @@ def test_samples_do_not_depend_on_batch_companions():
     assert mix_seeds(torch.tensor([1]), 0) != mix_seeds(torch.tensor([1]), 1)
 
 
+def test_mix_seeds_takes_any_salt():
+    # salts of ensemble members 6 and up (and of other streams) overflowed int64 before
+    seeds = torch.tensor([0, 1, 2 ** 61])
+    out = torch.stack([mix_seeds(seeds, salt) for salt in range(1000)])
+    assert out.min() >= 0 and out.max() < 2 ** 62
+    assert len(set(out[:, 1].tolist())) == 1000  # every salt its own stream
+
+
 def test_votes_and_ensemble():
     logits = torch.log(torch.tensor([
         [[0.6, 0.3, 0.1]], [[0.1, 0.5, 0.4]], [[0.2, 0.45, 0.35]]]))  # [K=3, B=1, n=3]

@@ -4,6 +4,7 @@ import json
 from ssni.cli import main
 
 ATTACK = "{name: pgd-eot, attack: pgd, eot: 2, view: full, kwargs: {eps: 0.1, steps: 1, step_size: 0.05}}"
+APGD = "{name: apgd-margin, attack: apgd, eot: 2, view: full, kwargs: {eps: 0.1, steps: 1, loss: margin}}"
 ADAPTIVE = ("{name: ssni-adaptive, attack: pgd, eot: 2, view: adaptive, only_sample_specific: true, "
             "kwargs: {eps: 0.1, steps: 1, step_size: 0.05}}")
 
@@ -11,36 +12,34 @@ ADAPTIVE = ("{name: ssni-adaptive, attack: pgd, eot: 2, view: adaptive, only_sam
 def test_demo_runs_every_stage_then_reuses_its_cache(tmp_path, capsys):
     small = "data.image_size=8"
     args = [
-        "demo", f"run_dir={tmp_path / 'demo'}", "progress=false", "strong_samples=16",
+        "demo", f"run_dir={tmp_path / 'demo'}", "progress=false",
         f"score_overrides=[model.name=unet_tiny, {small}, loop.steps=3, sample_count=4, sample_steps=3, loop.device=cpu]",
         f"classifier_overrides=[model.name=resnet10t, {small}, loop.steps=40, loop.device=cpu]",
         f"calibrate_overrides=[{small}, count=16, score_norm.timesteps=4, device=cpu]",
-        "defense_overrides=[score_norm.timesteps=4, purifier.sampler=ddpm, purifier.steps=2, "
-        "attack_purifier.steps=1, device=cpu]",
-        f"reweight_overrides=[{small}, count=32, pgd_steps=1, 'pgd_eps=[0.05]', 'noise_std=[0.1]', "
-        "'t_grid=[0.0, 0.05, 0.1]', fit.steps=10, device=cpu]",
-        f"evaluate_overrides=[{small}, num_samples=4, batch_size=4, draws=2, device=cpu, "
-        f"'attacks=[{ATTACK}, {ADAPTIVE}]', sweep.attack=null]",
+        "defense_overrides=[score_norm.timesteps=4, purifier.sampler=ddpm, purifier.steps=2, device=cpu]",
+        f"reweight_overrides=[{small}, count=12, holdout=0, 'start_t=[0.1]', attacks.0.kwargs.steps=1, "
+        "attacks.1.kwargs.steps=1, 't_grid=[0.0, 0.05, 0.1, 0.2]', fit.t_max=0.2, fit.steps=10, fit.restarts=1, "
+        "batch_size=12, device=cpu]",
+        f"evaluate_overrides=[{small}, num_samples=4, batch_size=4, draws=6, device=cpu, "
+        f"'attacks=[{ATTACK}, {ADAPTIVE}, {APGD}]', sweep.attack=null]",
     ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "| ssni-learned | ssni-adaptive |" in out and "| none | pgd-eot |" in out
-    # under the table: the budget, the strongest attack per sample-specific defense, and what this is
-    assert "Attack budget: 4 images, 2 defense draws each; pgd-eot: pgd 1 iterations, EOT 2" in out
+    # under the table: the budget, what the learned reweight was trained against, and what this is
+    assert "Attack budget: 4 images, 6 defense draws each; pgd-eot: pgd 1 iterations, EOT 2" in out
+    assert "ssni-learned: fitted on clean training images against pgd-eot (pgd ce, 1 it, EOT 2, through " in out
     assert "CPU-sized check" in out
-    for name in ("ssni-l", "ssni-n", "ssni-learned"):
+    # every defense's worst over its attacks through its own purifier, with worst-of-4 beside worst-of-6
+    for name in ("dbp", "ssni-l", "ssni-n", "ssni-learned"):
         assert f"| {name} | worst-case |" in out
-    assert "| dbp | worst-case |" not in out  # DBP's t* does not depend on x: not in the strongest rows
+    assert "worst-of-4" in out and "worst-of-6" in out
     summary = json.loads((tmp_path / "demo/demo_summary.json").read_text())
     assert not any(s.get("cached") for s in summary["stages"].values())
     report = (tmp_path / "demo/report.md").read_text()
-    assert "Strongest attack that fits the budget" in report
-    strongest = {r["defense"]: r for r in summary["strongest"]}
-    assert set(strongest) == {"ssni-l", "ssni-n", "ssni-learned"}
-    assert all(r["attacks"] == ["full-own", "adaptive-own", "selective-own"] for r in strongest.values())
     for name in ("none", "dbp", "ssni-l", "ssni-n", "ssni-learned"):
         assert f"| {name} |" in report
-    # a second run reuses every stage and the evaluation state
+    # a second run reuses every stage (the fit its attacked sets) and the evaluation state
     assert main(args) == 0
     summary = json.loads((tmp_path / "demo/demo_summary.json").read_text())
-    assert all(s.get("cached") for k, s in summary["stages"].items() if k not in ("evaluation", "strongest attack"))
+    assert all(s.get("cached") for k, s in summary["stages"].items() if k != "evaluation")

@@ -22,6 +22,7 @@ from ssni.seeding import seeded
 sys.path.insert(0, str(Path(__file__).parent))
 from test_distributed import launch_and_wait  # noqa: E402
 
+REWEIGHT_RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "reweight" / "digits.yaml")
 # the commands of each 2-process launch: calibrate and fit-reweight share one (one process group for both)
 LAUNCHES = [["calibrate", "fit-reweight"], ["train-denoiser"]]
 
@@ -36,9 +37,11 @@ def _commands(setup: Path, out: Path) -> Dict[str, List[str]]:
                            "model.name=dncnn_tiny",
                            "model.kwargs.batch_norm=false", "patch_size=16", "loop.steps=4", "loop.batch_size=4",
                            "loop.progress=false", "loop.ckpt_every=0", "loop.device=cpu", "eval_batch=8"],
-        "fit-reweight": ["fit-reweight", f"output={out / 'rw'}", f"defense_recipe={setup / 'defense.yaml'}",
-                         "data.image_size=8", "count=8", "noise_std=[0.2]", "pgd_eps=[0.1]", "pgd_steps=1",
-                         "t_grid=[0.0,0.05,0.2]", "fit.steps=20", "fit.knots=4", "batch_size=4", "progress=false",
+        "fit-reweight": ["fit-reweight", REWEIGHT_RECIPE, f"output={out / 'rw'}",
+                         f"defense_recipe={setup / 'defense.yaml'}", "defense_overrides=[]", "data.image_size=8",
+                         "count=10", "holdout=2", "start_t=[0.1]", "alternations=1", "attacks.0.kwargs.steps=1",
+                         "attacks.1.kwargs.steps=1", "t_grid=[0.0,0.05,0.2]", "fit.t_max=0.2", "fit.steps=20",
+                         "fit.knots=4", "fit.restarts=1", "verify_draws=2", "batch_size=4", "progress=false",
                          "device=cpu"],
     }
 
@@ -57,18 +60,20 @@ def _run_command(setup: Path, out: Path, name: str) -> None:
     rank = int(os.environ["RANK"])
     argv = _commands(setup, out)[name]
     shares = []
-    if name == "fit-reweight":  # record this rank's share of the oracle search
+    if name == "fit-reweight":  # record this rank's share of the clean images' tables
         from ssni.commands import fit_reweight
 
-        search = fit_reweight._oracle_batches
+        measure = fit_reweight.Fit.measure
 
-        def recorded(*args):
-            batches = search(*args)
-            shares.extend(sorted(batches))
-            return batches
+        def recorded(self, x, y, tag, first):
+            if tag == "clean":
+                shares.append(first)
+            return measure(self, x, y, tag, first)
 
-        fit_reweight._oracle_batches = recorded
-    res = COMMANDS.get(name)(load_config(COMMANDS.meta(name)["config"], None, argv[1:]))
+        fit_reweight.Fit.measure = recorded
+    recipe = argv[1] if argv[1].endswith(".yaml") else None
+    overrides = argv[2:] if recipe else argv[1:]
+    res = COMMANDS.get(name)(load_config(COMMANDS.meta(name)["config"], recipe, overrides))
     if name == "fit-reweight":
         (out / f"fit-reweight-share{rank}.json").write_text(json.dumps(shares))
     (out / f"{name}-rank{rank}.json").write_text(json.dumps(res, default=str))
@@ -181,37 +186,32 @@ def test_two_process_train_denoiser_equals_one_process(runs):
     assert abs(summary[1]["final_loss"] - summary[0]["final_loss"]) <= 1e-3 * summary[0]["final_loss"]
 
 
-def test_two_process_fit_reweight_shards_the_oracle_and_equals_one_process(runs):
+def test_two_process_fit_reweight_shards_the_attacks_and_equals_one_process(runs):
     out = runs["out"]
     _ok(runs, "fit-reweight")
-    for name in ("reweight.json", "oracle.json"):
-        assert json.loads((out / "two" / "rw" / name).read_text()) == json.loads((out / "one" / "rw" / name).read_text())
+    one, two = (json.loads((out / k / "rw" / "reweight.json").read_text()) for k in ("one", "two"))
+    assert two == one  # curve, rounds, tables and held-out check
+    assert [len(r["attacked_sets"]) for r in one["rounds"]] == [1, 3]
     ranks = [json.loads((out / "two" / f"fit-reweight-rank{r}.json").read_text()) for r in range(2)]
-    assert "fit" in ranks[0] and ranks[1]["rank"] == 1  # rank 1 waited for the fit and returned rank 0's paths
+    assert "report" in ranks[0] and ranks[1]["rank"] == 1  # rank 1 used rank 0's curve and returned its paths
     assert ranks[1]["reweight"] == ranks[0]["reweight"] == str(out / "two" / "rw" / "reweight.json")
-    oracle = json.loads((out / "one" / "rw" / "oracle.json").read_text())
-    assert len(oracle["oracle_t"]) == 8 * 3  # clean, noise 0.2, pgd 0.1 copies of 8 images
-    # rank 1 did its share of the oracle search: its batches (every second one, batch_size=4) were its own
+    # rank 1 did its share: its batches (every second one, batch_size=4, 8 fit images) were its own
     assert [json.loads((out / "two" / f"fit-reweight-share{r}.json").read_text()) for r in range(2)] == [[0], [4]]
 
 
-def test_fit_reweight_samples_do_not_depend_on_their_batch(setup):
-    """A sample's perturbed copies, score norm and oracle t* are the same alone as in a batch."""
-    from ssni.commands.fit_reweight import FitReweightConfig, _oracle_batches, _training_images
+def test_fit_reweight_tables_do_not_depend_on_the_batch(setup):
+    """A sample's score norm and accuracy table are the same alone as in a batch."""
+    from ssni.commands.fit_reweight import Fit, FitReweightConfig
     from ssni.config import load_config
-    from ssni.defense import RobustClassifier
+    from ssni.training.dist import DistContext
 
-    argv = _commands(setup, setup / "unused")["fit-reweight"][1:]
-    cfg = load_config(FitReweightConfig, None, argv + ["batch_size=8"])
-    defense = RobustClassifier.from_recipe(cfg.defense_recipe, device="cpu")
-    images, labels = _training_images(cfg, torch.device("cpu"))
-    whole = _oracle_batches(defense, images, labels, cfg, 0, 1)[0]
-    cfg.batch_size = 3
-    parts = [_oracle_batches(defense, images, labels, cfg, r, 2) for r in range(2)]
-    for kind, res in whole.items():
-        for key in ("norm", "t", "correct"):
-            got = torch.cat([p[a][kind][key] for a in (0, 3, 6) for p in parts if a in p])
-            torch.testing.assert_close(got, res[key], equal_nan=True, msg=f"{kind} {key}")
+    argv = _commands(setup, setup / "unused")["fit-reweight"]
+    fit = Fit(load_config(FitReweightConfig, argv[1], argv[2:]), DistContext())
+    x, y = fit.fit_x[:5], fit.fit_y[:5]
+    whole = fit.measure(x, y, "clean", 0)
+    parts = [fit.measure(x[i:i + 1], y[i:i + 1], "clean", i) for i in range(5)]
+    for key in ("norm", "table"):
+        torch.testing.assert_close(torch.cat([p[key] for p in parts]), whole[key], msg=key)
 
 
 def test_two_commands_in_one_launch_share_the_process_group(runs):

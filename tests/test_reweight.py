@@ -1,6 +1,7 @@
 """Reweighting functions: monotone, bounded, formulas, batch independence, learned fit, oracle."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,14 +11,16 @@ from ssni.attacks import PGD
 from ssni.scoring import (
     REWEIGHTS,
     Calibration,
-    LearnedFitConfig,
     LearnedReweight,
+    RobustFitConfig,
     build_reweight,
-    fit_learned,
+    fit_robust,
+    interpolate_accuracy,
     oracle_t_star,
     summarize,
+    table_scores,
 )
-from ssni.scoring.learned import asymmetric_loss
+from ssni.scoring.learned import soft_minimum
 
 
 def _calibration(seed=0) -> Calibration:
@@ -98,34 +101,76 @@ def test_reweights_need_a_calibration_or_explicit_values():
         build_reweight("nope")
 
 
-def test_learned_recovers_known_monotone_curve():
-    g = torch.Generator().manual_seed(0)
-    s = 10 * torch.rand(3000, generator=g)
+GRID = torch.tensor([0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3])
 
-    def oracle(v):
-        return 0.02 + 0.2 * torch.sigmoid(1.5 * (v - 5))
 
-    # oracle values come on a 0.01 grid, as the grid search gives them
-    t = torch.round(oracle(s) * 100) / 100
-    curve, info = fit_learned(s, t, LearnedFitConfig(knots=14, steps=1500, t_max=0.3))
-    probe = torch.linspace(0.5, 9.5, 50)
+def _analytic_tables(n=200, seed=0):
+    """A setting whose best curve is known: a clean image (norm in [1, 2)) is right iff t <= 0.1; a copy
+    attacked with strength k (norm 2 + k + u, u in [0, 1)) is right iff t >= 0.05 * (k + 1) (k = 0, 1, 2)."""
+    g = torch.Generator().manual_seed(seed)
+    clean_s = 1.0 + torch.rand(n, generator=g)
+    clean_acc = (GRID[None, :] <= 0.1 + 1e-9).float().expand(n, -1).clone()
+    adv_s = torch.stack([2.0 + k + torch.rand(n, generator=g) for k in range(3)], 1)
+    need = torch.tensor([0.05, 0.1, 0.15])
+    adv_acc = (GRID[None, None, :] >= need[None, :, None] - 1e-9).float().expand(n, 3, -1).clone()
+    return clean_s, clean_acc, adv_s, adv_acc
+
+
+def _best_curve(s):
+    """A curve that gets every analytic image right: <= 0.1 on clean norms, >= the need on attacked ones."""
+    return torch.where(s < 2, torch.zeros_like(s), 0.05 * (torch.floor(s) - 1))
+
+
+def test_fit_robust_recovers_the_known_best_curve():
+    clean_s, clean_acc, adv_s, adv_acc = _analytic_tables()
+    curve, info = fit_robust(GRID, clean_s, clean_acc, adv_s, adv_acc,
+                             RobustFitConfig(knots=16, steps=300, restarts=2, t_max=0.3))
+    assert info["clean"] == pytest.approx(1.0, abs=0.02) and info["robust"] > 0.95, info
+    probe = torch.tensor([1.2, 1.8, 2.5, 3.5, 4.5])
     with torch.no_grad():
-        err = (curve(probe, smooth=True) - oracle(probe)).abs()
-    assert err.max() < 0.015, err.max()
-    assert info["count"] == 3000 and info["under_rate"] < 0.5
+        t = curve(probe)
+    # clean norms: at most 0.1 (right); attacked: at least what each strength needs
+    assert t[0] <= 0.1 + 1e-6 and t[1] <= 0.1 + 1e-6
+    assert t[2] >= 0.05 - 2e-3 and t[3] >= 0.1 - 2e-3 and t[4] >= 0.15 - 2e-3
+    # the best curve scores 1 / 1 on the same tables; the learned one is as good within 2 images in 100
+    best = table_scores(lambda v, smooth=False: _best_curve(v), GRID, clean_s, clean_acc, adv_s, adv_acc)
+    assert best["clean"] == 1.0 and best["robust"] == 1.0
+    mine = table_scores(curve, GRID, clean_s, clean_acc, adv_s, adv_acc)
+    assert mine["clean"] >= 0.98 and mine["robust"] >= 0.95
 
 
-def test_learned_under_noising_costs_more():
-    g = torch.Generator().manual_seed(1)
-    s = torch.rand(4000, generator=g)
-    t = 0.1 + 0.05 * torch.randn(4000, generator=g)  # noisy oracle, flat in s
-    sym, _ = fit_learned(s, t, LearnedFitConfig(knots=3, under_cost=1.0, steps=600))
-    asym, _ = fit_learned(s, t, LearnedFitConfig(knots=3, under_cost=9.0, steps=600))
+def test_fit_robust_trades_clean_for_robust_as_weighted():
+    # no norm separates clean from attacked: one constant t for both; clean wants 0, the attack 0.2
+    n = 100
+    clean_s = torch.linspace(1, 2, n)
+    adv_s = clean_s[:, None].clone()
+    clean_acc = (1.0 - GRID / 0.3).clamp(0, 1).expand(n, -1).clone()       # 1 at t=0, 0 at t=0.3
+    adv_acc = (GRID / 0.2).clamp(0, 1).expand(n, 1, -1).clone()             # 0 at t=0, 1 at t>=0.2
+    lo, _ = fit_robust(GRID, clean_s, clean_acc, adv_s, adv_acc, RobustFitConfig(knots=4, clean_weight=3.0, steps=200))
+    hi, _ = fit_robust(GRID, clean_s, clean_acc, adv_s, adv_acc, RobustFitConfig(knots=4, clean_weight=0.3, steps=200))
     with torch.no_grad():
-        a, b = sym(torch.tensor([0.5]), True).item(), asym(torch.tensor([0.5]), True).item()
-    assert a == pytest.approx(0.1, abs=0.01) and b > a + 0.02  # the fit leans towards more noise
-    assert asymmetric_loss(torch.tensor([0.0]), torch.tensor([1.0]), 4.0).item() == 4.0
-    assert asymmetric_loss(torch.tensor([1.0]), torch.tensor([0.0]), 4.0).item() == 1.0
+        t_lo, t_hi = lo(clean_s).mean().item(), hi(clean_s).mean().item()
+    assert t_lo == pytest.approx(0.0, abs=0.01)  # clean weighs more: no noise
+    assert t_hi == pytest.approx(0.2, abs=0.01)  # robust weighs more: just enough to undo the attack
+
+
+def test_interpolate_accuracy_and_soft_minimum():
+    table = torch.tensor([[0.0, 1.0, 0.5], [1.0, 1.0, 0.0]])
+    grid = torch.tensor([0.0, 0.1, 0.3])
+    t = torch.tensor([0.05, 0.2], requires_grad=True)
+    acc = interpolate_accuracy(table, grid, t)
+    assert acc.tolist() == pytest.approx([0.5, 0.5])
+    acc.sum().backward()
+    assert t.grad.tolist() == pytest.approx([10.0, -5.0])  # the slopes of the two segments
+    assert interpolate_accuracy(table, grid, torch.tensor([0.3, 0.0])).tolist() == [0.5, 1.0]
+    with pytest.raises(ValueError, match="inside the accuracy grid"):
+        interpolate_accuracy(table, grid, torch.tensor([0.31, 0.0]))
+    v = torch.tensor([[0.2, 0.9, 0.5]])
+    assert soft_minimum(v, 0.0).item() == pytest.approx(0.2)
+    assert soft_minimum(v, 1e-3).item() == pytest.approx(0.2, abs=2e-3)
+    assert soft_minimum(v, 0.1).item() <= 0.2 + 1e-6  # never above the hard minimum
+    with pytest.raises(ValueError, match="do not fit together"):
+        fit_robust(grid, torch.rand(3), torch.rand(3, 3), torch.rand(3, 2), torch.rand(3, 2, 2))
 
 
 def test_learned_save_load_roundtrip(tmp_path):
@@ -172,10 +217,10 @@ def test_pgd_on_a_bare_classifier_stays_in_budget_and_hurts():
     assert (net(adv).argmax(1) == y).float().mean() < 1.0
 
 
-def test_fit_reweight_cli(tmp_path):
+def _tiny_defense(tmp_path):
+    """A tiny score network, calibration, classifier and defense recipe (8x8 digits, 2 DDPM steps)."""
     import yaml
 
-    from ssni.cli import main
     from ssni.io import atomic_save_safetensors, atomic_write_json
     from ssni.models import classifier_spec, create_classifier, create_model, save_model
     from ssni.scoring import ScoreNormConfig, calibrate
@@ -197,17 +242,58 @@ def test_fit_reweight_cli(tmp_path):
               "classifier": {"checkpoint": str(tmp_path / "clf")}, "mean": [0.0], "std": [1.0],
               "device": "cpu"}
     (tmp_path / "defense.yaml").write_text(yaml.safe_dump(recipe))
+    return tmp_path / "defense.yaml"
+
+
+RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "reweight" / "digits.yaml")
+FIT_ARGS = ["defense_overrides=[]", "data.image_size=8", "count=12", "holdout=4", "start_t=[0.05,0.2]", "alternations=1",
+            "attacks.0.kwargs.steps=2", "attacks.1.kwargs.steps=2", "t_grid=[0.0,0.05,0.1,0.2]", "fit.t_max=0.2",
+            "fit.steps=30", "fit.knots=4", "fit.restarts=1", "verify_draws=2", "batch_size=8",
+            "progress=false", "device=cpu"]
+
+
+def test_fit_reweight_cli_fits_against_attacks_and_resumes(tmp_path, monkeypatch):
+    from ssni.cli import main
+    from ssni.commands import fit_reweight
+
+    recipe = _tiny_defense(tmp_path)
     out = tmp_path / "rw"
-    rc = main(["fit-reweight", f"output={out}", f"defense_recipe={tmp_path / 'defense.yaml'}",
-               "data.image_size=8", "count=12", "noise_std=[0.2]", "pgd_eps=[0.1]",
-               "pgd_steps=2", "t_grid=[0.0,0.05,0.2]", "fit.steps=50", "fit.knots=4",
-               "progress=false", "device=cpu"])
-    assert rc == 0
+    argv = ["fit-reweight", RECIPE, f"output={out}", f"defense_recipe={recipe}"] + FIT_ARGS
+    assert main(argv) == 0
     saved = json.loads((out / "reweight.json").read_text())
-    assert saved["name"] == "learned" and set(saved["per_kind"]) == {
-        "clean", "noise 0.2", "pgd 25.5/255"}
-    assert len(json.loads((out / "oracle.json").read_text())["norms"]) == 36
-    assert (out / "reweight.png").stat().st_size > 1000
+    assert saved["name"] == "learned" and saved["objective"] == "robust + 2 * clean"
+    assert set(saved["trained_against"]) == {"pgd-eot", "adaptive"}
+    assert "through score norm, t*(x) and defense purifier ddpm" in saved["trained_against"]["adaptive"]
+    # round 0 (2 DBP levels) then one alternation with both attacks through the curve
+    assert [len(r["attacked_sets"]) for r in saved["rounds"]] == [2, 4]
+    assert set(saved["heldout"]) == {"learned", "ssni-l", "ssni-n"}
+    assert set(saved["heldout"]["learned"]) == {"clean", "pgd-eot", "adaptive"}
+    assert saved["heldout"]["learned"]["clean"]["n"] == 4 and saved["heldout"]["learned"]["clean"]["draws"] == 2
+    assert (out / "reweight.png").stat().st_size > 1000 and "Held-out" in (out / "report.md").read_text()
     curve = build_reweight("learned", path=str(out))
     t = curve(torch.linspace(0, 1e3, 50))
-    assert (t[1:] >= t[:-1]).all() and t.max() <= 0.3 + 1e-6
+    assert (t[1:] >= t[:-1]).all() and t.max() <= 0.2 + 1e-6
+    # a second run reuses every attacked set (no attack runs) and writes the same curve
+    calls = []
+    monkeypatch.setattr(fit_reweight.Fit, "attack", lambda self, *a: calls.append(a) or None)
+    assert main(argv) == 0
+    assert calls == [] and json.loads((out / "reweight.json").read_text())["logits"] == saved["logits"]
+
+
+def test_fit_reweight_bad_inputs_fail_in_one_line(tmp_path):
+    from ssni.commands.fit_reweight import FitReweightConfig, check_fit_config, run_fit_reweight
+    from ssni.config import ConfigError, load_config
+
+    recipe = _tiny_defense(tmp_path)
+    base = [f"output={tmp_path / 'rw'}", f"defense_recipe={recipe}"] + FIT_ARGS
+    for extra, match in ((["count=0"], "count must be >= 2"), (["attacks=[]"], "attacks` is empty"),
+                         (["holdout=12"], "holdout must be in"), (["fit.t_max=0.3"], "inside t_grid"),
+                         (["start_t=[0.5]"], "outside t_grid")):
+        with pytest.raises(ConfigError, match=match):
+            check_fit_config(load_config(FitReweightConfig, RECIPE, base + extra))
+    with pytest.raises(ConfigError, match="has 1438 images; set count <= 1438"):
+        run_fit_reweight(load_config(FitReweightConfig, RECIPE, base + ["count=5000"]))
+    # no calibration: the reweights that need one say so
+    (tmp_path / "calibration.json").unlink()
+    with pytest.raises((FileNotFoundError, ValueError), match="calibration"):
+        run_fit_reweight(load_config(FitReweightConfig, RECIPE, base))

@@ -4,17 +4,21 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ssni.noise import NOISE_SAMPLERS
 from ssni.training import DSMLoss
 from ssni.typical import (
+    DIRECTIONS,
     TypicalSetNoise,
     exact_expected_norm,
     expected_norm,
     in_typical_set,
+    lowfreq_directions,
     noise_with_radii,
     random_directions,
     shell_probability,
+    sign_directions,
     typical_shell,
     typicality_statistic,
 )
@@ -110,6 +114,15 @@ def test_bad_inputs_are_named():
         TypicalSetNoise(outer_range=(1.3, 1.1))
     with pytest.raises(ValueError, match="off_shell_fraction"):
         TypicalSetNoise(off_shell_fraction=1.5)
+    with pytest.raises(ValueError, match="isotropic, sign, lowfreq") as err:
+        TypicalSetNoise(direction="radial")
+    assert "'radial'" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="sign_block"):
+        TypicalSetNoise(direction="sign", sign_block=0)
+    with pytest.raises(ValueError, match="lowfreq_factor"):
+        TypicalSetNoise(direction="lowfreq", lowfreq_factor=1.5)
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
+        TypicalSetNoise(direction="lowfreq").draw((4, 64))
 
 
 def test_noise_with_radii_has_those_radii():
@@ -194,3 +207,122 @@ def test_train_score_with_ts_recipe(tmp_path):
     out = train_score(cfg)
     assert out["steps"] == 3 and math.isfinite(out["heldout_dsm_after_ema"])
     assert "typical_set" in (tmp_path / "config.yaml").read_text()
+
+
+# ---- off-shell directions -------------------------------------------------------------------
+
+def _old_draw(ts, shape, generator):
+    """The draw of TypicalSetNoise before directions existed, kept verbatim as the reference."""
+    b, d = shape[0], math.prod(shape[1:])
+    g = torch.randn(shape, generator=generator)
+    u = torch.rand(b, 3, generator=generator)
+    off = u[:, 0] < ts.off_shell_fraction
+    inside = off & (u[:, 1] < ts.inner_fraction)
+    outside = off & ~inside
+    lo = torch.where(inside, ts.inner_range[0], ts.outer_range[0]).to(g)
+    hi = torch.where(inside, ts.inner_range[1], ts.outer_range[1]).to(g)
+    target = (lo + (hi - lo) * u[:, 2]) * math.sqrt(d)
+    norm = g.flatten(1).norm(dim=1).clamp_min(1e-12)
+    scale = torch.where(off, target / norm, torch.ones_like(norm))
+    return g * scale.view(-1, 1, 1, 1), outside.long() + 2 * inside.long()
+
+
+@pytest.mark.parametrize("cfg", TS_CONFIGS)
+def test_default_direction_is_bit_identical_to_before(cfg):
+    for ts in (TypicalSetNoise(**cfg), TypicalSetNoise(**cfg, direction="isotropic")):
+        new, kind = ts.draw((64, 1, 8, 8), torch.Generator().manual_seed(11))
+        old, old_kind = _old_draw(ts, (64, 1, 8, 8), torch.Generator().manual_seed(11))
+        assert torch.equal(new, old) and torch.equal(kind, old_kind)
+
+
+def test_default_direction_matches_recorded_values():
+    # recorded with the sampler as it was before directions were added (torch 2.x CPU generator)
+    ts = TypicalSetNoise(off_shell_fraction=0.5, outer_range=(1.05, 1.3), inner_fraction=0.5)
+    n, kind = ts.draw((6, 1, 5, 5), torch.Generator().manual_seed(123))
+    assert kind.tolist() == [0, 0, 1, 2, 0, 0]
+    torch.testing.assert_close(n.flatten(1).norm(dim=1), torch.tensor(
+        [4.217070579528809, 5.655567169189453, 5.449268817901611, 4.07472562789917,
+         4.514264106750488, 5.525111675262451]), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(n[:, 0, 0, 0], torch.tensor(
+        [0.3373701870441437, -1.5723042488098145, -1.498691439628601, -0.05888461321592331,
+         -0.031861238181591034, 1.277376651763916]), rtol=1e-6, atol=1e-6)
+
+
+DIRECTION_CASES = [dict(direction="isotropic"), dict(direction="sign"), dict(direction="sign", sign_block=2),
+                   dict(direction="lowfreq"), dict(direction="lowfreq", lowfreq_factor=2)]
+
+
+@pytest.mark.parametrize("dcfg", DIRECTION_CASES)
+@pytest.mark.parametrize("cfg", TS_CONFIGS[:3])
+def test_off_shell_radii_and_fraction_for_every_direction(cfg, dcfg):
+    ts = TypicalSetNoise(**cfg, **dcfg)
+    b, shape = 3000, (3000, 1, 12, 12)
+    noise, kind = ts.draw(shape, torch.Generator().manual_seed(7))
+    assert noise.shape == shape and torch.isfinite(noise).all()
+    rho = noise.flatten(1).norm(dim=1).double() / 12.0
+    off = cfg["off_shell_fraction"]
+    inner = cfg.get("inner_fraction", 0.0)
+    tol = 4 * math.sqrt(0.25 / b)  # binomial: 4 standard deviations at worst (p = 1/2)
+    assert (kind != 0).float().mean().item() == pytest.approx(off, abs=tol)
+    assert (kind == 2).float().mean().item() == pytest.approx(off * inner, abs=tol)
+    assert inner > 0 or not (kind == 2).any()
+    for k, (lo, hi) in ((1, ts.outer_range), (2, ts.inner_range)):
+        r = rho[kind == k]
+        if len(r):
+            assert r.min() >= lo - 1e-5 and r.max() <= hi + 1e-5
+    # on-shell draws stay Gaussian whatever the direction: the isotropic sampler's very draws
+    iso, iso_kind = TypicalSetNoise(**cfg).draw(shape, torch.Generator().manual_seed(7))
+    assert torch.equal(kind, iso_kind) and torch.equal(noise[kind == 0], iso[kind == 0])
+
+
+@pytest.mark.parametrize("block", [1, 2, 5])
+def test_sign_directions_have_equal_magnitudes(block):
+    g = torch.Generator().manual_seed(0)
+    u = sign_directions((50, 2, 10, 10), block, g)
+    mag = u.abs().flatten(1)
+    assert torch.allclose(mag, torch.full_like(mag, 1 / math.sqrt(200)))
+    torch.testing.assert_close(u.flatten(1).norm(dim=1), torch.ones(50))
+    if block > 1:  # constant over each block x block square
+        blocks = u.reshape(50, 2, 10 // block, block, 10 // block, block)
+        assert (blocks == blocks[:, :, :, :1, :, :1]).all()
+    # after scaling, each off-shell sample's entries all share one magnitude: radius * sigma
+    ts = TypicalSetNoise(off_shell_fraction=1.0, outer_range=(1.1, 1.4), direction="sign", sign_block=block)
+    n, kind = ts.draw((50, 2, 10, 10), g)
+    a = n.abs().flatten(1)
+    assert (kind == 1).all()
+    torch.testing.assert_close(a, a[:, :1].expand_as(a))
+    torch.testing.assert_close(a[:, 0], n.flatten(1).norm(dim=1) / math.sqrt(200))
+    # the signs are balanced (4 standard deviations of the independent signs) and vary across samples
+    indep = 50 * 2 * math.ceil(10 / block) ** 2
+    assert abs(torch.sign(n).mean().item()) < 4 / math.sqrt(indep) and not torch.equal(torch.sign(n[0]), torch.sign(n[1]))
+
+
+def _low_energy_share(u):
+    """Share of each sample's energy kept by a 2x2 average-pool + upsample reconstruction; [B]."""
+    rec = F.interpolate(F.avg_pool2d(u, 2), scale_factor=2, mode="nearest")
+    return rec.pow(2).flatten(1).sum(1) / u.pow(2).flatten(1).sum(1)
+
+
+def test_lowfreq_directions_are_smooth():
+    g = torch.Generator().manual_seed(0)
+    u = lowfreq_directions((300, 1, 16, 16), 4, g)
+    torch.testing.assert_close(u.flatten(1).norm(dim=1), torch.ones(300))
+    low, iso = _low_energy_share(u), _low_energy_share(random_directions((300, 1, 16, 16), g))
+    # white noise keeps about 1/4 of its energy in the 2x2 means; the smooth directions nearly all
+    assert iso.mean().item() == pytest.approx(0.25, abs=0.03)
+    assert low.mean() > 0.9 and low.min() > 0.8
+    # the same holds for the off-shell draws of the sampler, and not for its on-shell ones
+    ts = TypicalSetNoise(off_shell_fraction=0.5, direction="lowfreq")
+    n, kind = ts.draw((400, 1, 16, 16), g)
+    share = _low_energy_share(n)
+    assert share[kind == 1].min() > 0.8 and share[kind == 0].max() < 0.45
+    # odd sizes are cut back to the image: ceil(13 / 4) = 4 coarse pixels per side
+    assert lowfreq_directions((2, 3, 13, 7), 4, g).shape == (2, 3, 13, 7)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_every_direction_is_repeatable_and_registered(direction):
+    ts = NOISE_SAMPLERS.create("typical_set", direction=direction)
+    a = ts((32, 1, 8, 8), torch.Generator().manual_seed(2), "cpu")
+    b = ts((32, 1, 8, 8), torch.Generator().manual_seed(2), "cpu")
+    assert torch.equal(a, b) and direction in repr(ts)

@@ -29,8 +29,10 @@ def mix_seeds(seeds: Tensor, salt: int) -> Tensor:
 
     Salt 0 is the score norm's stream, salt 1 + k the k-th purification's.
     """
-    # Odd 64-bit multipliers (wrapping int64 arithmetic) spread nearby seeds apart.
-    s = seeds.long() * 6364136223846793005 + (salt * 2 + 1) * 1442695040888963407
+    # Odd 64-bit multipliers (wrapping int64 arithmetic) spread nearby seeds apart. The salt's term is
+    # wrapped to int64 here first: as a Python int it outgrows int64 from salt 3 on (an ensemble of 3).
+    c = ((salt * 2 + 1) * 1442695040888963407) % 2 ** 64
+    s = seeds.long() * 6364136223846793005 + (c - 2 ** 64 if c >= 2 ** 63 else c)
     s = s ^ (s >> 29)
     return s & _SEED_MASK
 

@@ -5,10 +5,11 @@ spread of about s/sqrt(2) whatever d. The typical set used here, with tolerance 
     | ||n||^2 / (d s^2) - 1 | <= 2 tol,
 and the per-sample statistic ||r||^2 / (d s^2) - 1 tells how far a residual r sits off that shell.
 
-`TypicalSetNoise` (registered as the noise sampler "typical_set") draws Gaussian directions whose
-radii are pushed outside (and optionally inside) the shell, so that a network trained on it also
-sees noise that is not on the shell. Its defaults are our own choices: the TS paper's exact radii
-and mixing ratio are not public.
+`TypicalSetNoise` (registered as the noise sampler "typical_set") draws noise whose radii are
+pushed outside (and optionally inside) the shell, so that a network trained on it also sees noise
+that is not on the shell. The off-shell draws point in isotropic (Gaussian) directions by default,
+or in attack-like sign directions, or in smooth low-frequency directions. Its defaults are our own
+choices: the TS paper's exact radii and mixing ratio are not public.
 """
 from __future__ import annotations
 
@@ -16,13 +17,17 @@ import math
 from typing import Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .noise import NOISE_SAMPLERS
 
 __all__ = ["expected_norm", "exact_expected_norm", "typical_shell", "typicality_statistic",
            "in_typical_set", "shell_probability", "random_directions", "noise_with_radii",
-           "TypicalSetNoise"]
+           "sign_directions", "lowfreq_directions", "DIRECTIONS", "TypicalSetNoise"]
+
+# directions of the off-shell TS draws (see TypicalSetNoise)
+DIRECTIONS = ("isotropic", "sign", "lowfreq")
 
 
 def _check_dim(d: int) -> int:
@@ -110,6 +115,51 @@ def noise_with_radii(radii: Tensor, shape: Sequence[int],
     return u * (radii.to(u) * math.sqrt(d)).view(-1, *([1] * (len(shape) - 1)))
 
 
+def _unit(v: Tensor) -> Tensor:
+    """v [B, ...] scaled to unit L2 norm per sample."""
+    return v / v.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (v.dim() - 1)))
+
+
+def _check_factor(value: int, name: str) -> int:
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _image_shape(shape: Tuple[int, ...], what: str) -> Tuple[int, int, int, int]:
+    if len(shape) != 4:
+        raise ValueError(f"{what} directions need image shapes [B, C, H, W], got {list(shape)}")
+    return shape  # type: ignore[return-value]
+
+
+def sign_directions(shape: Sequence[int], block: int = 1, generator: Optional[torch.Generator] = None,
+                    device=None) -> Tensor:
+    """Unit vectors of random signs, every entry +-1/sqrt(d): shape [B, ...] -> same shape.
+
+    With block > 1 (images [B,C,H,W] only) one sign covers a block x block square, as in
+    attacks with a coarse grid; every entry still has the same magnitude.
+    """
+    shape, block = tuple(shape), _check_factor(block, "sign block")
+    if block == 1:
+        coarse = torch.randint(0, 2, shape, generator=generator, device=device)
+    else:
+        b, c, h, w = _image_shape(shape, "blockwise sign")
+        coarse = torch.randint(0, 2, (b, c, -(-h // block), -(-w // block)), generator=generator,
+                               device=device)
+        coarse = coarse.repeat_interleave(block, 2).repeat_interleave(block, 3)[..., :h, :w]
+    signs = coarse.float() * 2.0 - 1.0
+    return signs / math.sqrt(math.prod(shape[1:]))
+
+
+def lowfreq_directions(shape: Sequence[int], factor: int = 4, generator: Optional[torch.Generator] = None,
+                       device=None) -> Tensor:
+    """Unit vectors of smooth noise: Gaussian at 1/factor resolution, bilinear up; [B,C,H,W] -> same."""
+    b, c, h, w = _image_shape(tuple(shape), "lowfreq")
+    factor = _check_factor(factor, "lowfreq factor")
+    g = torch.randn((b, c, -(-h // factor), -(-w // factor)), generator=generator, device=device)
+    return _unit(F.interpolate(g, size=(h, w), mode="bilinear", align_corners=False))
+
+
 def _range(value: Sequence[float], name: str) -> Tuple[float, float]:
     try:
         lo, hi = (float(v) for v in value)
@@ -122,12 +172,19 @@ def _range(value: Sequence[float], name: str) -> Tuple[float, float]:
 
 @NOISE_SAMPLERS.register("typical_set")
 class TypicalSetNoise:
-    """TS noise: Gaussian directions with per-sample radii drawn off the typical shell.
+    """TS noise: per-sample radii drawn off the typical shell, in a chosen family of directions.
 
     Radii are relative to sqrt(d), so 1.0 is the shell of unit-std noise. Each sample is, with
     probability `off_shell_fraction`, moved off the shell; an off-shell sample goes inside (radius
-    ~ U(inner_range)) with probability `inner_fraction`, else outside (radius ~ U(outer_range)).
-    The other samples are ordinary N(0, I) draws. Call: (shape, generator, device) -> [B, ...].
+    ~ U(inner_range)) with probability `inner_fraction`, else outside (radius ~ U(outer_range)),
+    and its norm is exactly radius * sqrt(d). The other samples are ordinary N(0, I) draws.
+    Call: (shape, generator, device) -> [B, ...].
+
+    `direction` of the off-shell draws: "isotropic" (a Gaussian draw rescaled, the default),
+    "sign" (random +-1 per entry, or per `sign_block` x `sign_block` square: attack-like), or
+    "lowfreq" (Gaussian at 1/`lowfreq_factor` resolution, bilinear up to the image size). The
+    last two need image shapes [B,C,H,W] (sign with block 1 takes any [B, ...]); on-shell draws
+    stay Gaussian whatever the direction, and "isotropic" draws exactly what earlier versions did.
 
     Defaults (our own; the paper's values are not public): half the samples off the shell,
     outside only, radius ratio U(1.05, 1.30). At d = 1600 (a 40x40 grey patch) the Gaussian
@@ -136,14 +193,29 @@ class TypicalSetNoise:
     """
 
     def __init__(self, off_shell_fraction: float = 0.5, outer_range: Sequence[float] = (1.05, 1.30),
-                 inner_range: Sequence[float] = (0.75, 0.95), inner_fraction: float = 0.0):
+                 inner_range: Sequence[float] = (0.75, 0.95), inner_fraction: float = 0.0,
+                 direction: str = "isotropic", sign_block: int = 1, lowfreq_factor: int = 4):
         for name, v in (("off_shell_fraction", off_shell_fraction), ("inner_fraction", inner_fraction)):
             if not (0.0 <= float(v) <= 1.0):
                 raise ValueError(f"{name} must be in [0, 1], got {v!r}")
+        if direction not in DIRECTIONS:
+            raise ValueError(f"unknown TS direction {direction!r}; valid choices: {', '.join(DIRECTIONS)}")
         self.off_shell_fraction = float(off_shell_fraction)
         self.inner_fraction = float(inner_fraction)
         self.outer_range = _range(outer_range, "outer_range")
         self.inner_range = _range(inner_range, "inner_range")
+        self.direction = direction
+        self.sign_block = _check_factor(sign_block, "sign_block")
+        self.lowfreq_factor = _check_factor(lowfreq_factor, "lowfreq_factor")
+
+    def directions(self, shape: Sequence[int], generator: Optional[torch.Generator] = None,
+                   device=None) -> Tensor:
+        """Unit directions [B, ...] of this sampler's non-isotropic family ("sign" or "lowfreq")."""
+        if self.direction == "sign":
+            return sign_directions(shape, self.sign_block, generator, device)
+        if self.direction == "lowfreq":
+            return lowfreq_directions(shape, self.lowfreq_factor, generator, device)
+        return random_directions(shape, generator, device)
 
     def draw(self, shape: Sequence[int], generator: Optional[torch.Generator] = None,
              device=None) -> Tuple[Tensor, Tensor]:
@@ -151,6 +223,8 @@ class TypicalSetNoise:
         shape = tuple(shape)
         if len(shape) < 2:
             raise ValueError(f"shape must be [B, ...] with a batch dimension, got {list(shape)}")
+        if self.direction == "lowfreq" or (self.direction == "sign" and self.sign_block > 1):
+            _image_shape(shape, f"{self.direction!r}")  # fail before drawing anything
         b, d = shape[0], math.prod(shape[1:])
         g = torch.randn(shape, generator=generator, device=device)
         # three uniforms per sample: off-shell?, inside?, where in the range
@@ -161,10 +235,15 @@ class TypicalSetNoise:
         lo = torch.where(inside, self.inner_range[0], self.outer_range[0]).to(g)
         hi = torch.where(inside, self.inner_range[1], self.outer_range[1]).to(g)
         target = (lo + (hi - lo) * u[:, 2]) * math.sqrt(d)
+        kind = outside.long() + 2 * inside.long()
+        view = (-1, *([1] * (len(shape) - 1)))
+        if self.direction != "isotropic":
+            # drawn after the isotropic stream, so on-shell samples equal the default's draws
+            u_off = self.directions(shape, generator, device).to(g)
+            return torch.where(off.view(view), u_off * target.view(view), g), kind
         norm = g.flatten(1).norm(dim=1).clamp_min(1e-12)
         scale = torch.where(off, target / norm, torch.ones_like(norm))
-        kind = outside.long() + 2 * inside.long()
-        return g * scale.view(-1, *([1] * (len(shape) - 1))), kind
+        return g * scale.view(view), kind
 
     def __call__(self, shape: Sequence[int], generator: Optional[torch.Generator] = None,
                  device=None) -> Tensor:
@@ -174,4 +253,5 @@ class TypicalSetNoise:
     def __repr__(self) -> str:
         return (f"TypicalSetNoise(off_shell_fraction={self.off_shell_fraction}, "
                 f"outer_range={self.outer_range}, inner_range={self.inner_range}, "
-                f"inner_fraction={self.inner_fraction})")
+                f"inner_fraction={self.inner_fraction}, direction={self.direction!r}, "
+                f"sign_block={self.sign_block}, lowfreq_factor={self.lowfreq_factor})")

@@ -1,38 +1,73 @@
-"""`ssni fit-reweight`: learn a monotone reweight from clean training images only.
+"""`ssni fit-reweight`: learn a monotone reweight against the attacks the defense will face.
 
-It builds the defense of a recipe (score network, calibration, purifier, classifier), perturbs
-clean training images itself (Gaussian noise at several strengths, Linf PGD against the bare
-classifier), finds the oracle t* of every copy, fits a LearnedReweight and saves its JSON and a
-plot. The saved file plugs into a defense recipe as reweight: {name: learned, kwargs: {path: ...}}.
+From clean training images only. The images are split into a fit set and a held-out set.
 
-Every sample's noise, PGD start, score-norm and purification draws come from its own seeds (its index
-in the run), so under torchrun the batches of samples are split across ranks (every world-th batch,
-as calibrate does) and give what one process gives; rank 0 gathers the per-sample oracle results,
-fits and writes, while the others wait for it (a gather, within torch's process-group timeout) and
-return its file paths, or raise if any rank failed.
+1. Round 0: the first attack of `attacks` (e.g. full-gradient PGD-EOT through the defense's own
+   purifier) attacks the fit images through plain DBP at each noise level of `start_t`, so the
+   fit sees what an attacker does against little and against much noise.
+2. Every attacked copy and every clean image gets its score norm and an accuracy table: how
+   often purification at each t of `t_grid` keeps the classifier right (`draws` draws).
+3. A monotone curve t*(s) is fitted to maximise robust + clean_weight * clean
+   (`ssni.scoring.learned`): an image counts as robust only as far as it survives every attack.
+4. Each alternation attacks the fit images with every attack of `attacks` (full and adaptive
+   views) through the defense with the current curve, adds those copies and refits: the
+   attacker moves, the curve answers.
+5. The learned curve and the compared reweights (SSNI-L, SSNI-N) are attacked with every attack on
+   the held-out images and evaluated with `verify_draws` draws; the table goes into report.md
+   and reweight.json, and reweight.png draws the curves over the score-norm histograms (clean,
+   noisy, attacked through the defense).
+
+Every attack is an `ssni.attacks` attack built from the same spec as `ssni evaluate`'s. Each
+attacked set is saved under members/ with a key of everything it depends on (weights
+fingerprints, settings, the attacked curve), so a rerun reuses it and a stopped fit resumes. Under
+torchrun the batches are split across ranks (per-batch seeds, so the results equal one process's);
+rank 0 fits and writes, and every rank uses its curve.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
+from torch import Tensor
 
-from ..attacks import LOSSES, plain_gradient, project, random_in_ball, steepest_step
-from ..config import save_config
+from ..config import ConfigError, save_config, to_dict
 from ..data import DataConfig, build_dataset
 from ..defense import RobustClassifier
-from ..io import atomic_write_json
-from ..scoring import LearnedFitConfig, fit_learned, oracle_t_star, plot_reweight
+from ..evaluate.metrics import draw_accuracy
+from ..evaluate.specs import AttackSpec, DefenseSpec, attack_budget, attacked_defense, check_attacks, make_attack
+from ..evaluate.state import config_fingerprint, slug
+from ..io import atomic_save_safetensors, atomic_write_json, atomic_write_text, load_safetensors, read_json
+from ..models import weights_fingerprint
+from ..scoring import (
+    LearnedReweight,
+    ReweightConfig,
+    RobustFitConfig,
+    build_reweight,
+    fit_robust,
+    oracle_t_star,
+    plot_reweight,
+    table_scores,
+)
 from ..scoring.calibration import shard_starts
-from ..seeding import block_seeds
+from ..scoring.reweight import ConstantReweight
+from ..seeding import derive_seed, mix_seeds
 from ..training.dist import DistContext
 from .registry import command
 
-# Offsets of this command's random streams from its seed (part of what fixes its output).
-NOISE_STREAM, NORMS_STREAM = 11, 100
+EPS_16 = 16 / 255
+
+
+def _default_attacks() -> List[AttackSpec]:
+    kw = {"eps": EPS_16, "norm": "linf", "steps": 5, "step_size": 4 / 255}
+    return [AttackSpec(name="pgd-eot", attack="pgd", kwargs=dict(kw), eot=2, view="full"),
+            AttackSpec(name="adaptive", attack="pgd", kwargs=dict(kw), eot=2, view="adaptive")]
+
+
+def _default_compare() -> List[DefenseSpec]:
+    return [DefenseSpec("ssni-l", ReweightConfig("linear", {"t_base": 0.1})),
+            DefenseSpec("ssni-n", ReweightConfig("sigmoid", {"t_base": 0.1, "b": 0.005}))]
 
 
 @dataclass
@@ -43,173 +78,326 @@ class FitReweightConfig:
     defense_recipe: str = "recipes/defense/digits.yaml"
     defense_overrides: List[str] = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)
-    count: int = 256  # clean training images; each is also perturbed every way below
-    noise_std: List[float] = field(default_factory=lambda: [0.05, 0.1, 0.2])
-    pgd_eps: List[float] = field(default_factory=lambda: [4 / 255, 8 / 255, 16 / 255])
-    pgd_steps: int = 20
-    t_grid: List[float] = field(default_factory=lambda: [
-        0.0, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3])
-    draws: int = 1  # purifications per (sample, t) in the oracle search
-    fit: LearnedFitConfig = field(default_factory=LearnedFitConfig)
-    batch_size: int = 256
+    count: int = 128  # clean training images: the first count - holdout are fitted, the rest held out
+    holdout: int = 32
+    # the threat model, as in `ssni evaluate` (purifier: defense = the defense's own purifier)
+    attacks: List[AttackSpec] = field(default_factory=_default_attacks)
+    start_t: List[float] = field(default_factory=lambda: [0.05, 0.1, 0.15, 0.2])  # round 0: DBP at these t*
+    alternations: int = 1  # rounds that attack the current curve and refit
+    t_grid: List[float] = field(default_factory=lambda: [0.0, 0.02, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3])
+    draws: int = 2  # purifications per (image, grid t) in the accuracy tables
+    noise_std: float = 0.1  # noisy copies of the fit images: the plot's histogram only
+    fit: RobustFitConfig = field(default_factory=RobustFitConfig)
+    compare: List[DefenseSpec] = field(default_factory=_default_compare)  # beside the learned curve
+    verify_draws: int = 4  # held-out check: draws per attacked image (0 skips it)
+    batch_size: int = 64
     seed: int = 0
     device: str = "auto"
     progress: bool = True
 
 
-def _over_255(eps: float) -> str:
-    """8/255-style label for an Linf budget (one decimal unless it is a whole number)."""
-    v = eps * 255
-    return f"{round(v)}/255" if abs(v - round(v)) < 0.05 else f"{v:.1f}/255"
+def check_fit_config(cfg: FitReweightConfig) -> None:
+    """One-line errors for settings that cannot work, before anything is loaded or attacked."""
+    if cfg.count < 2:
+        raise ConfigError(f"count must be >= 2 clean training images, got {cfg.count}")
+    if not 0 <= cfg.holdout <= cfg.count - 1:
+        raise ConfigError(f"holdout must be in [0, count - 1 = {cfg.count - 1}], got {cfg.holdout}")
+    for name in ("batch_size", "draws"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.alternations < 0 or cfg.verify_draws < 0:
+        raise ConfigError(f"alternations and verify_draws must be >= 0, got {cfg.alternations}, {cfg.verify_draws}")
+    if not cfg.attacks:
+        raise ConfigError("fit-reweight: `attacks` is empty; list the attacks the defense will face")
+    check_attacks(cfg.attacks)
+    for i, a in enumerate(cfg.attacks):
+        if a.fixed_seeds or a.preset is not None or a.view == "bare" or a.attack == "transfer":
+            raise ConfigError(f"attacks[{i}] ({a.name!r}): fit-reweight attacks through the defense "
+                              "(view full, adaptive or bpda; no fixed_seeds, preset or transfer)")
+    grid = cfg.t_grid
+    if len(grid) < 2 or grid[0] < 0 or grid[-1] > 1 or any(b <= a for a, b in zip(grid, grid[1:])):
+        raise ConfigError(f"t_grid must be >= 2 increasing noise levels in [0, 1], got {grid}")
+    if not cfg.start_t:
+        raise ConfigError("start_t is empty; give the constant t* that round 0 attacks through (e.g. [0.1])")
+    for t in cfg.start_t:
+        if not grid[0] <= t <= grid[-1]:
+            raise ConfigError(f"start_t {t} is outside t_grid [{grid[0]}, {grid[-1]}]")
+    if not grid[0] <= cfg.fit.t_min <= cfg.fit.t_max <= grid[-1]:
+        raise ConfigError(f"fit.t_min/t_max = {cfg.fit.t_min}/{cfg.fit.t_max} must lie inside t_grid "
+                          f"[{grid[0]}, {grid[-1]}] (accuracy is only known there)")
 
 
-def _per_sample(draw: Callable[[torch.Generator], torch.Tensor], seeds: torch.Tensor,
-                device: torch.device) -> torch.Tensor:
-    """Stack draw(generator seeded with seeds[i]) over samples: [B, ...] (sample i's draw is its own)."""
-    return torch.cat([draw(torch.Generator(device=device).manual_seed(int(s))) for s in seeds])
+@dataclass
+class Member:
+    """One attacked set of the fit images: what attacked it, and through which reweight."""
+
+    name: str
+    spec: AttackSpec
+    reweight: Any  # the attacked defense's Reweight
 
 
-def pgd_per_sample(classify, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
-                   seeds: torch.Tensor) -> torch.Tensor:
-    """Linf PGD (step 2.5 eps / steps) against `classify`, sample i's random start drawn from seeds[i];
-    x [B,C,H,W] in [0,1], y [B], seeds LongTensor [B] -> x_adv [B,C,H,W]."""
-    shape = (1, *x.shape[1:])
-    start = _per_sample(lambda g: random_in_ball(shape, eps, "linf", g, x.device), seeds, x.device)
-    x_adv = project(x + start.to(x.dtype), x, eps, "linf")
-    step, loss = 2.5 * eps / max(steps, 1), LOSSES.get("ce")
-    for _ in range(steps):
-        _, grad, _ = plain_gradient(classify, x_adv, y, loss)
-        x_adv = project(x_adv + step * steepest_step(grad, "linf"), x, eps, "linf")
-    return x_adv.detach()
+class Fit:
+    """The state of one fit-reweight run (defense, images, tables, rank context)."""
 
+    def __init__(self, cfg: FitReweightConfig, dist: DistContext):
+        self.cfg, self.dist = cfg, dist
+        self.out = Path(cfg.output)
+        self.defense = RobustClassifier.from_recipe(cfg.defense_recipe, cfg.defense_overrides, device=dist.device)
+        self.images, self.labels = training_images(cfg, dist.device)
+        n_fit = cfg.count - cfg.holdout
+        self.fit_x, self.fit_y = self.images[:n_fit], self.labels[:n_fit]
+        self.hold_x, self.hold_y = self.images[n_fit:], self.labels[n_fit:]
+        self.grid = torch.tensor(cfg.t_grid, dtype=torch.float32)
+        self.computed = 0  # sets computed (not reused from members/) by this run
+        d = self.defense
+        self.inputs = {"score_model": weights_fingerprint(d.score_model),
+                       "classifier": weights_fingerprint(d.classifier),
+                       "calibration": None if d.calibration is None else config_fingerprint(d.calibration.to_dict()),
+                       "purifier": repr(d.purifier)}
 
-def make_perturbed(classify, images: torch.Tensor, labels: torch.Tensor, cfg: FitReweightConfig,
-                   first: int = 0) -> Dict[str, torch.Tensor]:
-    """The clean images plus their noisy and PGD copies: {kind: [B,C,H,W] in [0,1]}.
+    # -- pieces ------------------------------------------------------------------------------
+    def _sample_seeds(self, tag: str, first: int, b: int) -> Tensor:
+        return torch.tensor([derive_seed(self.cfg.seed, tag, i) for i in range(first, first + b)])
 
-    `images` are samples first .. first + B - 1 of the run; each sample's noise and PGD start come from
-    its own seed (seed block per kind, its index), so a sample's copies do not depend on its batch.
-    """
-    sets = {"clean": images}
-    for j, std in enumerate(cfg.noise_std):
-        seeds = block_seeds(cfg.seed + NOISE_STREAM + j, first, images.shape[0])
-        z = _per_sample(lambda g: torch.randn((1, *images.shape[1:]), generator=g, device=images.device),
-                        seeds, images.device)
-        sets[f"noise {std:g}"] = (images + std * z.to(images.dtype)).clamp(0.0, 1.0)
-    for j, eps in enumerate(cfg.pgd_eps):
-        seeds = block_seeds(cfg.seed + NOISE_STREAM + len(cfg.noise_std) + j, first, images.shape[0])
-        sets[f"pgd {_over_255(eps)}"] = pgd_per_sample(classify, images, labels, eps, cfg.pgd_steps, seeds)
-    return sets
+    def measure(self, x: Tensor, y: Tensor, tag: str, first: int) -> Dict[str, Tensor]:
+        """Score norms [b] and accuracy table [b, G] of images x [b,C,H,W] (samples first.. of set `tag`)."""
+        seeds = self._sample_seeds(tag, first, x.shape[0])
+        d = self.defense
+        with torch.no_grad():
+            s = d.scorer(x, seeds=mix_seeds(seeds, 0)).float().cpu()
+        purify = lambda xb, tb, seeds: d.purifier(xb, tb, seeds=seeds)  # noqa: E731
+        table = oracle_t_star(purify, d.classify, x, y, self.cfg.t_grid, seeds, self.cfg.draws,
+                              self.cfg.batch_size * 4)["correct"]
+        return {"norm": s, "table": table.float().cpu()}
 
+    def attack(self, member: Member, x: Tensor, y: Tensor, first: int) -> Tensor:
+        """x_adv [b,C,H,W] of one batch: the member's attack through the defense with its reweight."""
+        d = attacked_defense(self.defense.replace(reweight=member.reweight), member.spec)
+        attack = make_attack(member.spec)
+        torch.manual_seed(derive_seed(self.cfg.seed, member.name, first))  # the view's randomness
+        return attack(d.view(member.spec.view), x, y, seed=derive_seed(self.cfg.seed, member.name, first, "start"))
 
-@command("fit-reweight", FitReweightConfig,
-         "learn a monotone reweight from oracle t* of self-perturbed clean images")
-def run_fit_reweight(cfg: FitReweightConfig) -> Dict[str, Any]:
-    """Fit the learned reweight; writes reweight.json, oracle.json and reweight.png (rank 0 only)."""
-    dist = DistContext.from_env(cfg.device)
-    result: Dict[str, Any] = {}
-    try:
-        mine, error = {}, None
-        try:  # this rank's batches of samples; a failure is passed on, so no rank waits for a dead one
-            defense = RobustClassifier.from_recipe(cfg.defense_recipe, cfg.defense_overrides, device=dist.device)
-            images, labels = _training_images(cfg, dist.device)
-            mine = _oracle_batches(defense, images, labels, cfg, dist.rank, dist.world_size)
+    def key(self, what: str, extra: Any) -> str:
+        """Fingerprint of everything a saved set depends on."""
+        c = to_dict(self.cfg)
+        keep = {k: c[k] for k in ("data", "count", "holdout", "t_grid", "draws", "batch_size", "seed")}
+        return config_fingerprint({"what": what, "inputs": self.inputs, "cfg": keep, "extra": extra})
+
+    def sharded(self, fn: Callable[[int, int], Dict[str, Tensor]], n: int) -> Dict[str, Tensor]:
+        """fn(first, b) over this rank's batches of n samples, gathered from every rank in sample order:
+        {name: [n, ...]}; a failure on any rank is raised on every rank."""
+        bs, mine, error = self.cfg.batch_size, {}, None
+        try:
+            for a in shard_starts(n, bs, self.dist.rank, self.dist.world_size):
+                mine[a] = fn(a, min(bs, n - a))
         except Exception as e:
-            if dist.world_size == 1:
-                raise  # one process: the error itself, as before
-            error = f"rank {dist.rank}: {type(e).__name__}: {e}"
-        parts = dist.all_gather_object((mine, error))
+            if self.dist.world_size == 1:
+                raise
+            error = f"rank {self.dist.rank}: {type(e).__name__}: {e}"
+        parts = self.dist.all_gather_object((mine, error)) if self.dist.world_size > 1 else [(mine, None)]
         errors = [err for _, err in parts if err is not None]
         if errors:
             raise RuntimeError(f"fit-reweight failed on {'; '.join(errors)}")
-        batches = {a: res for part, _ in parts for a, res in part.items()}
-        error = None
-        if dist.is_main:
+        batches = {a: r for part, _ in parts for a, r in part.items()}
+        return {k: torch.cat([batches[a][k] for a in sorted(batches)]) for k in batches[min(batches)]}
+
+    def cached(self, name: str, key: str, compute: Callable[[], Dict[str, Tensor]]) -> Dict[str, Tensor]:
+        """A saved set under members/ when its key matches, else compute (all ranks) and save (rank 0)."""
+        path = self.out / "members" / f"{slug(name)}.safetensors"
+        meta = path.with_suffix(".json")
+        if path.exists() and meta.exists() and read_json(meta).get("key") == key:
+            return load_safetensors(path)
+        if self.cfg.progress and self.dist.is_main:
+            print(f"[fit-reweight] {name} ...", flush=True)
+        result = compute()
+        self.computed += 1
+        if self.dist.is_main:
+            atomic_save_safetensors(path, {k: v.contiguous() for k, v in result.items()})
+            atomic_write_json(meta, {"key": key, "name": name})
+        return result
+
+    def member_set(self, member: Member) -> Dict[str, Tensor]:
+        """Norms [n] and tables [n, G] of the fit images attacked as `member` says."""
+        def batch(a: int, b: int) -> Dict[str, Tensor]:
+            x, y = self.fit_x[a:a + b], self.fit_y[a:a + b]
+            return self.measure(self.attack(member, x, y, a), y, member.name, a)
+        key = self.key("member", {"name": member.name, "spec": to_dict(member.spec),
+                                  "reweight": [type(member.reweight).__name__, member.reweight.config()]})
+        return self.cached(member.name, key, lambda: self.sharded(batch, self.fit_x.shape[0]))
+
+    def clean_set(self) -> Dict[str, Tensor]:
+        """Norms and tables of the clean fit images, and norms of their noisy copies."""
+        std = self.cfg.noise_std
+
+        def batch(a: int, b: int) -> Dict[str, Tensor]:
+            x, y = self.fit_x[a:a + b], self.fit_y[a:a + b]
+            res = self.measure(x, y, "clean", a)
+            seeds = self._sample_seeds("noise", a, b)
+            z = torch.cat([torch.randn((1, *x.shape[1:]), generator=torch.Generator().manual_seed(int(s)))
+                           for s in seeds]).to(x)
+            noisy = (x + std * z).clamp(0.0, 1.0)  # a noisy image: pixels stay images
+            with torch.no_grad():
+                res["noisy_norm"] = self.defense.scorer(noisy, seeds=mix_seeds(seeds, 0)).float().cpu()
+            return res
+        return self.cached("clean", self.key("clean", {"noise_std": std}),
+                           lambda: self.sharded(batch, self.fit_x.shape[0]))
+
+    def verify(self, name: str, reweight: Any) -> Dict[str, Any]:
+        """Clean and attacked accuracy of the defense with `reweight` on the held-out images:
+        {"clean": metrics, attack name: metrics} (expected, worst-of-draws, intervals)."""
+        m, n = self.cfg.verify_draws, self.hold_x.shape[0]
+        d = self.defense.replace(reweight=reweight)
+        out: Dict[str, Any] = {}
+        for spec in [None] + list(self.cfg.attacks):
+            label = "clean" if spec is None else spec.name
+            tag = f"verify/{name}/{label}"
+
+            def batch(a: int, b: int, spec=spec, tag=tag) -> Dict[str, Tensor]:
+                x, y = self.hold_x[a:a + b], self.hold_y[a:a + b]
+                if spec is not None:
+                    x = self.attack(Member(tag, spec, reweight), x, y, a)
+                seeds = self._sample_seeds(tag, a, b)
+                with torch.no_grad():
+                    right = torch.stack([d(x, seeds=mix_seeds(seeds, 100 + k)).argmax(1) == y for k in range(m)], 1)
+                return {"correct": right.cpu()}
+            key = self.key("verify", {"label": label, "spec": None if spec is None else to_dict(spec),
+                                      "reweight": [type(reweight).__name__, reweight.config()], "draws": m})
+            res = self.cached(tag.replace("/", "_"), key, lambda: self.sharded(batch, n))
+            out[label] = draw_accuracy(res["correct"].bool())
+        return out
+
+    def broadcast_curve(self, fit: Callable[[], Tuple[LearnedReweight, Dict[str, Any]]]):
+        """Rank 0 fits; every rank gets its curve (and info) or the error."""
+        payload, error = None, None
+        if self.dist.is_main:
             try:
-                result = _fit(cfg, defense, [batches[a] for a in sorted(batches)], labels.shape[0])
-            except BaseException as e:  # tell the waiting ranks before raising here
+                curve, info = fit()
+                payload = (curve.config(), info)
+            except Exception as e:
+                if self.dist.world_size == 1:
+                    raise
                 error = f"{type(e).__name__}: {e}"
-                dist.all_gather_object(error)
-                raise
-        # the other ranks wait here until rank 0 has written, and learn whether it succeeded
-        error = dist.all_gather_object(error)[0]
-    finally:
-        dist.close()
-    if error is not None:
-        raise RuntimeError(f"fit-reweight failed on rank 0: {error}")
-    if not dist.is_main:
-        out = Path(cfg.output)
-        result = {"reweight": str(out / "reweight.json"), "plot": str(out / "reweight.png"), "rank": dist.rank}
-    return result
+        if self.dist.world_size > 1:
+            payload, error = self.dist.all_gather_object((payload, error))[0]
+        if error is not None:
+            raise RuntimeError(f"fit-reweight failed on rank 0: {error}")
+        config, info = payload
+        return LearnedReweight(**config).to(self.dist.device).requires_grad_(False), info
 
 
-def _training_images(cfg: FitReweightConfig, device: torch.device):
-    """The `count` clean training images the fit uses (a seeded subset, in index order) and labels."""
+def training_images(cfg: FitReweightConfig, device: torch.device) -> Tuple[Tensor, Tensor]:
+    """`count` clean training images (a seeded subset, in index order) and their labels."""
     ds = build_dataset(cfg.data, "train")  # clean training data only
-    n = min(cfg.count, len(ds))
+    if len(ds) < cfg.count:
+        raise ConfigError(f"count={cfg.count}, but the training split of {cfg.data.name!r} has {len(ds)} "
+                          f"images; set count <= {len(ds)}")
     g = torch.Generator().manual_seed(cfg.seed)
-    idx = torch.sort(torch.randperm(len(ds), generator=g)[:n]).values
+    idx = torch.randperm(len(ds), generator=g)[:cfg.count]  # random, so the held-out part is too
     return ds.images[idx].to(device), ds.labels[idx].to(device)
 
 
-def _oracle_batches(defense: RobustClassifier, images: torch.Tensor, labels: torch.Tensor,
-                    cfg: FitReweightConfig, rank: int, world: int) -> Dict[int, Dict[str, Any]]:
-    """Perturbed copies, score norms and oracle t* of this rank's batches (every world-th, `shard_starts`):
-    {first index: {kind: {"norm": [b], "t": [b], "correct": [b] (at t = 0)}}} (CPU tensors); per-sample seeds,
-    so the results do not depend on the batching or the number of ranks."""
-    from tqdm.auto import tqdm
-
-    n, bs = images.shape[0], cfg.batch_size
-    purify = lambda xb, tb, seeds: defense.purifier(xb, tb, seeds=seeds)  # noqa: E731
-    out: Dict[int, Dict[str, Any]] = {}
-    for a in tqdm(shard_starts(n, bs, rank, world), disable=not (cfg.progress and rank == 0), desc="oracle t*"):
-        xb, yb = images[a:a + bs], labels[a:a + bs]
-        sets = make_perturbed(defense.classify, xb, yb, cfg, first=a)
-        res: Dict[str, Any] = {}
-        with torch.no_grad():
-            for k, (kind, x) in enumerate(sets.items()):
-                s = defense.scorer(x, seeds=block_seeds(cfg.seed + NORMS_STREAM + k, a, x.shape[0])).float().cpu()
-                o = oracle_t_star(purify, defense.classify, x, yb, cfg.t_grid, block_seeds(k + 1, a, x.shape[0]),
-                                  cfg.draws, cfg.batch_size)
-                res[kind] = {"norm": s, "t": o["t"].cpu(), "correct": o["correct"][:, 0].cpu()}
-        out[a] = res
-    return out
+def _stack(sets: List[Dict[str, Tensor]]) -> Tuple[Tensor, Tensor]:
+    """Norms [n, J] and tables [n, J, G] of J attacked sets."""
+    return torch.stack([s["norm"] for s in sets], 1), torch.stack([s["table"] for s in sets], 1)
 
 
-def _fit(cfg: FitReweightConfig, defense: RobustClassifier, batches: List[Dict[str, Any]], n: int) -> Dict[str, Any]:
-    """Fit and write (rank 0) from every batch's oracle results, in sample order."""
-    kinds_order = list(batches[0]) if batches else []
-    norms = [torch.cat([b[kind]["norm"] for b in batches]) for kind in kinds_order]
-    oracle = [torch.cat([b[kind]["t"] for b in batches]) for kind in kinds_order]
-    bare_acc = {kind: float(torch.cat([b[kind]["correct"] for b in batches]).mean()) for kind in kinds_order}
-    kinds = [kind for kind in kinds_order for _ in range(n)]
-    s_all, t_all = torch.cat(norms), torch.cat(oracle)
-    # the curve must be able to reach the largest oracle value on the grid
-    fit_cfg = dataclasses.replace(cfg.fit, t_max=max(cfg.fit.t_max, max(cfg.t_grid)))
-    curve, info = fit_learned(s_all, t_all, fit_cfg)
-    out = Path(cfg.output)
+@command("fit-reweight", FitReweightConfig,
+         "learn a monotone reweight against attacks through the defense (clean training images only)")
+def run_fit_reweight(cfg: FitReweightConfig) -> Dict[str, Any]:
+    """Fit the learned reweight; writes reweight.json, reweight.png and report.md (rank 0)."""
+    check_fit_config(cfg)
+    dist = DistContext.from_env(cfg.device)
+    try:
+        return _run(cfg, dist)
+    finally:
+        dist.close()
+
+
+def _run(cfg: FitReweightConfig, dist: DistContext) -> Dict[str, Any]:
+    fit = Fit(cfg, dist)
+    out = fit.out
+    clean = fit.clean_set()
+    first = cfg.attacks[0]
+    members = [Member(f"round0-{first.name}-t{t:g}", first, ConstantReweight(t_base=t)) for t in cfg.start_t]
+    sets = [fit.member_set(m) for m in members]
+    curve, info, rounds = None, {}, []
+    for r in range(cfg.alternations + 1):
+        if r > 0:  # the attacker answers the current curve
+            new = [Member(f"round{r}-{a.name}", a, curve) for a in cfg.attacks]
+            members += new
+            sets += [fit.member_set(m) for m in new]
+        adv_s, adv_t = _stack(sets)
+        curve, info = fit.broadcast_curve(lambda: fit_robust(fit.grid, clean["norm"], clean["table"], adv_s, adv_t,
+                                                             cfg.fit, init=curve, seed=cfg.seed + r))
+        rounds.append({"round": r, "attacked_sets": [m.name for m in members], **info})
+    compare = {c.name: build_reweight(c.reweight.name, fit.defense.calibration, **c.reweight.kwargs)
+               for c in cfg.compare}
+    on_tables = {name: table_scores(rw, fit.grid, clean["norm"], clean["table"], adv_s, adv_t)
+                 for name, rw in {"learned": curve, **compare}.items()}
+    heldout = {}
+    if cfg.verify_draws > 0 and fit.hold_x.shape[0] > 0:
+        heldout = {name: fit.verify(name, rw) for name, rw in {"learned": curve, **compare}.items()}
+    if not dist.is_main:
+        return {"reweight": str(out / "reweight.json"), "plot": str(out / "reweight.png"), "rank": dist.rank,
+                "computed": fit.computed}
+    budgets = {a.name: attack_budget(a, make_attack(a), fit.defense) for a in cfg.attacks}
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
-    per_kind = {}
-    with torch.no_grad():
-        pred = curve(s_all, smooth=False)
-    for k, kind in enumerate(kinds_order):
-        sl = slice(k * n, (k + 1) * n)
-        ok = torch.isfinite(t_all[sl])
-        per_kind[kind] = {"mean_norm": float(norms[k].mean()),
-                          "reachable": float(ok.float().mean()),
-                          "mean_oracle_t": float(t_all[sl][ok].mean()) if ok.any() else None,
-                          "mean_fitted_t": float(pred[sl].mean()),
-                          "bare_accuracy": bare_acc[kind]}
-    path = curve.save(out / "reweight.json", extra={"fit": info, "per_kind": per_kind,
-                                                    "t_grid": list(cfg.t_grid)})
-    atomic_write_json(out / "oracle.json", {"kinds": kinds, "norms": s_all.tolist(),
-                                            "oracle_t": [None if not torch.isfinite(v) else
-                                                         float(v) for v in t_all]})
-    perturbed = {kind: norms[k] for k, kind in enumerate(kinds_order) if kind != "clean"}
-    ok = torch.isfinite(t_all)
-    recipe_curve = f"recipe ({type(defense.reweight).__name__})"
-    png = plot_reweight({"learned": curve, recipe_curve: defense.reweight},
-                        out / "reweight.png", clean=norms[0], perturbed=perturbed, points=(s_all[ok], t_all[ok]),
-                        title="learned reweight: oracle t* of clean / noisy / PGD training copies")
-    return {"reweight": str(path), "plot": str(png), "fit": info, "per_kind": per_kind}
+    path = curve.save(out / "reweight.json", extra={
+        "trained_against": budgets, "objective": f"robust + {cfg.fit.clean_weight:g} * clean",
+        "fit": info, "rounds": rounds, "on_fit_tables": on_tables, "heldout": heldout,
+        "t_grid": list(cfg.t_grid), "start_t": list(cfg.start_t)})
+    png = _plot(fit, curve, compare, clean, members, sets, out / "reweight.png")
+    report = _report(cfg, budgets, rounds, on_tables, heldout, fit)
+    atomic_write_text(out / "report.md", report)
+    if cfg.progress:
+        print(report, flush=True)
+    return {"reweight": str(path), "plot": str(png), "report": str(out / "report.md"),
+            "clean_weight": cfg.fit.clean_weight, "computed": fit.computed}
+
+
+def _plot(fit: Fit, curve, compare, clean, members: List[Member], sets, path: Path) -> Path:
+    """The curves over histograms of clean, noisy and attacked-through-defense score norms."""
+    perturbed = {f"noise {fit.cfg.noise_std:g}": clean["noisy_norm"]}
+    round0 = [k for k, m in enumerate(members) if m.name.startswith("round0-")]
+    mid = min(round0, key=lambda k: abs(members[k].reweight.t_base - 0.1))  # DBP closest to t* = 0.1
+    perturbed[f"attacked through DBP t*={members[mid].reweight.t_base:g}"] = sets[mid]["norm"]
+    last = max(int(m.name.split("-")[0][5:]) for m in members)
+    for k, m in enumerate(members):
+        if last > 0 and m.name.startswith(f"round{last}-"):
+            perturbed[f"attacked through the curve ({m.spec.name})"] = sets[k]["norm"]
+    return plot_reweight({"learned": curve, **compare}, path, clean=clean["norm"], perturbed=perturbed,
+                         title="learned reweight (fitted against attacks through the defense)")
+
+
+def _pct(m: Dict[str, Any], key: str) -> str:
+    lo, hi = m[f"{key}_ci"]
+    return f"{100 * m[key]:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+
+def _report(cfg: FitReweightConfig, budgets: Dict[str, str], rounds, on_tables, heldout, fit: Fit) -> str:
+    """report.md: the threat model, the rounds, the curves on the fit tables and on held-out images."""
+    lines = ["# Learned reweight", "",
+             f"Fitted on {fit.fit_x.shape[0]} clean training images (and attacked copies of them); "
+             f"{fit.hold_x.shape[0]} more are held out. Objective: robust + {cfg.fit.clean_weight:g} x clean "
+             "(robust: an image counts as far as it survives every attacked copy).", "",
+             "Trained against:", ""]
+    lines += [f"- {name}: {b}" for name, b in budgets.items()]
+    lines += [f"- round 0: {cfg.attacks[0].name} through DBP at t* = {', '.join(f'{t:g}' for t in cfg.start_t)}",
+              "", "| round | attacked sets | clean (tables) | robust (tables) |", "|---|---|---|---|"]
+    lines += [f"| {r['round']} | {len(r['attacked_sets'])} | {100 * r['clean']:.1f} | {100 * r['robust']:.1f} |"
+              for r in rounds]
+    lines += ["", "On the fit images' tables (accuracy at each curve's t*, worst over every attacked set):", "",
+              "| reweight | clean | robust | mean t* clean | mean t* attacked |", "|---|---|---|---|---|"]
+    lines += [f"| {n} | {100 * v['clean']:.1f} | {100 * v['robust']:.1f} | {v['mean_t_clean']:.3f} | "
+              f"{v['mean_t_attacked']:.3f} |" for n, v in on_tables.items()]
+    if heldout:
+        labels = list(next(iter(heldout.values())))
+        lines += ["", f"Held-out images ({fit.hold_x.shape[0]}), each attack run through each defense, "
+                  f"{cfg.verify_draws} draws: expected / worst-of-{cfg.verify_draws} accuracy % [95% interval]:", "",
+                  "| reweight | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+        for n, res in heldout.items():
+            lines.append(f"| {n} | " + " | ".join(f"{_pct(res[a], 'expected')} / {_pct(res[a], 'worst_of_n')}"
+                                                  for a in labels) + " |")
+    return "\n".join(lines) + "\n"
+

@@ -10,80 +10,36 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from ..attacks import ATTACKS, EOT, per_step
 from ..config import ConfigError, load_config, to_dict
 from ..data import DataConfig, build_dataset
-from ..defense import VIEWS, DefenseConfig, build_defense, fixed_view
+from ..defense import DefenseConfig, build_defense, fixed_view
 from ..device import resolve_device
 from ..io import atomic_save_safetensors, atomic_write_json, atomic_write_text
 from ..models import weights_fingerprint
-from ..registry import UnknownNameError
-from ..scoring import ReweightConfig, build_reweight
+from ..scoring import build_reweight
 from ..seeding import derive_seed
 from ..training.dist import DistContext
 from .checks import epsilon_checks, gradient_check, randomness_check
 from .metrics import draw_accuracy, majority_vote_accuracy, wilson_interval, worst_case
 from .report import markdown_table, plot_accuracy_vs_eps, plot_histograms
+from .specs import (
+    NEW_ATTACK_FIELDS,
+    AttackSpec,
+    DefenseSpec,
+    attack_budget,
+    attacked_defense,
+    check_attacks,
+    expand_attacks,
+    make_attack,
+    purifier_label,
+)
 from .state import EvalState, config_fingerprint, slug
 
-
-@dataclass
-class DefenseSpec:
-    """One row group: a label and its reweight (null reweight = the undefended classifier)."""
-
-    name: str = "ssni-n"
-    reweight: Optional[ReweightConfig] = None  # {name: sigmoid, kwargs: {...}}; null: no defense
-
-
-@dataclass
-class AttackSpec:
-    """One attack: a registered attack, its settings, EOT samples and the view it attacks."""
-
-    name: str = "pgd-eot"
-    attack: str = "pgd"
-    kwargs: Dict[str, Any] = field(default_factory=dict)
-    eot: int = 1
-    view: str = "full"  # full | adaptive | bpda | bare (transfer)
-    # attack the defense itself (its own purifier, full gradients) with the seeds it uses for draw 0
-    fixed_seeds: bool = False
-    only_sample_specific: bool = False  # skip defenses whose t* does not depend on x
-    selective: bool = False  # EOT over the draws that still resist only (DiffHammer)
-    preset: Optional[str] = None  # rand: AutoAttack's rand version, APGD-CE + APGD-DLR with EOT 20
-    # what the full / adaptive / bpda views differentiate: the defense's own purifier, or (an explicit,
-    # cheaper choice) the defense recipe's attack_purifier; every report line names the one used
-    purifier: str = "defense"  # defense | surrogate
-    per_step: bool = False  # the loss at every reverse step of the purification (DiffAttack style)
-
-
-# preset -> (label suffix, loss) of the APGD runs it expands into
-PRESETS: Dict[str, List[tuple]] = {"rand": [("apgd-ce", "ce"), ("apgd-dlr", "dlr")]}
-# left out of the fingerprint at their defaults
-NEW_ATTACK_FIELDS = {"selective": False, "preset": None, "fixed_seeds": False, "per_step": False}
-ATTACK_PURIFIERS = ("defense", "surrogate")
 # with more draws than this, rows also give worst-of-this-many (over the first draws) beside worst-of-all
 WORST_OF_FEW = 4
-
-
-def expand_attacks(attacks: List[AttackSpec]) -> tuple:
-    """Presets expanded into plain specs -> (specs, {preset label: [its expanded labels]})."""
-    out, groups = [], {}
-    for i, a in enumerate(attacks):
-        if a.preset is None:
-            out.append(a)
-            continue
-        if a.preset not in PRESETS:
-            raise ConfigError(f"attacks[{i}] ({a.name!r}): unknown preset {a.preset!r}; valid choices: "
-                              f"{', '.join(sorted(PRESETS))}")
-        groups[a.name] = []
-        for suffix, loss in PRESETS[a.preset]:
-            label = f"{a.name}-{suffix}"
-            # AutoAttack's rand version: 100 APGD steps, EOT 20 (eot > 1 in the spec overrides it)
-            out.append(AttackSpec(name=label, attack="apgd", kwargs={"steps": 100, **a.kwargs, "loss": loss},
-                                  eot=a.eot if a.eot > 1 else 20, view=a.view,
-                                  only_sample_specific=a.only_sample_specific, selective=a.selective,
-                                  fixed_seeds=a.fixed_seeds, purifier=a.purifier, per_step=a.per_step))
-            groups[a.name].append(label)
-    return out, groups
+# re-exported: recipes' and tools' names for these stay ssni.evaluate.runner.*
+__all__ = ["AttackSpec", "DefenseSpec", "EvaluateConfig", "SweepConfig", "Evaluation", "expand_attacks",
+           "purifier_label", "BoundSeeds", "WORST_OF_FEW"]
 
 
 @dataclass
@@ -144,20 +100,11 @@ def check_config(cfg: EvaluateConfig) -> None:
         raise ConfigError(f"attack labels must be unique, got {labels}")
     labels = [a.name for a in attacks]
     for i, a in enumerate(attacks):
-        where = f"attacks[{i}] ({a.name!r})"
         if a.name in ("clean", "worst-case"):  # <defense>/clean is the clean cell; worst-case a summary row
-            raise ConfigError(f"{where}: the label {a.name!r} is reserved for "
+            raise ConfigError(f"attacks[{i}] ({a.name!r}): the label {a.name!r} is reserved for "
                               f"{'clean accuracy' if a.name == 'clean' else 'the worst over attacks'}; "
                               "rename the attack")
-        for registry, value in ((ATTACKS, a.attack), (VIEWS, a.view)):
-            if value not in registry:
-                raise UnknownNameError(f"{where}: unknown {registry.kind} {value!r}; valid choices: "
-                                       f"{', '.join(registry.names())}")
-        if a.eot < 1:
-            raise ConfigError(f"{where}: eot must be >= 1 (gradient samples per step), got {a.eot}")
-        if a.purifier not in ATTACK_PURIFIERS:
-            raise ConfigError(f"{where}: purifier must be one of {', '.join(ATTACK_PURIFIERS)} (the defense's "
-                              f"own, or the defense recipe's attack_purifier), got {a.purifier!r}")
+    check_attacks(attacks)
     sw = cfg.sweep
     if sw.attack is not None:
         if sw.attack not in labels:
@@ -196,15 +143,6 @@ class BoundSeeds(nn.Module):
         if x.shape[0] % b:
             raise ValueError(f"fixed seeds: {x.shape[0]} inputs are not copies of the {b} seeded samples")
         return self.seeds.repeat(x.shape[0] // b)
-
-
-def purifier_label(purifier: nn.Module) -> str:
-    """A purifier in a few words, e.g. 'ddpm(steps=20, clip=True)' or 'diffpure(dt=0.001)' (t*/dt steps)."""
-    sampler = getattr(purifier, "sampler", None)
-    if sampler is None:
-        return type(purifier).__name__
-    opts = ", ".join(f"{k}={v}" for k, v in sampler.options().items() if v is not None)
-    return f"{getattr(purifier, 'sampler_name', type(sampler).__name__)}({opts})"
 
 
 def _maj(cell: Dict[str, Any]) -> tuple:
@@ -314,46 +252,20 @@ class Evaluation:
         return out
 
     def _make_attack(self, spec: AttackSpec, eps: Optional[float] = None):
-        kwargs = dict(spec.kwargs)
-        if eps is not None:
-            own = kwargs.get("eps")
-            if self.cfg.sweep.scale_step and own and "step_size" in kwargs:
-                kwargs["step_size"] = float(kwargs["step_size"]) * float(eps) / float(own)
-            kwargs["eps"] = eps
-        if spec.attack == "transfer":
-            kwargs["source"] = self.bare
-        attack = ATTACKS.create(spec.attack, **kwargs)
-        if spec.per_step:  # under EOT, so every copy ascends its own loss at every reverse step
-            attack = per_step(attack)
         dist = self.dist if self.cfg.eot_across_ranks else None  # copies split across ranks (one rank: ignored)
-        return EOT(attack, spec.eot, selective=spec.selective, dist=dist) if spec.eot > 1 or spec.selective else attack
+        return make_attack(spec, eps, scale_step=self.cfg.sweep.scale_step, source=self.bare, dist=dist)
 
     def _attacked(self, model: Optional[nn.Module], spec: AttackSpec) -> Optional[nn.Module]:
         """The defense as `spec` attacks it: through its own purifier, or the recipe's surrogate."""
         if model is None or spec.purifier == "surrogate" or model.attack_purifier is model.purifier:
             return model
-        if id(model) not in self._own:  # shares every network; only the purifier the views use differs
-            self._own[id(model)] = model.replace(attack_purifier=model.purifier)
+        if id(model) not in self._own:  # built once per defense
+            self._own[id(model)] = attacked_defense(model, spec)
         return self._own[id(model)]
 
     def budget(self, spec: AttackSpec, attack) -> str:
         """One line saying what the attack spent and what it differentiated, for every report line."""
-        d = attack.describe()
-        parts = [f"{spec.attack} {d.get('loss', '')}".strip()]
-        if d.get("steps") is not None:
-            parts.append(f"{d['steps']} it")
-        parts.append(f"EOT {spec.eot}{' selective' if spec.selective else ''}")
-        if spec.per_step:
-            parts.append("loss at every step")
-        if spec.view == "bare" or spec.attack == "transfer":
-            parts.append("no purifier (bare classifier)")
-        elif spec.fixed_seeds:
-            parts.append(f"own purifier {purifier_label(self.base.purifier)}, fixed seeds")
-        else:
-            p = self.base.attack_purifier if spec.purifier == "surrogate" else self.base.purifier
-            how = {"bpda": "BPDA (identity backward) through", "adaptive": "through score norm, t*(x) and"}
-            parts.append(f"{how.get(spec.view, 'through')} {spec.purifier} purifier {purifier_label(p)}")
-        return ", ".join(parts)
+        return attack_budget(spec, attack, self.base)
 
     def _targets(self, y: Tensor, cell: str, bi: int) -> Tensor:
         """Target labels [B] of a targeted attack: a seeded class other than y, per sample."""

@@ -1,10 +1,17 @@
-"""Learning the reweight: self-made perturbations, oracle t* per sample, and the monotone fit.
+"""Learning the reweight against attacks: accuracy tables over a grid of noise levels, and the fit.
 
-The fit uses clean training images only. Its caller perturbs them (random noise at several
-strengths, Linf PGD against the bare classifier: `ssni fit-reweight`); this module finds for each
-perturbed copy the smallest t* on a grid at which purification keeps the classifier right (the oracle t*), and fits a
-`LearnedReweight` to (score norm, oracle t*) pairs with an asymmetric squared loss in which
-under-noising (predicting t* below the oracle) costs `under_cost` times more than over-noising.
+`ssni fit-reweight` attacks clean training images through the defense (at several constant t*, then
+through the current learned curve) and measures, for every clean and attacked copy, its score norm
+and how often purification at each grid t keeps the classifier right (`oracle_t_star`'s `correct`
+table). This module fits a monotone `LearnedReweight` to those tables: it maximises
+
+    robust(c) + clean_weight * clean(c)
+
+where clean(c) is the mean over images of the accuracy of the clean copy at t = c(s_clean), and
+robust(c) the mean over images of the (soft) minimum over the attacks of the attacked copy's
+accuracy at t = c(s_attacked): an image counts only as far as it survives every attack it was
+tried with. Accuracy between grid points is interpolated linearly in t, so the objective has a
+gradient with respect to the curve's heights.
 """
 from __future__ import annotations
 
@@ -16,12 +23,6 @@ from torch import Tensor
 
 from ..seeding import draw_seeds_of
 from .reweight import LearnedReweight
-
-
-def gaussian_noise(x: Tensor, std: float, generator: Optional[torch.Generator] = None) -> Tensor:
-    """x + N(0, std^2), clamped to [0,1]; x [B,C,H,W] -> [B,C,H,W]."""
-    z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return (x + std * z).clamp(0.0, 1.0)
 
 
 # -- oracle t* ---------------------------------------------------------------------------------
@@ -67,24 +68,133 @@ def oracle_t_star(purify: Callable[..., Tensor], classify: Callable[[Tensor], Te
     return {"t": t, "correct": frac, "reachable": reachable}
 
 
-# -- the monotone fit --------------------------------------------------------------------------
+# -- the fit against attacks ------------------------------------------------------------------
 @dataclass
-class LearnedFitConfig:
-    """How the monotone curve is fitted to (score norm, oracle t*) pairs."""
+class RobustFitConfig:
+    """How the monotone curve is fitted to accuracy tables (the objective's trade-off included)."""
 
     knots: int = 12
-    under_cost: float = 4.0  # under-noising costs this many times more than over-noising
-    steps: int = 1500
-    lr: float = 0.05
+    # one point of clean accuracy is worth this many points of robust accuracy (the trade-off)
+    clean_weight: float = 2.0
+    # temperature of the soft minimum over attacks, in accuracy units (0: the hard minimum)
+    softmin: float = 0.05
+    steps: int = 400
+    lr: float = 0.1
+    restarts: int = 4  # random initialisations besides the warm start; the best objective wins
     t_min: float = 0.0
     t_max: float = 0.3
     smooth_width: float = 0.05
 
 
-def asymmetric_loss(pred: Tensor, target: Tensor, under_cost: float) -> Tensor:
-    """Per-sample asymmetric squared error: under_cost * (target - pred)^2 where pred < target."""
-    d = target - pred
-    return torch.where(d > 0, under_cost * d * d, d * d)
+def interpolate_accuracy(table: Tensor, grid: Tensor, t: Tensor) -> Tensor:
+    """Accuracy at noise levels t, linear in t between grid points (differentiable in t);
+    table [..., G], grid [G] increasing, t [...] inside [grid[0], grid[-1]] -> [...]."""
+    g = grid.to(t)
+    if bool((t < g[0] - 1e-6).any()) or bool((t > g[-1] + 1e-6).any()):
+        raise ValueError(f"noise levels must lie inside the accuracy grid [{float(g[0])}, {float(g[-1])}], got "
+                         f"[{float(t.min())}, {float(t.max())}]")
+    i = (torch.searchsorted(g, t.detach().contiguous(), right=True) - 1).clamp(0, g.numel() - 2)
+    lo, hi = g[i], g[i + 1]
+    w = ((t - lo) / (hi - lo)).clamp(0.0, 1.0)
+    a = table.to(t).gather(-1, i[..., None])[..., 0]
+    b = table.to(t).gather(-1, (i + 1)[..., None])[..., 0]
+    return a + w * (b - a)
+
+
+def soft_minimum(v: Tensor, temperature: float, dim: int = -1) -> Tensor:
+    """Soft minimum over `dim`, -T logsumexp(-v/T), within T log J below the hard minimum (the hard
+    minimum at T = 0); [..., J] -> [...]."""
+    if temperature <= 0:
+        return v.min(dim).values
+    return -temperature * torch.logsumexp(-v / temperature, dim)
+
+
+def table_scores(curve: Callable[..., Tensor], grid: Tensor, clean_s: Tensor, clean_acc: Tensor,
+                 adv_s: Tensor, adv_acc: Tensor) -> Dict[str, float]:
+    """Clean and robust (worst over attacks) accuracy a reweight gets on the tables, with its hard
+    (rounded) t*; clean_s [N], clean_acc [N,G], adv_s [N,J], adv_acc [N,J,G]."""
+    with torch.no_grad():
+        n, j = adv_s.shape
+        t_clean = curve(clean_s.float(), smooth=False).clamp(float(grid[0]), float(grid[-1]))
+        t_adv = curve(adv_s.reshape(-1).float(), smooth=False).clamp(float(grid[0]), float(grid[-1])).view(n, j)
+        clean = interpolate_accuracy(clean_acc, grid, t_clean)
+        robust = interpolate_accuracy(adv_acc, grid, t_adv).min(1).values
+    return {"clean": float(clean.mean()), "robust": float(robust.mean()),
+            "mean_t_clean": float(t_clean.mean()), "mean_t_attacked": float(t_adv.mean())}
+
+
+def _check_tables(grid: Tensor, clean_s: Tensor, clean_acc: Tensor, adv_s: Tensor, adv_acc: Tensor) -> None:
+    n, g = clean_acc.shape
+    if clean_s.shape != (n,) or adv_s.dim() != 2 or adv_s.shape[0] != n or adv_acc.shape != (*adv_s.shape, g) \
+            or grid.shape != (g,):
+        raise ValueError(f"accuracy tables do not fit together: clean_s {list(clean_s.shape)}, clean_acc "
+                         f"{list(clean_acc.shape)}, adv_s {list(adv_s.shape)}, adv_acc {list(adv_acc.shape)}, grid "
+                         f"{list(grid.shape)} (expected [N], [N,G], [N,J], [N,J,G], [G])")
+    if n < 1 or adv_s.shape[1] < 1:
+        raise ValueError(f"need at least one image and one attack to fit, got {n} images and {adv_s.shape[1]} attacks")
+    for name, v in (("clean_s", clean_s), ("adv_s", adv_s), ("clean_acc", clean_acc), ("adv_acc", adv_acc)):
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{name} has NaN/Inf entries")
+
+
+def fit_robust(grid: Sequence[float] | Tensor, clean_s: Tensor, clean_acc: Tensor, adv_s: Tensor,
+               adv_acc: Tensor, cfg: RobustFitConfig = RobustFitConfig(),
+               init: Optional[LearnedReweight] = None, seed: int = 0) -> tuple[LearnedReweight, Dict[str, float]]:
+    """Fit a LearnedReweight to accuracy tables: maximise robust + clean_weight * clean (module doc).
+
+    grid [G] (noise levels of the tables' columns), clean_s [N], clean_acc [N,G], adv_s [N,J],
+    adv_acc [N,J,G]. Knots at quantiles of all norms; full-batch Adam on the heights' logits from
+    `init` (when given, and its knots are kept) and from `restarts` random starts; returns the curve
+    with the best objective of its hard (rounded) t* and {"objective", "clean", "robust", ...}.
+    """
+    grid = torch.as_tensor(grid, dtype=torch.float32).flatten()
+    clean_s, clean_acc = clean_s.detach().float().cpu(), clean_acc.detach().float().cpu()
+    adv_s, adv_acc = adv_s.detach().float().cpu(), adv_acc.detach().float().cpu()
+    _check_tables(grid, clean_s, clean_acc, adv_s, adv_acc)
+    if not float(grid[0]) <= cfg.t_min <= cfg.t_max <= float(grid[-1]):
+        raise ValueError(f"the curve's range [t_min, t_max] = [{cfg.t_min}, {cfg.t_max}] must lie inside the "
+                         f"accuracy grid [{float(grid[0])}, {float(grid[-1])}]")
+    if cfg.clean_weight < 0:
+        raise ValueError(f"clean_weight must be >= 0, got {cfg.clean_weight}")
+    n, j = adv_s.shape
+    knots = init.knots.cpu() if init is not None else knot_positions(torch.cat([clean_s, adv_s.flatten()]), cfg.knots)
+    flat_adv = adv_s.reshape(-1)
+
+    def objective(curve: LearnedReweight, hard: bool) -> tuple[Tensor, Tensor, Tensor]:
+        if hard:
+            tc, ta = curve(clean_s, smooth=False), curve(flat_adv, smooth=False)
+        else:
+            tc, ta = curve.curve(clean_s, False), curve.curve(flat_adv, False)
+        clean = interpolate_accuracy(clean_acc, grid, tc)
+        per_attack = interpolate_accuracy(adv_acc, grid, ta.view(n, j))
+        robust = per_attack.min(1).values if hard else soft_minimum(per_attack, cfg.softmin)
+        return robust.mean() + cfg.clean_weight * clean.mean(), clean.mean(), per_attack.min(1).values.mean()
+
+    g = torch.Generator().manual_seed(seed)
+    starts = [] if init is None else [init.logits.detach().cpu().clone()]
+    starts += [torch.zeros(knots.numel() + 1)] + [torch.randn(knots.numel() + 1, generator=g)
+                                                   for _ in range(cfg.restarts)]
+    best = None
+    for k, logits in enumerate(starts):
+        curve = LearnedReweight(knots=knots.tolist(), logits=logits.tolist(), t_min=cfg.t_min, t_max=cfg.t_max,
+                                smooth_width=cfg.smooth_width)
+        opt = torch.optim.Adam(curve.parameters(), lr=cfg.lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.steps))
+        for _ in range(cfg.steps):
+            loss = -objective(curve, hard=False)[0]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        with torch.no_grad():
+            obj, clean, robust = objective(curve, hard=True)
+        if best is None or float(obj) > best[1]["objective"] + 1e-9:
+            best = (curve, {"objective": float(obj), "clean": float(clean), "robust": float(robust),
+                            "start": "warm" if (init is not None and k == 0) else f"start {k}"})
+    curve, info = best
+    curve.logits.requires_grad_(False)
+    info.update({"images": n, "attacks": j, "clean_weight": cfg.clean_weight})
+    return curve, info
 
 
 def knot_positions(s: Tensor, k: int) -> Tensor:
@@ -94,42 +204,3 @@ def knot_positions(s: Tensor, k: int) -> Tensor:
     if q.numel() < 2:
         q = torch.stack([q[0] - 1e-3, q[0] + 1e-3])
     return q
-
-
-def fit_learned(s: Tensor, t: Tensor, cfg: LearnedFitConfig = LearnedFitConfig(),
-                weights: Optional[Tensor] = None,
-                knots: Optional[Tensor] = None) -> tuple[LearnedReweight, Dict[str, float]]:
-    """Fit a LearnedReweight to norms s [N] and oracle t* [N] (NaN rows are dropped).
-
-    Full-batch Adam on the curve's logits; returns (reweight, {"loss", "count", ...}).
-    """
-    s, t = s.detach().float().cpu().flatten(), t.detach().float().cpu().flatten()
-    if s.shape != t.shape:
-        raise ValueError(f"norms and oracle t* must have the same length, got {s.numel()} and "
-                         f"{t.numel()}")
-    keep = torch.isfinite(s) & torch.isfinite(t)
-    w = torch.ones_like(s) if weights is None else weights.detach().float().cpu().flatten()
-    s, t, w = s[keep], t[keep].clamp(cfg.t_min, cfg.t_max), w[keep]
-    if s.numel() < 2:
-        raise ValueError(f"need at least 2 usable (norm, oracle t*) pairs, got {s.numel()}")
-    kn = knot_positions(s, cfg.knots) if knots is None else knots
-    curve = LearnedReweight(knots=kn.tolist(), t_min=cfg.t_min, t_max=cfg.t_max,
-                            smooth_width=cfg.smooth_width)
-    opt = torch.optim.Adam(curve.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.steps))
-    w = w / w.sum()
-    for _ in range(cfg.steps):
-        pred = curve.curve(s, smooth=False)
-        loss = (asymmetric_loss(pred, t, cfg.under_cost) * w).sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    with torch.no_grad():
-        pred = curve(s, smooth=False)
-        info = {"loss": float((asymmetric_loss(curve.curve(s, False), t, cfg.under_cost) * w).sum()),
-                "count": int(s.numel()), "dropped": int((~keep).sum()),
-                "under_rate": float((pred < t - 1e-6).float().mean()),
-                "mean_excess": float((pred - t).clamp(min=0).mean())}
-    curve.logits.requires_grad_(False)
-    return curve, info
