@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -185,8 +186,6 @@ def test_study_end_to_end_and_resume(study, tmp_path):
 
     # a run killed after step 2 resumes: only the missing step is trained, to the same weights
     run_dir = Path(res["runs"]["small"]["ts_far"]["run_dir"])
-    import shutil
-
     shutil.rmtree(run_dir / "checkpoints" / "step_00000003")
     (run_dir / "summary.json").unlink()
     (run_dir / "checkpoints" / "latest.json").write_text(json.dumps({"step": 2, "dir": "step_00000002"}))

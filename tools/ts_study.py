@@ -57,7 +57,7 @@ BASELINE = "gaussian"
 # The TS default of this study: ssni's TypicalSetNoise defaults, written out in full so that the
 # study keeps its meaning if the sampler's defaults ever change. Our own choices (not the paper's).
 TS_DEFAULT: Dict[str, Any] = dict(off_shell_fraction=0.5, outer_range=[1.05, 1.30], inner_range=[0.75, 0.95],
-                                  inner_fraction=0.0, direction="isotropic")
+                                  inner_fraction=0.0, direction="isotropic", sign_block=1, lowfreq_factor=4)
 
 
 @dataclass(frozen=True)
@@ -373,8 +373,11 @@ def _mean_std(v: Sequence[float]) -> Dict[str, float]:
 
 
 def best_setting(diffs: Dict[str, Dict[str, Dict[str, float]]], metrics: List[str]) -> Dict[str, Any]:
-    """The setting with the largest mean gain under an attack whose interval lies above 0, among
-    settings whose clean-PSNR interval reaches 0 or above (no clean cost beyond the interval)."""
+    """The report's verdict from {setting: {metric: interval}} -> {setting, metric, per_metric, text}.
+
+    The winner has the largest mean gain under an attack whose interval lies above 0, among settings
+    whose clean-PSNR interval reaches 0 or above (no clean cost beyond the interval).
+    """
     cands = []
     for s, d in diffs.items():
         if s == BASELINE or d["clean"]["hi"] < 0:
@@ -466,8 +469,9 @@ def markdown(results: Dict[str, Any], command: str) -> str:
              f"Differences are PSNR(setting) - PSNR(gaussian) of the same architecture, with "
              f"{c['resamples']}-resample paired bootstrap 95% intervals over crops.", "",
              "## Settings", "",
-             "Radius ratios are relative to sigma*sqrt(d); a Gaussian patch of 40x40 has ratio 1 +- 0.018. "
-             "These values are our own choices; the TS paper's are not public.", "",
+             f"Radius ratios are relative to sigma*sqrt(d); a Gaussian {c['patch']}x{c['patch']} training patch has "
+             f"ratio 1 +- {1 / math.sqrt(2 * c['patch'] ** 2):.3f}. These values are our own choices; the TS "
+             "paper's are not public.", "",
              "| setting | off-shell fraction | outer radius | inner fraction (radius) | direction | what |",
              "|---|---|---|---|---|---|"]
     for s in c["settings"]:
@@ -476,9 +480,12 @@ def markdown(results: Dict[str, Any], command: str) -> str:
         if kw is None:
             lines.append(f"| {s} | 0 | - | - | - | {st.description} |")
         else:
+            inner = f"{kw['inner_fraction']:g}" + (f" (U({kw['inner_range'][0]:g}, {kw['inner_range'][1]:g}))"
+                                                  if kw["inner_fraction"] > 0 else "")
+            direction = {"sign": f"sign, block {kw['sign_block']}",
+                         "lowfreq": f"lowfreq, 1/{kw['lowfreq_factor']} resolution"}.get(kw["direction"], kw["direction"])
             lines.append(f"| {s} | {kw['off_shell_fraction']:g} | U({kw['outer_range'][0]:g}, {kw['outer_range'][1]:g}) | "
-                         f"{kw['inner_fraction']:g} (U({kw['inner_range'][0]:g}, {kw['inner_range'][1]:g})) | "
-                         f"{kw['direction']} | {st.description} |")
+                         f"{inner} | {direction} | {st.description} |")
     lines += ["", "## Verdict", "",
               "Rule: among settings whose clean-PSNR interval reaches 0 or above, the largest mean gain "
               "under an attack whose interval lies above 0. With about "

@@ -210,7 +210,7 @@ class TypicalSetNoise:
 
     def directions(self, shape: Sequence[int], generator: Optional[torch.Generator] = None,
                    device=None) -> Tensor:
-        """Unit directions [B, ...] of this sampler's non-isotropic family ("sign" or "lowfreq")."""
+        """Unit directions [B, ...] of this sampler's `direction` family (for its off-shell draws)."""
         if self.direction == "sign":
             return sign_directions(shape, self.sign_block, generator, device)
         if self.direction == "lowfreq":
