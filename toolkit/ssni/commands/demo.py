@@ -38,15 +38,17 @@ class DemoConfig:
     classifier_overrides: List[str] = field(default_factory=lambda: ["loop.steps=400"])
     calibrate_recipe: str = "recipes/calibrate/digits.yaml"
     calibrate_overrides: List[str] = field(  # 300 clean digits instead of all 1438
-        default_factory=lambda: ["count=300", "plot_noise_std=[0.1]"])
+        default_factory=lambda: ["count=300", "plot_noise_std=[0.1]", "score_norm.timesteps=5"])
     defense_recipe: str = "recipes/defense/digits.yaml"
-    # for fit-reweight and evaluate: a 5-step DDPM purifies (the defense and what attacks differentiate)
-    defense_overrides: List[str] = field(default_factory=lambda: ["purifier.sampler=ddpm", "purifier.steps=5"])
+    # for fit-reweight and evaluate, for time: a 5-step DDPM purifies (the defense and what attacks
+    # differentiate) and the score norm averages 5 time steps, not 20 (the calibration matches it)
+    defense_overrides: List[str] = field(default_factory=lambda: [
+        "purifier.sampler=ddpm", "purifier.steps=5", "score_norm.timesteps=5"])
     reweight_recipe: str = "recipes/reweight/digits.yaml"
-    # A smaller fit: 64 images, round 0 through DBP at t* 0.1 and 0.2, one alternation, against the
+    # A smaller fit: 64 images, round 0 through DBP at t* = 0.1, one alternation, against the
     # evaluation's attacks (6 iterations, EOT 2); no held-out check (the evaluation is that check).
     reweight_overrides: List[str] = field(default_factory=lambda: [
-        "count=64", "holdout=0", "start_t=[0.1, 0.2]", "attacks.0.kwargs.steps=6", "attacks.1.kwargs.steps=6"])
+        "count=64", "holdout=0", "start_t=[0.1]", "attacks.0.kwargs.steps=6", "attacks.1.kwargs.steps=6"])
     evaluate_recipe: str = "recipes/eval/digits_demo.yaml"
     evaluate_overrides: List[str] = field(default_factory=list)
     progress: bool = True
