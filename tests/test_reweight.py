@@ -186,6 +186,19 @@ def test_learned_save_load_roundtrip(tmp_path):
         LearnedReweight(path=str(tmp_path / "nothing.json"))
 
 
+def test_learned_json_of_earlier_versions_still_loads(tmp_path):
+    # the oracle-fit era wrote per_kind / oracle details beside the curve; the curve's fields are unchanged
+    old = {"name": "learned", "knots": [100.0, 200.0, 400.0], "logits": [0.0, 1.0, 0.0, -1.0], "t_min": 0.0,
+           "t_max": 0.3, "num_steps": 1000, "smooth_width": 0.05, "heights": [0.1, 0.2, 0.25],
+           "fit": {"loss": 0.01, "under_rate": 0.2}, "per_kind": {"clean": {"mean_norm": 120.0}},
+           "t_grid": [0.0, 0.1, 0.3]}
+    (tmp_path / "reweight.json").write_text(json.dumps(old))
+    curve = build_reweight("learned", path=str(tmp_path / "reweight.json"))
+    ref = LearnedReweight(knots=old["knots"], logits=old["logits"], t_max=0.3)
+    s = torch.linspace(50, 500, 31)
+    torch.testing.assert_close(curve(s), ref(s))
+
+
 def test_oracle_t_star_finds_smallest_good_level():
     # Toy purifier: moves x towards the class-0 prototype by t; classifier: x > 0.5 -> class 1.
     x = torch.tensor([0.55, 0.65, 0.75, 0.9, 0.3]).view(5, 1, 1, 1)
