@@ -214,18 +214,23 @@ class RobustClassifier(nn.Module):
             s = self.scorer(x, seeds=mix_seeds(seeds, 0))
         return self.reweight(s, smooth=smooth), s
 
-    def run(self, x: Tensor, seeds: Optional[Tensor] = None, attack: bool = False,
-            smooth: bool = False, grad: Optional[str] = None, vote: Optional[str] = None) -> Tensor:
-        """The full pipeline with explicit choices; x [B,C,H,W] in [0,1] -> logits [B,n]."""
+    def _members(self, x: Tensor, seeds: Optional[Tensor], smooth: bool) -> Tuple[Tensor, Tensor, Tensor]:
+        """What the purifier gets for the ensemble (shared by run and run_steps): the images, their t*(x)
+        and every member's seeds; x [B,C,H,W] -> ([K*B,C,H,W], [K*B], [K*B]); records last_t_star / norm."""
         check_images(x, self.score_model.input_shape, dtype=self.dtype)
         seeds = self._seeds(x, seeds)
         t, s = self.noise_levels(x, seeds, smooth=smooth)
         self.last_t_star, self.last_score_norm = t.detach(), s.detach()
-        k, b = self.ensemble, x.shape[0]
+        k = self.ensemble
         member_seeds = torch.cat([mix_seeds(seeds, 1 + i) for i in range(k)])
-        xk = x.repeat(k, 1, 1, 1) if k > 1 else x
-        tk = t.repeat(k) if k > 1 else t
+        return (x.repeat(k, 1, 1, 1) if k > 1 else x), (t.repeat(k) if k > 1 else t), member_seeds
+
+    def run(self, x: Tensor, seeds: Optional[Tensor] = None, attack: bool = False,
+            smooth: bool = False, grad: Optional[str] = None, vote: Optional[str] = None) -> Tensor:
+        """The full pipeline with explicit choices; x [B,C,H,W] in [0,1] -> logits [B,n]."""
         purifier = self.attack_purifier if attack else self.purifier
+        xk, tk, member_seeds = self._members(x, seeds, smooth)
+        k, b = self.ensemble, x.shape[0]
         xp = purifier(xk, tk, seeds=member_seeds, grad=grad)
         logits = self.classify(xp).reshape(k, b, -1)
         if k == 1:
@@ -241,18 +246,12 @@ class RobustClassifier(nn.Module):
         and vote as `run`; each step's classifier call is checkpointed while autograd records, so
         activation memory holds one classifier pass, not S.
         """
-        check_images(x, self.score_model.input_shape, dtype=self.dtype)
-        seeds = self._seeds(x, seeds)
         purifier = self.attack_purifier if attack else self.purifier
         if not callable(getattr(purifier, "trajectory", None)):
             raise TypeError(f"per-step logits need a purifier with trajectory() (ssni's Purifier), "
                             f"got {type(purifier).__name__}")
-        t, s = self.noise_levels(x, seeds, smooth=smooth)
-        self.last_t_star, self.last_score_norm = t.detach(), s.detach()
+        xk, tk, member_seeds = self._members(x, seeds, smooth)
         k, b = self.ensemble, x.shape[0]
-        member_seeds = torch.cat([mix_seeds(seeds, 1 + i) for i in range(k)])
-        xk = x.repeat(k, 1, 1, 1) if k > 1 else x
-        tk = t.repeat(k) if k > 1 else t
         states = purifier.trajectory(xk, tk, seeds=member_seeds, grad=grad)
         recompute = torch.is_grad_enabled() and any(st.requires_grad for st in states)
         out = []

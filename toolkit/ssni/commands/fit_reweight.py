@@ -36,6 +36,7 @@ from ..config import ConfigError, save_config, to_dict
 from ..data import DataConfig, build_dataset
 from ..defense import RobustClassifier
 from ..evaluate.metrics import draw_accuracy
+from ..evaluate.report import pct_ci
 from ..evaluate.specs import AttackSpec, DefenseSpec, attack_budget, attacked_defense, check_attacks, make_attack
 from ..evaluate.state import config_fingerprint, slug
 from ..io import atomic_save_safetensors, atomic_write_json, atomic_write_text, load_safetensors, read_json
@@ -149,6 +150,7 @@ class Fit:
         self.hold_x, self.hold_y = self.images[n_fit:], self.labels[n_fit:]
         self.grid = torch.tensor(cfg.t_grid, dtype=torch.float32)
         self.computed = 0  # sets computed (not reused from members/) by this run
+        self._attackers: Dict[str, Any] = {}  # member name -> (the view it attacks, its attack)
         d = self.defense
         self.inputs = {"score_model": weights_fingerprint(d.score_model),
                        "classifier": weights_fingerprint(d.classifier),
@@ -163,8 +165,8 @@ class Fit:
         """Score norms [b] and accuracy table [b, G] of images x [b,C,H,W] (samples first.. of set `tag`)."""
         seeds = self._sample_seeds(tag, first, x.shape[0])
         d = self.defense
-        with torch.no_grad():
-            s = d.scorer(x, seeds=mix_seeds(seeds, 0)).float().cpu()
+        with torch.no_grad():  # the norm the defense computes for these seeds
+            s = d.noise_levels(x, seeds)[1].float().cpu()
         purify = lambda xb, tb, seeds: d.purifier(xb, tb, seeds=seeds)  # noqa: E731
         table = oracle_t_star(purify, d.classify, x, y, self.cfg.t_grid, seeds, self.cfg.draws,
                               self.cfg.batch_size * 4)["correct"]
@@ -172,10 +174,12 @@ class Fit:
 
     def attack(self, member: Member, x: Tensor, y: Tensor, first: int) -> Tensor:
         """x_adv [b,C,H,W] of one batch: the member's attack through the defense with its reweight."""
-        d = attacked_defense(self.defense.replace(reweight=member.reweight), member.spec)
-        attack = make_attack(member.spec)
+        if member.name not in self._attackers:  # built once per member, not per batch
+            d = attacked_defense(self.defense.replace(reweight=member.reweight), member.spec)
+            self._attackers[member.name] = (d.view(member.spec.view), make_attack(member.spec))
+        view, attack = self._attackers[member.name]
         torch.manual_seed(derive_seed(self.cfg.seed, member.name, first))  # the view's randomness
-        return attack(d.view(member.spec.view), x, y, seed=derive_seed(self.cfg.seed, member.name, first, "start"))
+        return attack(view, x, y, seed=derive_seed(self.cfg.seed, member.name, first, "start"))
 
     def key(self, what: str, extra: Any) -> str:
         """Fingerprint of everything a saved set depends on."""
@@ -237,7 +241,7 @@ class Fit:
                            for s in seeds]).to(x)
             noisy = (x + std * z).clamp(0.0, 1.0)  # a noisy image: pixels stay images
             with torch.no_grad():
-                res["noisy_norm"] = self.defense.scorer(noisy, seeds=mix_seeds(seeds, 0)).float().cpu()
+                res["noisy_norm"] = self.defense.noise_levels(noisy, seeds)[1].float().cpu()
             return res
         return self.cached("clean", self.key("clean", {"noise_std": std}),
                            lambda: self.sharded(batch, self.fit_x.shape[0]))
@@ -371,8 +375,7 @@ def _plot(fit: Fit, curve, compare, clean, members: List[Member], sets, path: Pa
 
 
 def _pct(m: Dict[str, Any], key: str) -> str:
-    lo, hi = m[f"{key}_ci"]
-    return f"{100 * m[key]:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"
+    return pct_ci(m[key], m[f"{key}_ci"])
 
 
 def _report(cfg: FitReweightConfig, budgets: Dict[str, str], rounds, on_tables, heldout, fit: Fit) -> str:

@@ -115,8 +115,9 @@ def table_scores(curve: Callable[..., Tensor], grid: Tensor, clean_s: Tensor, cl
     (rounded) t*; clean_s [N], clean_acc [N,G], adv_s [N,J], adv_acc [N,J,G]."""
     with torch.no_grad():
         n, j = adv_s.shape
-        t_clean = curve(clean_s.float(), smooth=False).clamp(float(grid[0]), float(grid[-1]))
-        t_adv = curve(adv_s.reshape(-1).float(), smooth=False).clamp(float(grid[0]), float(grid[-1])).view(n, j)
+        # a curve leaving the grid raises (interpolate_accuracy): accuracy is unknown there
+        t_clean = curve(clean_s.float(), smooth=False)
+        t_adv = curve(adv_s.reshape(-1).float(), smooth=False).view(n, j)
         clean = interpolate_accuracy(clean_acc, grid, t_clean)
         robust = interpolate_accuracy(adv_acc, grid, t_adv).min(1).values
     return {"clean": float(clean.mean()), "robust": float(robust.mean()),
