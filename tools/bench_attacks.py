@@ -6,8 +6,8 @@ family at a few iteration counts, against the score-network evaluations the atta
 
 Defense: recipes/defense/digits.yaml with the run directory's networks (score_model=RUN/score,
 calibration=RUN/calibration/calibration.json, classifier.checkpoint=RUN/classifier, as `ssni demo`
-links them), then --defense-overrides (default: the demo's evaluation settings, a 20-step DDPM
-defense purifier), and the reweight of --defense (dbp: constant t* = 0.1; ssni-n: sigmoid; ssni-l:
+links them), then --defense-overrides (default: the demo's defense settings, a 5-step DDPM
+purifier and a 5-step score norm), and the reweight of --defense (dbp: constant t* = 0.1; ssni-n: sigmoid; ssni-l:
 linear; t_base 0.1 as in recipes/eval/digits.yaml).
 
 Attack families (Linf, --eps, PGD step --step-size): PGD with EOT 1 and EOT --eot; selective EOT
@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "toolkit"))
 
 from ssni.attacks import ATTACKS, EOT  # noqa: E402
+from ssni.commands.demo import DemoConfig  # noqa: E402
 from ssni.config import load_config  # noqa: E402
 from ssni.data import DataConfig, build_dataset  # noqa: E402
 from ssni.defense import DefenseConfig, RobustClassifier, build_defense, fixed_view  # noqa: E402
@@ -67,7 +68,7 @@ DEFENSES = {  # --defense -> (reweight name, its options), as in recipes/eval/di
     "ssni-l": ("linear", {"t_base": 0.1}),
 }
 # the demo's evaluation settings: a 20-step DDPM defense purifier, a 5-step DDPM surrogate
-DEMO_OVERRIDES = ["purifier.sampler=ddpm", "purifier.steps=20", "attack_purifier.steps=5"]
+DEMO_OVERRIDES = list(DemoConfig().defense_overrides)  # the demo's defense: its runs were calibrated with it
 FAMILIES = ["pgd-eot1", "pgd-eot", "selective", "apgd-ce", "apgd-margin", "lowfreq", "bpda", "adaptive",
             "fixed-seeds"]
 CONVENTION = ("NFE per image = score-network image-evaluations during the attack / images: forward rows "
