@@ -13,11 +13,17 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[ssni] installing ssni and its dependencies into $venv (first run takes a few minutes)" >&2
+  # torch with its CUDA libraries fills about 6 GB, and pip holds the downloaded wheels (about
+  # 3 GB) until it has installed them: say so up front instead of failing half-way through.
+  free_kb="$(df -Pk "$root" | awk 'NR==2 {print $4}')"
+  if [ -n "$free_kb" ] && [ "$free_kb" -lt 10000000 ]; then
+    echo "[ssni] warning: $((free_kb / 1048576)) GB free under $root; the install needs about 10 GB (torch + CUDA libraries)" >&2
+  fi
   "$venv/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
   # The standard torch + torchvision pair from the package index (the CUDA build runs on CPU too).
   "$venv/bin/python" -m pip install --quiet torch torchvision 2>&1 | grep -v '^WARNING: Location' >&2 || true
   "$venv/bin/python" -m pip install --quiet -e "$root[test]" 2>&1 | grep -v '^WARNING: Location' >&2 || true
-  "$venv/bin/python" -c "import ssni, torch, torchvision, timm" || { echo "[ssni] install failed" >&2; exit 1; }
+  "$venv/bin/python" -c "import ssni, torch, torchvision, timm" || { echo "[ssni] install failed (see pip's message above)" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"
