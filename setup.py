@@ -26,6 +26,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "ruff", "torchattacks"],  # torchattacks (MIT): cross-checks in tests/test_torchattacks.py
+        "bench": ["torchsde>=0.2.6"],  # tools/bench_reference.py: the DiffPure-style reference (Apache-2.0)
         "diffusers": ["diffusers>=0.20"],  # the "diffusers" pretrained format (UNet2DModel folders)
         # RobustBench is not on PyPI
         "robustbench": ["robustbench @ git+https://github.com/RobustBench/robustbench.git"],

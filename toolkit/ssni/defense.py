@@ -423,6 +423,7 @@ class DefenseConfig:
     vote: str = "mean_prob"
     precision: str = "fp32"  # score network in fp32 | bf16 | fp16 autocast (eps returned in float32)
     channels_last: bool = False  # score network in channels_last memory format (GPUs)
+    compile: bool = False  # torch.compile the score network (dynamic batch); see tools/bench_reference.py
     device: str = "auto"
 
 
@@ -469,8 +470,8 @@ def build_defense(cfg: DefenseConfig, device: Union[str, torch.device, None] = N
     """Build a RobustClassifier from a DefenseConfig (loads networks and the calibration)."""
     dev = resolve_device(device or cfg.device)
     score_model = load_score_model(cfg.score_model, cfg.score_weights).to(dev).eval()
-    if cfg.precision != "fp32" or cfg.channels_last:
-        score_model.set_speed(cfg.precision, cfg.channels_last)
+    if cfg.precision != "fp32" or cfg.channels_last or cfg.compile:
+        score_model.set_speed(cfg.precision, cfg.channels_last, compile=cfg.compile)
     calibration = Calibration.load(cfg.calibration) if cfg.calibration else None
     reweight = build_reweight(cfg.reweight.name, calibration, **cfg.reweight.kwargs)
     purifier = _purifier(score_model, cfg.purifier)

@@ -50,11 +50,15 @@ class EpsModel(nn.Module):
         self.autocast_dtype: Optional[torch.dtype] = None
         self.channels_last = False
 
-    def set_speed(self, precision: str = "fp32", channels_last: bool = False) -> "EpsModel":
-        """Run the network in bf16 / fp16 autocast (eps returned in float32) and/or channels_last.
+    def set_speed(self, precision: str = "fp32", channels_last: bool = False,
+                  compile: bool = False) -> "EpsModel":
+        """Run the network in bf16 / fp16 autocast (eps returned in float32), channels_last, and/or
+        compiled with torch.compile.
 
         Only the network call changes: the diffusion coefficients, samplers and score norm stay in
-        float32 (or float64), where their maths needs the precision.
+        float32 (or float64), where their maths needs the precision. Compilation marks shapes
+        dynamic: with per-sample t* the active sub-batch shrinks step by step, and a static
+        compile would recompile for every size. It cannot be undone on this module.
         """
         dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
         if precision not in dtypes:
@@ -63,6 +67,9 @@ class EpsModel(nn.Module):
         self.channels_last = bool(channels_last)
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
+        if compile and not getattr(self, "compiled", False):
+            self.compile(dynamic=True)  # nn.Module.compile: in place, state_dict keys unchanged
+            self.compiled = True
         return self
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
