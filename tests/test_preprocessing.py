@@ -136,3 +136,14 @@ def test_score_network_speed_options_keep_eps_close_to_fp32(precision, tol):
     assert ((a - b).norm() / a.norm()).item() <= tol
     with pytest.raises(ValueError, match="precision"):
         fast.set_speed("int8")
+
+
+def test_compile_option_keeps_checkpoint_keys():
+    # a torch.compile wrapper module would prefix every key with "_orig_mod." and break saving and
+    # loading ssni checkpoints; set_speed compiles in place (lazily: nothing is compiled here)
+    m = create_model("unet_tiny")
+    keys = list(m.state_dict())
+    m.set_speed(compile=True)
+    assert m.compiled and m._compiled_call_impl is not None
+    assert list(m.state_dict()) == keys
+    m.load_state_dict(create_model("unet_tiny").state_dict())

@@ -15,9 +15,11 @@ side, timings interleaved so background load hits both alike; the minimum over r
 2. constant: purification at t* = 0.1 for the whole batch: ssni / reference time.
 3. spread: t* spread over [0.01, 0.1] (on the dt grid); the reference runs one call per group of
    equal t* (DiffPure has one t* per call), ssni one call for the batch.
-4. gradient: one input gradient through the purifier (batch --grad-batch): ssni checkpointed,
-   ssni plain autograd, reference autograd, reference adjoint (`sdeint_adjoint`): time and peak
-   memory (each in a fresh subprocess; CPU: growth of peak RSS, CUDA: peak allocated).
+4. gradient: one input gradient through the purifier (batch --grad-batch, averaged over --eot
+   draws): ssni checkpointed, ssni plain autograd, reference autograd, reference adjoint
+   (`sdeint_adjoint`): time, peak memory (each in a fresh subprocess; CPU: growth of peak RSS,
+   CUDA: peak allocated), and that time projected to a protocol (--project, default the SSNI
+   paper's CIFAR-10 one: 512 images, PGD-200; with --eot 20 on a GPU: its EOT-20).
 5. options: the network's speed options (`EpsModel.set_speed`: bf16 autocast, channels_last,
    torch.compile) against fp32 eager: purification images/s at t* = 0.1, the largest pixel
    difference of the purified images on the same seeds, and the cosine of the input gradient.
@@ -238,12 +240,19 @@ GRAD_MODES = ("ssni-checkpointed", "ssni-plain", "ref-autograd", "ref-adjoint")
 
 
 def _grad_fn(mode: str, model, args, seeds):
-    """x -> purified x for one of GRAD_MODES (same noise on every side)."""
+    """x [b,C,H,W] -> mean over args.eot purification draws [b,C,H,W] for one of GRAD_MODES
+    (same noise on every side: seeds [eot * b], draw-major)."""
+    eot = args.eot
     if mode.startswith("ssni"):
         p = Purifier(model, "diffpure", dt=args.dt, checkpoint=mode == "ssni-checkpointed")
-        return lambda z: p(z, args.t_star, seeds=seeds)
-    return lambda z: reference_purify(model, z, args.t_star, args.dt, seeds=seeds,
-                                      adjoint=mode == "ref-adjoint")
+
+        def purify(z):
+            return p(z, args.t_star, seeds=seeds)
+    else:
+        def purify(z):
+            return reference_purify(model, z, args.t_star, args.dt, seeds=seeds,
+                                    adjoint=mode == "ref-adjoint")
+    return lambda z: purify(z.repeat(eot, 1, 1, 1)).view(eot, *z.shape).mean(0)
 
 
 def grad_child(mode: str, args) -> dict:
@@ -252,7 +261,7 @@ def grad_child(mode: str, args) -> dict:
     model = _model(args.model, device).requires_grad_(False)
     x = _images(args.grad_batch, model.input_shape, device)
     v = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(device)
-    seeds = torch.arange(args.grad_batch)
+    seeds = torch.arange(args.grad_batch * args.eot)
     fn = _grad_fn(mode, model, args, seeds)
     small = copy.copy(args)
     small.t_star = 2 * args.dt  # warm-up: two steps, the same code paths, one-time allocations
@@ -280,22 +289,27 @@ def part_gradient(model, args, device) -> dict:
     b = args.grad_batch
     x = _images(b, model.input_shape, device)
     v = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(device)
-    seeds = torch.arange(b)
+    seeds = torch.arange(b * args.eot)
     fns = {m: (lambda f=_grad_fn(m, model, args, seeds): _grad(f, x, v)) for m in GRAD_MODES}
     times = _interleaved(fns, device, max(1, args.reps // 2))
     mem = {}
     for m in GRAD_MODES:
         cmd = [sys.executable, __file__, "--grad-child", m, "--device", args.device, "--model", args.model,
-               "--grad-batch", str(b), "--t-star", str(args.t_star), "--dt", str(args.dt),
+               "--grad-batch", str(b), "--eot", str(args.eot), "--t-star", str(args.t_star), "--dt", str(args.dt),
                "--threads", str(torch.get_num_threads())]
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
         mem[m] = json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"] / 2**20
     base = times["ssni-checkpointed"]
+    n_img, pgd = args.project
+    batches = -(-n_img // b)
+    hours = {m: times[m] * pgd * batches / 3600 for m in GRAD_MODES}
     for m in GRAD_MODES:
-        print(f"gradient    B={b} t*={args.t_star} dt={args.dt} {m:18s} {times[m]:7.3f}s "
-              f"(x{times[m] / base:5.2f} of ssni-checkpointed)  peak {mem[m]:8.1f} MiB", flush=True)
-    return dict(batch=b, seconds=times, peak_MiB=mem)
+        print(f"gradient    B={b} EOT={args.eot} t*={args.t_star} dt={args.dt} {m:18s} {times[m]:7.3f}s "
+              f"(x{times[m] / base:5.2f} of ssni-checkpointed)  peak {mem[m]:8.1f} MiB  projected "
+              f"{n_img} images x PGD-{pgd}: {hours[m]:.1f} h", flush=True)
+    return dict(batch=b, eot=args.eot, seconds=times, peak_MiB=mem, projected_hours=hours,
+                projection=dict(images=n_img, pgd_steps=pgd))
 
 
 OPTIONS = {  # name -> set_speed keyword arguments
@@ -351,6 +365,10 @@ def main() -> int:
     ap.add_argument("--model", default="unet_digits", help="a registered score network (random weights)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--grad-batch", type=int, default=16)
+    ap.add_argument("--eot", type=int, default=1, help="purification draws averaged per gradient")
+    ap.add_argument("--project", type=int, nargs=2, default=(512, 200), metavar=("IMAGES", "PGD_STEPS"),
+                    help="project the gradient time to this protocol (one gradient per PGD step and "
+                         "batch; the classifier's own cost is left out)")
     ap.add_argument("--t-star", type=float, default=0.1)
     ap.add_argument("--dt", type=float, default=1e-3)
     ap.add_argument("--reps", type=int, default=3)
