@@ -290,23 +290,25 @@ def part_gradient(model, args, device) -> dict:
     x = _images(b, model.input_shape, device)
     v = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(device)
     seeds = torch.arange(b * args.eot)
-    fns = {m: (lambda f=_grad_fn(m, model, args, seeds): _grad(f, x, v)) for m in GRAD_MODES}
+    modes = args.grad_modes
+    fns = {m: (lambda f=_grad_fn(m, model, args, seeds): _grad(f, x, v)) for m in modes}
     times = _interleaved(fns, device, max(1, args.reps // 2))
     mem = {}
-    for m in GRAD_MODES:
+    for m in modes:
         cmd = [sys.executable, __file__, "--grad-child", m, "--device", args.device, "--model", args.model,
                "--grad-batch", str(b), "--eot", str(args.eot), "--t-star", str(args.t_star), "--dt", str(args.dt),
                "--threads", str(torch.get_num_threads())]
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
         mem[m] = json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"] / 2**20
-    base = times["ssni-checkpointed"]
+    first = modes[0]
+    base = times[first]
     n_img, pgd = args.project
     batches = -(-n_img // b)
-    hours = {m: times[m] * pgd * batches / 3600 for m in GRAD_MODES}
-    for m in GRAD_MODES:
+    hours = {m: times[m] * pgd * batches / 3600 for m in modes}
+    for m in modes:
         print(f"gradient    B={b} EOT={args.eot} t*={args.t_star} dt={args.dt} {m:18s} {times[m]:7.3f}s "
-              f"(x{times[m] / base:5.2f} of ssni-checkpointed)  peak {mem[m]:8.1f} MiB  projected "
+              f"(x{times[m] / base:5.2f} of {first})  peak {mem[m]:8.1f} MiB  projected "
               f"{n_img} images x PGD-{pgd}: {hours[m]:.1f} h", flush=True)
     return dict(batch=b, eot=args.eot, seconds=times, peak_MiB=mem, projected_hours=hours,
                 projection=dict(images=n_img, pgd_steps=pgd))
@@ -366,6 +368,9 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--grad-batch", type=int, default=16)
     ap.add_argument("--eot", type=int, default=1, help="purification draws averaged per gradient")
+    ap.add_argument("--grad-modes", nargs="+", default=list(GRAD_MODES), choices=GRAD_MODES,
+                    help="gradients to compare (the plain ones keep every step's activations: leave "
+                         "them out where they do not fit)")
     ap.add_argument("--project", type=int, nargs=2, default=(512, 200), metavar=("IMAGES", "PGD_STEPS"),
                     help="project the gradient time to this protocol (one gradient per PGD step and "
                          "batch; the classifier's own cost is left out)")
