@@ -166,9 +166,9 @@ def test_ts_radii_follow_configuration(cfg):
 def test_ts_default_moves_samples_outside_the_typical_set():
     ts = NOISE_SAMPLERS.create("typical_set")
     noise, kind = ts.draw((2000, 1, 40, 40), torch.Generator().manual_seed(0))
-    inside = in_typical_set(noise, 1.0, tol=0.05)  # radius ratio within about +-0.05
-    assert not inside[kind == 1].any()  # every outer sample leaves the eps-typical set
-    assert inside[kind == 0].float().mean() > shell_probability(1600, 0.05) - 0.01
+    inside = in_typical_set(noise, 1.0, tol=0.019)  # radius ratio within about +-0.019 (one spread)
+    assert not inside[kind == 1].any()  # every outer sample (ratio >= 1.02) leaves the eps-typical set
+    assert inside[kind == 0].float().mean() > shell_probability(1600, 0.019) - 0.03
 
 
 @pytest.mark.parametrize("name", NOISE_SAMPLERS.names())

@@ -54,8 +54,9 @@ from ssni.seeding import derive_seed  # noqa: E402
 from ssni.typical import typicality_statistic  # noqa: E402
 
 BASELINE = "gaussian"
-# The TS default of this study: ssni's TypicalSetNoise defaults, written out in full so that the
-# study keeps its meaning if the sampler's defaults ever change. Our own choices (not the paper's).
+# The TS reference point of this study, written out in full so that the study keeps its meaning
+# when the sampler's defaults change: TypicalSetNoise's defaults before the study (which moved the
+# default outer range to ts_near's U(1.02, 1.10)). Our own choices (not the paper's).
 TS_DEFAULT: Dict[str, Any] = dict(off_shell_fraction=0.5, outer_range=[1.05, 1.30], inner_range=[0.75, 0.95],
                                   inner_fraction=0.0, direction="isotropic", sign_block=1, lowfreq_factor=4)
 

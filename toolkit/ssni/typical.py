@@ -187,12 +187,13 @@ class TypicalSetNoise:
     stay Gaussian whatever the direction, and "isotropic" draws exactly what earlier versions did.
 
     Defaults (our own; the paper's values are not public): half the samples off the shell,
-    outside only, radius ratio U(1.05, 1.30). At d = 1600 (a 40x40 grey patch) the Gaussian
-    radius ratio has a spread of about 0.018, so 1.05 is well outside the shell; for small d
-    (e.g. 64 pixels) widen the ranges.
+    outside only, just outside: radius ratio U(1.02, 1.10). At d = 1600 (a 40x40 grey patch) the
+    Gaussian radius ratio has a spread of about 0.018, so 1.02 is one spread out. tools/ts_study.py
+    chose these: of the settings it tried they alone cost no clean PSNR (within the interval) and
+    gained a little under attack (U(1.05, 1.30), the earlier default, cost 0.13 dB clean).
     """
 
-    def __init__(self, off_shell_fraction: float = 0.5, outer_range: Sequence[float] = (1.05, 1.30),
+    def __init__(self, off_shell_fraction: float = 0.5, outer_range: Sequence[float] = (1.02, 1.10),
                  inner_range: Sequence[float] = (0.75, 0.95), inner_fraction: float = 0.0,
                  direction: str = "isotropic", sign_block: int = 1, lowfreq_factor: int = 4):
         for name, v in (("off_shell_fraction", off_shell_fraction), ("inner_fraction", inner_fraction)):
