@@ -192,6 +192,8 @@ def test_attacks_differentiate_the_defense_purifier_unless_a_surrogate_is_chosen
     res = json.loads((tmp_path / "ev/results.json").read_text())
     for r in res["rows"] + res["worst_case"]:
         assert r["budget"] and f"| {r['budget']} |" in report
+        if r["defense"] == "none" and r in res["rows"]:  # the undefended classifier has no purifier
+            assert r["budget"] == "pgd ce, 1 it, EOT 2, no purifier (bare classifier)"
         # six draws: worst-of-4 over the first four draws beside worst-of-6, which can only be lower
         assert r["worst_k"] == 4 and r["robust_worst"] <= r["robust_worst_k"]
     assert "robust % (worst-of-4)" in report and "robust % (worst-of-6)" in report

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -180,6 +180,7 @@ class Evaluation:
             raise ValueError("evaluate: `defenses` is empty; list at least one (e.g. name: none)")
         self._own: Dict[int, nn.Module] = {}  # defense -> the same defense attacked through its own purifier
         self.budgets: Dict[str, str] = {}
+        self.bare_budgets: Dict[str, str] = {}
         for i, spec in enumerate(self.attacks):  # bad attack settings fail here, not after hours of work
             if spec.purifier == "surrogate" and base_cfg.attack_purifier is None:
                 raise ConfigError(f"attacks[{i}] ({spec.name!r}): purifier: surrogate needs an attack_purifier "
@@ -190,6 +191,8 @@ class Evaluation:
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"attacks[{i}] ({spec.name!r}): {e}") from None
             self.budgets[spec.name] = self.budget(spec, attack)
+            # the undefended classifier ("none") is attacked alone, whatever the spec's view
+            self.bare_budgets[spec.name] = self.budget(replace(spec, view="bare"), attack)
         ds = build_dataset(cfg.data, cfg.split)
         if cfg.num_samples > len(ds):
             raise ConfigError(f"num_samples={cfg.num_samples}, but the {cfg.split!r} split of "
@@ -406,7 +409,8 @@ class Evaluation:
                 cells[f"{dname}/{spec.name}"] = res
                 m, cm = res["metrics"], clean["metrics"]
                 maj, maj_ci = _maj(res)
-                rows.append({"defense": dname, "attack": spec.name, "budget": self.budgets[spec.name], "n": m["n"],
+                budget = (self.budgets if model is not None else self.bare_budgets)[spec.name]
+                rows.append({"defense": dname, "attack": spec.name, "budget": budget, "n": m["n"],
                              "draws": m["draws"], "clean": cm["expected"], "clean_ci": cm["expected_ci"],
                              "robust_expected": m["expected"], "robust_expected_ci": m["expected_ci"],
                              "robust_worst": m["worst_of_n"], "robust_worst_ci": m["worst_of_n_ci"],
