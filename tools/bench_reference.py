@@ -1,7 +1,8 @@
 """ssni's purifier against a DiffPure-style torchsde integrator, and the network speed options.
 
     pip install -e ".[bench]"                               # torchsde, for this script only
-    .venv/bin/python tools/bench_reference.py               # CPU, all parts, digits-size network
+    .venv/bin/python tools/bench_reference.py               # CPU, all parts, digits-size network (~30 min)
+    .venv/bin/python tools/bench_reference.py --quick       # the same, smaller and without compile (~5 min)
     .venv/bin/python tools/bench_reference.py --device cuda --model ddpmpp_cifar10 --batch 16
 
 The reference integrates the reverse VP SDE with `torchsde.sdeint` (Euler, dt = 1e-3, one t* per
@@ -380,12 +381,17 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: steadier timings)")
     ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
     ap.add_argument("--options", nargs="+", default=list(OPTIONS), choices=list(OPTIONS))
+    ap.add_argument("--quick", action="store_true",
+                    help="a few minutes on 2 CPU cores: batch 16, gradient batch 4, one repeat, no compile")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--grad-child", choices=GRAD_MODES, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if torchsde is None:
         print("tools/bench_reference.py needs torchsde: pip install -e '.[bench]'", file=sys.stderr)
         return 2
+    if args.quick:
+        args.batch, args.grad_batch, args.reps = 16, 4, 1
+        args.options = [o for o in args.options if "compile" not in o]
     torch.set_num_threads(args.threads)
     if args.grad_child:
         print(json.dumps(grad_child(args.grad_child, args)))
