@@ -51,18 +51,25 @@ def _once(fn, device) -> float:
     return time.perf_counter() - t0
 
 
-def _paired(fn_a, fn_b, device, reps: int):
-    """Interleaved timings of two callables (after a warm-up of each); the minimum of each.
+def interleaved(fns: dict, device, reps: int) -> dict:
+    """Minimum wall time of each callable over `reps` interleaved rounds (after one warm-up each).
 
-    The minimum is the run least disturbed by other processes; interleaving exposes both to the
-    same background load.
+    The minimum is the run least disturbed by other processes; interleaving exposes every callable
+    to the same background load.
     """
-    fn_a(), fn_b()
-    a, b = [], []
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
     for _ in range(reps):
-        a.append(_once(fn_a, device))
-        b.append(_once(fn_b, device))
-    return min(a), min(b)
+        for k, fn in fns.items():
+            times[k].append(_once(fn, device))
+    return {k: min(v) for k, v in times.items()}
+
+
+def _paired(fn_a, fn_b, device, reps: int):
+    """`interleaved` for two callables: (min time of a, min time of b)."""
+    t = interleaved({"a": fn_a, "b": fn_b}, device, reps)
+    return t["a"], t["b"]
 
 
 def _model(name: str, device: torch.device):
@@ -185,6 +192,14 @@ def memory_child(name: str, batch: int, ckpt: bool, device_name: str) -> dict:
     m.zero_grad(set_to_none=True)
     del xw
     x = x0.clone().requires_grad_(True)
+    # t* = 0.1 with steps = 20: 20 reverse steps
+    _, peak = peak_memory(lambda: p(x, 0.1, seeds=seeds).square().sum().backward(), device)
+    return dict(steps=p.calls_last, peak_bytes=int(peak), grad_norm=float(x.grad.norm()))
+
+
+def peak_memory(fn, device):
+    """(fn(), the peak memory it added in bytes): CUDA peak allocated over what was allocated before;
+    CPU growth of the peak RSS over the RSS before (run children with CHILD_ENV for a true RSS)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -193,25 +208,29 @@ def memory_child(name: str, batch: int, ckpt: bool, device_name: str) -> dict:
         gc.collect()
         base = _rss_bytes()
         reset_ok = _reset_peak_rss()
-    out = p(x, 0.1, seeds=seeds)  # t* = 0.1 with steps = 20: 20 reverse steps
-    out.square().sum().backward()
+    out = fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = _peak_rss_bytes(reset_ok) - base
-    return dict(steps=p.calls_last, peak_bytes=int(peak), grad_norm=float(x.grad.norm()))
+        return out, torch.cuda.max_memory_allocated() - base
+    return out, _peak_rss_bytes(reset_ok) - base
+
+
+# glibc returns freed tensors to the OS at once, so the RSS follows what is really held
+CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def run_child(cmd: list) -> dict:
+    """Run a measuring child process (with CHILD_ENV); the JSON object on its last output line."""
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, **CHILD_ENV})
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def bench_memory(name: str, batch: int, device_name: str) -> dict:
     """Run memory_child with and without checkpointing, each in a fresh process."""
     res = {}
     for ckpt in (False, True):
-        cmd = [sys.executable, __file__, "--memory-child", name, str(batch), str(int(ckpt)),
-               "--device", device_name, "--threads", str(torch.get_num_threads())]
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-        res[ckpt] = json.loads(out.stdout.strip().splitlines()[-1])
+        res[ckpt] = run_child([sys.executable, __file__, "--memory-child", name, str(batch), str(int(ckpt)),
+                               "--device", device_name, "--threads", str(torch.get_num_threads())])
     ratio = res[True]["peak_bytes"] / res[False]["peak_bytes"]
     same = abs(res[True]["grad_norm"] - res[False]["grad_norm"]) <= 1e-4 * res[False]["grad_norm"]
     print(f"memory      {name:15s} B={batch:<3d} ddpm 20 steps full-gradient backward:"

@@ -31,10 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "toolkit"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_purify import _images, _model, _once, _peak_rss_bytes, _reset_peak_rss, _rss_bytes  # noqa: E402
+from bench_purify import _images, _model, interleaved, peak_memory, run_child  # noqa: E402
 
 from ssni.diffusion import to_model_space, to_pixel_space  # noqa: E402
 from ssni.purify import Purifier  # noqa: E402
@@ -155,17 +152,6 @@ def reference_spread(model, x, t_star, dt: float):
     return out
 
 
-def _interleaved(fns: dict, device, reps: int) -> dict:
-    """Minimum wall time of each callable over `reps` interleaved rounds (after one warm-up each)."""
-    for fn in fns.values():
-        fn()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            times[k].append(_once(fn, device))
-    return {k: min(v) for k, v in times.items()}
-
-
 def _cos(a, b) -> float:
     return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
 
@@ -208,7 +194,7 @@ def part_constant(model, args, device) -> dict:
     seeds = torch.arange(args.batch)
     p = Purifier(model, "diffpure", dt=args.dt)
     with torch.no_grad():
-        t = _interleaved({"ssni": lambda: p(x, args.t_star, seeds=seeds),
+        t = interleaved({"ssni": lambda: p(x, args.t_star, seeds=seeds),
                           "ref": lambda: reference_purify(model, x, args.t_star, args.dt)},
                          device, args.reps)
     row = dict(batch=args.batch, ssni_s=t["ssni"], ref_s=t["ref"], ratio=t["ssni"] / t["ref"])
@@ -228,7 +214,7 @@ def part_spread(model, args, device) -> dict:
     p = Purifier(model, "diffpure", dt=args.dt)
     groups = len(torch.unique(torch.round(t_star / args.dt)))
     with torch.no_grad():
-        t = _interleaved({"ssni": lambda: p(x, t_star, seeds=seeds),
+        t = interleaved({"ssni": lambda: p(x, t_star, seeds=seeds),
                           "ref": lambda: reference_spread(model, x, t_star, args.dt)},
                          device, max(1, args.reps // 2))
     row = dict(batch=b, groups=groups, ssni_s=t["ssni"], ref_s=t["ref"], ratio=t["ssni"] / t["ref"])
@@ -267,20 +253,7 @@ def grad_child(mode: str, args) -> dict:
     small = copy.copy(args)
     small.t_star = 2 * args.dt  # warm-up: two steps, the same code paths, one-time allocations
     _grad(_grad_fn(mode, model, small, seeds), x, v)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        gc.collect()
-        base = _rss_bytes()
-        reset_ok = _reset_peak_rss()
-    g = _grad(fn, x, v)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = _peak_rss_bytes(reset_ok) - base
+    g, peak = peak_memory(lambda: _grad(fn, x, v), device)
     return dict(peak_bytes=int(peak), grad_norm=float(g.norm()))
 
 
@@ -293,15 +266,13 @@ def part_gradient(model, args, device) -> dict:
     seeds = torch.arange(b * args.eot)
     modes = args.grad_modes
     fns = {m: (lambda f=_grad_fn(m, model, args, seeds): _grad(f, x, v)) for m in modes}
-    times = _interleaved(fns, device, max(1, args.reps // 2))
+    times = interleaved(fns, device, max(1, args.reps // 2))
     mem = {}
     for m in modes:
-        cmd = [sys.executable, __file__, "--grad-child", m, "--device", args.device, "--model", args.model,
-               "--grad-batch", str(b), "--eot", str(args.eot), "--t-star", str(args.t_star), "--dt", str(args.dt),
-               "--threads", str(torch.get_num_threads())]
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-        mem[m] = json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"] / 2**20
+        mem[m] = run_child([sys.executable, __file__, "--grad-child", m, "--device", args.device,
+                            "--model", args.model, "--grad-batch", str(b), "--eot", str(args.eot),
+                            "--t-star", str(args.t_star), "--dt", str(args.dt),
+                            "--threads", str(torch.get_num_threads())])["peak_bytes"] / 2**20
     first = modes[0]
     base = times[first]
     n_img, pgd = args.project
@@ -342,7 +313,7 @@ def part_options(model, args, device) -> list:
         with torch.no_grad():
             out = fast(x, args.t_star, seeds=seeds)  # first call: compiles where asked
             first = time.perf_counter() - t0
-            t = _interleaved({"fp32": lambda: base(x, args.t_star, seeds=seeds),
+            t = interleaved({"fp32": lambda: base(x, args.t_star, seeds=seeds),
                               name: lambda: fast(x, args.t_star, seeds=seeds)}, device, args.reps)
         g = _grad(lambda z: fast(z, args.t_star, seeds=seeds[:args.grad_batch]),
                   x[:args.grad_batch], v[:args.grad_batch])

@@ -67,10 +67,14 @@ class EpsModel(nn.Module):
         self.channels_last = bool(channels_last)
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
-        if compile and not getattr(self, "compiled", False):
+        if compile and not self.compiled:
             self.compile(dynamic=True)  # nn.Module.compile: in place, state_dict keys unchanged
-            self.compiled = True
         return self
+
+    @property
+    def compiled(self) -> bool:
+        """Whether set_speed(compile=True) has compiled this module (torch's own record of it)."""
+        return self._compiled_call_impl is not None
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         """forward(x, t), under the precision and memory format chosen by `set_speed`."""
