@@ -17,8 +17,8 @@ def test_demo_runs_every_stage_then_reuses_its_cache(tmp_path, capsys):
         f"classifier_overrides=[model.name=resnet10t, {small}, loop.steps=40, loop.device=cpu]",
         f"calibrate_overrides=[{small}, count=16, score_norm.timesteps=4, device=cpu]",
         "defense_overrides=[score_norm.timesteps=4, purifier.sampler=ddpm, purifier.steps=2, device=cpu]",
-        f"reweight_overrides=[{small}, count=12, holdout=0, 'start_t=[0.1]', attacks.0.kwargs.steps=1, "
-        "attacks.1.kwargs.steps=1, 't_grid=[0.0, 0.05, 0.1, 0.2]', fit.t_max=0.2, fit.steps=10, fit.restarts=1, "
+        f"reweight_overrides=[{small}, count=12, holdout=0, attacks.0.kwargs.steps=1, "
+        "attacks.1.kwargs.steps=1, 't_grid=[0.0, 0.1, 0.2]', fit.t_max=0.2, fit.steps=10, fit.restarts=1, "
         "batch_size=12, device=cpu]",
         f"evaluate_overrides=[{small}, num_samples=4, batch_size=4, draws=6, device=cpu, "
         f"'attacks=[{ATTACK}, {ADAPTIVE}, {APGD}]', sweep.attack=null]",

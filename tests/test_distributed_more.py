@@ -39,7 +39,7 @@ def _commands(setup: Path, out: Path) -> Dict[str, List[str]]:
                            "loop.progress=false", "loop.ckpt_every=0", "loop.device=cpu", "eval_batch=8"],
         "fit-reweight": ["fit-reweight", REWEIGHT_RECIPE, f"output={out / 'rw'}",
                          f"defense_recipe={setup / 'defense.yaml'}", "defense_overrides=[]", "data.image_size=8",
-                         "count=10", "holdout=2", "start_t=[0.1]", "alternations=1", "attacks.0.kwargs.steps=1",
+                         "count=10", "holdout=2", "alternations=1", "attacks.0.kwargs.steps=1",
                          "attacks.1.kwargs.steps=1", "t_grid=[0.0,0.05,0.2]", "fit.t_max=0.2", "fit.steps=20",
                          "fit.knots=4", "fit.restarts=1", "verify_draws=2", "batch_size=4", "progress=false",
                          "device=cpu"],

@@ -154,6 +154,33 @@ def test_fit_robust_trades_clean_for_robust_as_weighted():
     assert t_hi == pytest.approx(0.2, abs=0.01)  # robust weighs more: just enough to undo the attack
 
 
+def test_cap_credits_a_t_only_where_an_attack_aimed_at_it_failed():
+    # The copies were crafted against t = 0.1: they fool purification there, look harmless below
+    # (they were not aimed at less noise) and lose a little to the damage more noise does. Attacks
+    # aimed at each t (the cap) succeed below 0.15. Clean images are right iff t <= 0.1.
+    n = 100
+    clean_s = torch.linspace(1, 1.99, n)
+    clean_acc = (GRID <= 0.1 + 1e-9).float().expand(n, -1).clone()
+    adv_s = torch.linspace(2, 2.99, n)[:, None].clone()
+    row = torch.where(GRID < 0.1 - 1e-9, 1.0, torch.where(GRID < 0.15 - 1e-9, 0.0, 0.9))
+    adv_acc = row.expand(n, 1, -1).clone()
+    cap = (GRID >= 0.15 - 1e-9).float().expand(n, -1).clone()
+    barely = lambda v, smooth=False: torch.zeros_like(v)  # noqa: E731 (no purification at all)
+    # without the cap, not purifying looks perfectly robust; with it, it is worth nothing
+    assert table_scores(barely, GRID, clean_s, clean_acc, adv_s, adv_acc)["robust"] == 1.0
+    assert table_scores(barely, GRID, clean_s, clean_acc, adv_s, adv_acc, cap)["robust"] == 0.0
+    cfg = RobustFitConfig(knots=8, steps=300, restarts=2, t_max=0.3)
+    capped, info = fit_robust(GRID, clean_s, clean_acc, adv_s, adv_acc, cfg, cap=cap)
+    with torch.no_grad():
+        t_clean, t_adv = capped(torch.tensor([1.5])).item(), capped(torch.tensor([2.1, 2.5, 2.9]))
+    # the known best answer under the cap: clean at <= 0.1, attacked at >= 0.15 (0.9 robust)
+    assert t_clean <= 0.1 + 1e-6 and bool((t_adv >= 0.15 - 2e-3).all()), (t_clean, t_adv)
+    assert info["capped"] and info["clean"] == pytest.approx(1.0, abs=0.02)
+    assert info["robust"] == pytest.approx(0.9, abs=0.02)
+    with pytest.raises(ValueError, match="cap must be a finite"):
+        fit_robust(GRID, clean_s, clean_acc, adv_s, adv_acc, cfg, cap=cap[:, :3])
+
+
 def test_interpolate_accuracy_and_soft_minimum():
     table = torch.tensor([[0.0, 1.0, 0.5], [1.0, 1.0, 0.0]])
     grid = torch.tensor([0.0, 0.1, 0.3])
@@ -259,8 +286,8 @@ def _tiny_defense(tmp_path):
 
 
 RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "reweight" / "digits.yaml")
-FIT_ARGS = ["defense_overrides=[]", "data.image_size=8", "count=12", "holdout=4", "start_t=[0.05,0.2]", "alternations=1",
-            "attacks.0.kwargs.steps=2", "attacks.1.kwargs.steps=2", "t_grid=[0.0,0.05,0.1,0.2]", "fit.t_max=0.2",
+FIT_ARGS = ["defense_overrides=[]", "data.image_size=8", "count=12", "holdout=4", "alternations=1",
+            "attacks.0.kwargs.steps=2", "attacks.1.kwargs.steps=2", "t_grid=[0.0,0.1,0.2]", "fit.t_max=0.2",
             "fit.steps=30", "fit.knots=4", "fit.restarts=1", "verify_draws=2", "batch_size=8",
             "progress=false", "device=cpu"]
 
@@ -277,8 +304,10 @@ def test_fit_reweight_cli_fits_against_attacks_and_resumes(tmp_path, monkeypatch
     assert saved["name"] == "learned" and saved["objective"] == "robust + 2 * clean"
     assert set(saved["trained_against"]) == {"pgd-eot", "adaptive"}
     assert "through score norm, t*(x) and defense purifier ddpm" in saved["trained_against"]["adaptive"]
-    # round 0 (2 DBP levels) then one alternation with both attacks through the curve
-    assert [len(r["attacked_sets"]) for r in saved["rounds"]] == [2, 4]
+    # round 0 (DBP at every grid level, the bare classifier included) then one alternation with both
+    # attacks through the curve; the fit was capped by round 0's diagonal
+    assert [len(r["attacked_sets"]) for r in saved["rounds"]] == [3, 5]
+    assert saved["start_t"] == [0.0, 0.1, 0.2] and saved["capped"] and saved["fit"]["capped"]
     assert set(saved["heldout"]) == {"learned", "ssni-l", "ssni-n"}
     assert set(saved["heldout"]["learned"]) == {"clean", "pgd-eot", "adaptive"}
     assert saved["heldout"]["learned"]["clean"]["n"] == 4 and saved["heldout"]["learned"]["clean"]["draws"] == 2
@@ -301,9 +330,12 @@ def test_fit_reweight_bad_inputs_fail_in_one_line(tmp_path):
     base = [f"output={tmp_path / 'rw'}", f"defense_recipe={recipe}"] + FIT_ARGS
     for extra, match in ((["count=0"], "count must be >= 2"), (["attacks=[]"], "attacks` is empty"),
                          (["holdout=12"], "holdout must be in"), (["fit.t_max=0.3"], "inside t_grid"),
-                         (["start_t=[0.5]"], "outside t_grid")):
+                         (["start_t=[0.5]"], "outside t_grid"),
+                         (["start_t=[0.1]"], r"cap needs round 0 at every t_grid point the curve can reach; "
+                                             r"start_t lacks \[0.0, 0.2\]")):
         with pytest.raises(ConfigError, match=match):
             check_fit_config(load_config(FitReweightConfig, RECIPE, base + extra))
+    check_fit_config(load_config(FitReweightConfig, RECIPE, base + ["start_t=[0.1]", "cap=false"]))  # no cap: fine
     with pytest.raises(ConfigError, match="has 1438 images; set count <= 1438"):
         run_fit_reweight(load_config(FitReweightConfig, RECIPE, base + ["count=5000"]))
     # no calibration: the reweights that need one say so

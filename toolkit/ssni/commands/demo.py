@@ -45,10 +45,12 @@ class DemoConfig:
     defense_overrides: List[str] = field(default_factory=lambda: [
         "purifier.sampler=ddpm", "purifier.steps=5", "score_norm.timesteps=5"])
     reweight_recipe: str = "recipes/reweight/digits.yaml"
-    # A smaller fit: 64 images, round 0 through DBP at t* = 0.1, one alternation, against the
-    # evaluation's attacks (6 iterations, EOT 2); no held-out check (the evaluation is that check).
+    # A smaller fit: 64 images, round 0 through DBP at each t* of a 5-point grid (the cap's
+    # diagonal), one alternation, against the evaluation's attacks (6 iterations, EOT 2); no
+    # held-out check (the evaluation is that check).
     reweight_overrides: List[str] = field(default_factory=lambda: [
-        "count=64", "holdout=0", "start_t=[0.1]", "attacks.0.kwargs.steps=6", "attacks.1.kwargs.steps=6"])
+        "count=64", "holdout=0", "t_grid=[0.0,0.05,0.1,0.15,0.2]", "attacks.0.kwargs.steps=6",
+        "attacks.1.kwargs.steps=6"])
     evaluate_recipe: str = "recipes/eval/digits_demo.yaml"
     evaluate_overrides: List[str] = field(default_factory=list)
     progress: bool = True

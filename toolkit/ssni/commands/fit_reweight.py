@@ -3,12 +3,16 @@
 From clean training images only. The images are split into a fit set and a held-out set.
 
 1. Round 0: the first attack of `attacks` (e.g. full-gradient PGD-EOT through the defense's own
-   purifier) attacks the fit images through plain DBP at each noise level of `start_t`, so the
-   fit sees what an attacker does against little and against much noise.
+   purifier) attacks the fit images through plain DBP at each noise level of `start_t` (by
+   default every t_grid point the curve can reach, t = 0 included: the bare classifier), so the
+   fit sees what an attacker aiming at each t* does.
 2. Every attacked copy and every clean image gets its score norm and an accuracy table: how
    often purification at each t of `t_grid` keeps the classifier right (`draws` draws).
 3. A monotone curve t*(s) is fitted to maximise robust + clean_weight * clean
    (`ssni.scoring.learned`): an image counts as robust only as far as it survives every attack.
+   With `cap` (the default), an attacked copy sent to t counts at most as much as the copy crafted
+   against t itself survives at t (round 0's diagonal): a copy aimed at t = 0.1 that looks harmless
+   at 0.04 does not make 0.04 safe, because an attacker facing 0.04 aims at 0.04.
 4. Each alternation attacks the fit images with every attack of `attacks` (full and adaptive
    views) through the defense with the current curve, adds those copies and refits: the
    attacker moves, the curve answers.
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -83,7 +87,10 @@ class FitReweightConfig:
     holdout: int = 32
     # the threat model, as in `ssni evaluate` (purifier: defense = the defense's own purifier)
     attacks: List[AttackSpec] = field(default_factory=_default_attacks)
-    start_t: List[float] = field(default_factory=lambda: [0.05, 0.1, 0.15, 0.2])  # round 0: DBP at these t*
+    # round 0: DBP at these t*; None: every t_grid point the curve can reach (what `cap` needs)
+    start_t: Optional[List[float]] = None
+    # credit an attacked copy at t at most what the attack crafted against t leaves there (module doc)
+    cap: bool = True
     alternations: int = 1  # rounds that attack the current curve and refit
     t_grid: List[float] = field(default_factory=lambda: [0.0, 0.02, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3])
     draws: int = 2  # purifications per (image, grid t) in the accuracy tables
@@ -118,14 +125,46 @@ def check_fit_config(cfg: FitReweightConfig) -> None:
     grid = cfg.t_grid
     if len(grid) < 2 or grid[0] < 0 or grid[-1] > 1 or any(b <= a for a, b in zip(grid, grid[1:])):
         raise ConfigError(f"t_grid must be >= 2 increasing noise levels in [0, 1], got {grid}")
-    if not cfg.start_t:
-        raise ConfigError("start_t is empty; give the constant t* that round 0 attacks through (e.g. [0.1])")
-    for t in cfg.start_t:
+    if cfg.start_t is not None and not cfg.start_t:
+        raise ConfigError("start_t is empty; give the constant t* that round 0 attacks through (e.g. [0.1]), "
+                          "or leave it out for every t_grid point the curve can reach")
+    for t in cfg.start_t or []:
         if not grid[0] <= t <= grid[-1]:
             raise ConfigError(f"start_t {t} is outside t_grid [{grid[0]}, {grid[-1]}]")
     if not grid[0] <= cfg.fit.t_min <= cfg.fit.t_max <= grid[-1]:
         raise ConfigError(f"fit.t_min/t_max = {cfg.fit.t_min}/{cfg.fit.t_max} must lie inside t_grid "
                           f"[{grid[0]}, {grid[-1]}] (accuracy is only known there)")
+    if cfg.cap and cfg.start_t is not None:
+        missing = [t for t in reachable_grid(cfg) if not any(abs(t - u) < 1e-9 for u in cfg.start_t)]
+        if missing:
+            raise ConfigError(f"cap needs round 0 at every t_grid point the curve can reach; start_t lacks "
+                              f"{missing} (leave start_t out, or set cap: false)")
+
+
+def reachable_grid(cfg: FitReweightConfig) -> List[float]:
+    """The t_grid points whose accuracy a curve in [fit.t_min, fit.t_max] can use (interpolation
+    reads the grid point at or below each end and the one at or above)."""
+    g = cfg.t_grid
+    lo = max([t for t in g if t <= cfg.fit.t_min + 1e-9], default=g[0])
+    hi = min([t for t in g if t >= cfg.fit.t_max - 1e-9], default=g[-1])
+    return [t for t in g if lo - 1e-9 <= t <= hi + 1e-9]
+
+
+def start_levels(cfg: FitReweightConfig) -> List[float]:
+    """Round 0's constant t*: `start_t`, or every t_grid point the curve can reach."""
+    return list(cfg.start_t) if cfg.start_t is not None else reachable_grid(cfg)
+
+
+def diagonal_cap(cfg: FitReweightConfig, round0: Dict[float, Tensor]) -> Tensor:
+    """cap [N, G]: at each reachable grid t, the accuracy there of the copy crafted against t;
+    1 (no cap) at grid points the curve cannot reach. round0: {t: table [N, G]}."""
+    n = next(iter(round0.values())).shape[0]
+    cap = torch.ones(n, len(cfg.t_grid))
+    for k, t in enumerate(cfg.t_grid):
+        if any(abs(t - u) < 1e-9 for u in reachable_grid(cfg)):
+            table = next(v for u, v in round0.items() if abs(t - u) < 1e-9)
+            cap[:, k] = table[:, k]
+    return cap
 
 
 @dataclass
@@ -321,9 +360,10 @@ def _run(cfg: FitReweightConfig, dist: DistContext) -> Dict[str, Any]:
     fit = Fit(cfg, dist)
     out = fit.out
     clean = fit.clean_set()
-    first = cfg.attacks[0]
-    members = [Member(f"round0-{first.name}-t{t:g}", first, ConstantReweight(t_base=t)) for t in cfg.start_t]
+    first, levels = cfg.attacks[0], start_levels(cfg)
+    members = [Member(f"round0-{first.name}-t{t:g}", first, ConstantReweight(t_base=t)) for t in levels]
     sets = [fit.member_set(m) for m in members]
+    cap = diagonal_cap(cfg, {t: s["table"] for t, s in zip(levels, sets)}) if cfg.cap else None
     curve, info, rounds = None, {}, []
     for r in range(cfg.alternations + 1):
         if r > 0:  # the attacker answers the current curve
@@ -332,11 +372,11 @@ def _run(cfg: FitReweightConfig, dist: DistContext) -> Dict[str, Any]:
             sets += [fit.member_set(m) for m in new]
         adv_s, adv_t = _stack(sets)
         curve, info = fit.broadcast_curve(lambda: fit_robust(fit.grid, clean["norm"], clean["table"], adv_s, adv_t,
-                                                             cfg.fit, init=curve, seed=cfg.seed + r))
+                                                             cfg.fit, init=curve, seed=cfg.seed + r, cap=cap))
         rounds.append({"round": r, "attacked_sets": [m.name for m in members], **info})
     compare = {c.name: build_reweight(c.reweight.name, fit.defense.calibration, **c.reweight.kwargs)
                for c in cfg.compare}
-    on_tables = {name: table_scores(rw, fit.grid, clean["norm"], clean["table"], adv_s, adv_t)
+    on_tables = {name: table_scores(rw, fit.grid, clean["norm"], clean["table"], adv_s, adv_t, cap)
                  for name, rw in {"learned": curve, **compare}.items()}
     heldout = {}
     if cfg.verify_draws > 0 and fit.hold_x.shape[0] > 0:
@@ -350,9 +390,9 @@ def _run(cfg: FitReweightConfig, dist: DistContext) -> Dict[str, Any]:
     path = curve.save(out / "reweight.json", extra={
         "trained_against": budgets, "objective": f"robust + {cfg.fit.clean_weight:g} * clean",
         "fit": info, "rounds": rounds, "on_fit_tables": on_tables, "heldout": heldout,
-        "t_grid": list(cfg.t_grid), "start_t": list(cfg.start_t)})
+        "t_grid": list(cfg.t_grid), "start_t": levels, "capped": cfg.cap})
     png = _plot(fit, curve, compare, clean, members, sets, out / "reweight.png")
-    report = _report(cfg, budgets, rounds, on_tables, heldout, fit)
+    report = _report(cfg, levels, budgets, rounds, on_tables, heldout, fit)
     atomic_write_text(out / "report.md", report)
     if cfg.progress:
         print(report, flush=True)
@@ -378,7 +418,8 @@ def _pct(m: Dict[str, Any], key: str) -> str:
     return pct_ci(m[key], m[f"{key}_ci"])
 
 
-def _report(cfg: FitReweightConfig, budgets: Dict[str, str], rounds, on_tables, heldout, fit: Fit) -> str:
+def _report(cfg: FitReweightConfig, levels: List[float], budgets: Dict[str, str], rounds, on_tables, heldout,
+            fit: Fit) -> str:
     """report.md: the threat model, the rounds, the curves on the fit tables and on held-out images."""
     lines = ["# Learned reweight", "",
              f"Fitted on {fit.fit_x.shape[0]} clean training images (and attacked copies of them); "
@@ -386,11 +427,14 @@ def _report(cfg: FitReweightConfig, budgets: Dict[str, str], rounds, on_tables, 
              "(robust: an image counts as far as it survives every attacked copy).", "",
              "Trained against:", ""]
     lines += [f"- {name}: {b}" for name, b in budgets.items()]
-    lines += [f"- round 0: {cfg.attacks[0].name} through DBP at t* = {', '.join(f'{t:g}' for t in cfg.start_t)}",
-              "", "| round | attacked sets | clean (tables) | robust (tables) |", "|---|---|---|---|"]
+    lines += [f"- round 0: {cfg.attacks[0].name} through DBP at t* = {', '.join(f'{t:g}' for t in levels)}"]
+    lines += ["- capped: an attacked copy at t counts at most what the round-0 copy crafted against t leaves "
+              "there"] if cfg.cap else []
+    lines += ["", "| round | attacked sets | clean (tables) | robust (tables) |", "|---|---|---|---|"]
     lines += [f"| {r['round']} | {len(r['attacked_sets'])} | {100 * r['clean']:.1f} | {100 * r['robust']:.1f} |"
               for r in rounds]
-    lines += ["", "On the fit images' tables (accuracy at each curve's t*, worst over every attacked set):", "",
+    lines += ["", "On the fit images' tables (accuracy at each curve's t*, worst over every attacked set"
+              + (", capped" if cfg.cap else "") + "):", "",
               "| reweight | clean | robust | mean t* clean | mean t* attacked |", "|---|---|---|---|---|"]
     lines += [f"| {n} | {100 * v['clean']:.1f} | {100 * v['robust']:.1f} | {v['mean_t_clean']:.3f} | "
               f"{v['mean_t_attacked']:.3f} |" for n, v in on_tables.items()]

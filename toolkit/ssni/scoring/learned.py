@@ -12,6 +12,12 @@ robust(c) the mean over images of the (soft) minimum over the attacks of the att
 accuracy at t = c(s_attacked): an image counts only as far as it survives every attack it was
 tried with. Accuracy between grid points is interpolated linearly in t, so the objective has a
 gradient with respect to the curve's heights.
+
+A copy crafted against one t* says little about another: a perturbation aimed at purification at
+t = 0.1 often fails against t = 0.04, yet an attacker facing 0.04 would aim at 0.04. With a `cap`
+[N, G] (each image attacked at every grid t and measured at that same t), an attacked copy sent to
+t is credited at most the cap at t, so robustness is only counted where an attack aimed at that t*
+was tried.
 """
 from __future__ import annotations
 
@@ -109,23 +115,36 @@ def soft_minimum(v: Tensor, temperature: float, dim: int = -1) -> Tensor:
     return -temperature * torch.logsumexp(-v / temperature, dim)
 
 
+def attacked_accuracy(adv_acc: Tensor, grid: Tensor, t_adv: Tensor, cap: Optional[Tensor] = None) -> Tensor:
+    """Accuracy of each attacked copy at its t, at most the cap at that t (module doc);
+    adv_acc [N,J,G], t_adv [N,J], cap [N,G] or None -> [N,J]."""
+    acc = interpolate_accuracy(adv_acc, grid, t_adv)
+    if cap is None:
+        return acc
+    return torch.minimum(acc, interpolate_accuracy(cap[:, None, :].expand_as(adv_acc), grid, t_adv))
+
+
 def table_scores(curve: Callable[..., Tensor], grid: Tensor, clean_s: Tensor, clean_acc: Tensor,
-                 adv_s: Tensor, adv_acc: Tensor) -> Dict[str, float]:
+                 adv_s: Tensor, adv_acc: Tensor, cap: Optional[Tensor] = None) -> Dict[str, float]:
     """Clean and robust (worst over attacks) accuracy a reweight gets on the tables, with its hard
-    (rounded) t*; clean_s [N], clean_acc [N,G], adv_s [N,J], adv_acc [N,J,G]."""
+    (rounded) t*; clean_s [N], clean_acc [N,G], adv_s [N,J], adv_acc [N,J,G], cap [N,G] or None."""
     with torch.no_grad():
         n, j = adv_s.shape
         # a curve leaving the grid raises (interpolate_accuracy): accuracy is unknown there
         t_clean = curve(clean_s.float(), smooth=False)
         t_adv = curve(adv_s.reshape(-1).float(), smooth=False).view(n, j)
         clean = interpolate_accuracy(clean_acc, grid, t_clean)
-        robust = interpolate_accuracy(adv_acc, grid, t_adv).min(1).values
+        robust = attacked_accuracy(adv_acc.float(), grid, t_adv, None if cap is None else cap.float()).min(1).values
     return {"clean": float(clean.mean()), "robust": float(robust.mean()),
             "mean_t_clean": float(t_clean.mean()), "mean_t_attacked": float(t_adv.mean())}
 
 
-def _check_tables(grid: Tensor, clean_s: Tensor, clean_acc: Tensor, adv_s: Tensor, adv_acc: Tensor) -> None:
+def _check_tables(grid: Tensor, clean_s: Tensor, clean_acc: Tensor, adv_s: Tensor, adv_acc: Tensor,
+                  cap: Optional[Tensor] = None) -> None:
     n, g = clean_acc.shape
+    if cap is not None and (cap.shape != (n, g) or not bool(torch.isfinite(cap).all())):
+        raise ValueError(f"cap must be a finite [N, G] = [{n}, {g}] table (each image attacked at each grid t, "
+                         f"measured there), got {list(cap.shape)}")
     if clean_s.shape != (n,) or adv_s.dim() != 2 or adv_s.shape[0] != n or adv_acc.shape != (*adv_s.shape, g) \
             or grid.shape != (g,):
         raise ValueError(f"accuracy tables do not fit together: clean_s {list(clean_s.shape)}, clean_acc "
@@ -140,18 +159,20 @@ def _check_tables(grid: Tensor, clean_s: Tensor, clean_acc: Tensor, adv_s: Tenso
 
 def fit_robust(grid: Sequence[float] | Tensor, clean_s: Tensor, clean_acc: Tensor, adv_s: Tensor,
                adv_acc: Tensor, cfg: RobustFitConfig = RobustFitConfig(),
-               init: Optional[LearnedReweight] = None, seed: int = 0) -> tuple[LearnedReweight, Dict[str, float]]:
+               init: Optional[LearnedReweight] = None, seed: int = 0,
+               cap: Optional[Tensor] = None) -> tuple[LearnedReweight, Dict[str, float]]:
     """Fit a LearnedReweight to accuracy tables: maximise robust + clean_weight * clean (module doc).
 
     grid [G] (noise levels of the tables' columns), clean_s [N], clean_acc [N,G], adv_s [N,J],
-    adv_acc [N,J,G]. Knots at quantiles of all norms; full-batch Adam on the heights' logits from
+    adv_acc [N,J,G], cap [N,G] or None (an attacked copy at t counts at most cap(t)). Knots at quantiles of all norms; full-batch Adam on the heights' logits from
     `init` (when given, and its knots are kept) and from `restarts` random starts; returns the curve
     with the best objective of its hard (rounded) t* and {"objective", "clean", "robust", ...}.
     """
     grid = torch.as_tensor(grid, dtype=torch.float32).flatten()
     clean_s, clean_acc = clean_s.detach().float().cpu(), clean_acc.detach().float().cpu()
     adv_s, adv_acc = adv_s.detach().float().cpu(), adv_acc.detach().float().cpu()
-    _check_tables(grid, clean_s, clean_acc, adv_s, adv_acc)
+    cap = None if cap is None else cap.detach().float().cpu()
+    _check_tables(grid, clean_s, clean_acc, adv_s, adv_acc, cap)
     if not float(grid[0]) <= cfg.t_min <= cfg.t_max <= float(grid[-1]):
         raise ValueError(f"the curve's range [t_min, t_max] = [{cfg.t_min}, {cfg.t_max}] must lie inside the "
                          f"accuracy grid [{float(grid[0])}, {float(grid[-1])}]")
@@ -167,7 +188,7 @@ def fit_robust(grid: Sequence[float] | Tensor, clean_s: Tensor, clean_acc: Tenso
         else:
             tc, ta = curve.curve(clean_s, False), curve.curve(flat_adv, False)
         clean = interpolate_accuracy(clean_acc, grid, tc)
-        per_attack = interpolate_accuracy(adv_acc, grid, ta.view(n, j))
+        per_attack = attacked_accuracy(adv_acc, grid, ta.view(n, j), cap)
         robust = per_attack.min(1).values if hard else soft_minimum(per_attack, cfg.softmin)
         return robust.mean() + cfg.clean_weight * clean.mean(), clean.mean(), per_attack.min(1).values.mean()
 
@@ -194,7 +215,7 @@ def fit_robust(grid: Sequence[float] | Tensor, clean_s: Tensor, clean_acc: Tenso
                             "start": "warm" if (init is not None and k == 0) else f"start {k}"})
     curve, info = best
     curve.logits.requires_grad_(False)
-    info.update({"images": n, "attacks": j, "clean_weight": cfg.clean_weight})
+    info.update({"images": n, "attacks": j, "clean_weight": cfg.clean_weight, "capped": cap is not None})
     return curve, info
 
 
