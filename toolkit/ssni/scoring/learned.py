@@ -164,9 +164,10 @@ def fit_robust(grid: Sequence[float] | Tensor, clean_s: Tensor, clean_acc: Tenso
     """Fit a LearnedReweight to accuracy tables: maximise robust + clean_weight * clean (module doc).
 
     grid [G] (noise levels of the tables' columns), clean_s [N], clean_acc [N,G], adv_s [N,J],
-    adv_acc [N,J,G], cap [N,G] or None (an attacked copy at t counts at most cap(t)). Knots at quantiles of all norms; full-batch Adam on the heights' logits from
-    `init` (when given, and its knots are kept) and from `restarts` random starts; returns the curve
-    with the best objective of its hard (rounded) t* and {"objective", "clean", "robust", ...}.
+    adv_acc [N,J,G], cap [N,G] or None (an attacked copy at t counts at most cap(t)). Knots at
+    quantiles of all norms; full-batch Adam on the heights' logits from `init` (when given, and its
+    knots are kept) and from `restarts` random starts; returns the curve with the best objective of
+    its hard (rounded) t* and {"objective", "clean", "robust", ...}.
     """
     grid = torch.as_tensor(grid, dtype=torch.float32).flatten()
     clean_s, clean_acc = clean_s.detach().float().cpu(), clean_acc.detach().float().cpu()
