@@ -191,7 +191,7 @@ def test_two_process_fit_reweight_shards_the_attacks_and_equals_one_process(runs
     _ok(runs, "fit-reweight")
     one, two = (json.loads((out / k / "rw" / "reweight.json").read_text()) for k in ("one", "two"))
     assert two == one  # curve, rounds, tables and held-out check
-    assert [len(r["attacked_sets"]) for r in one["rounds"]] == [1, 3]
+    assert [len(r["attacked_sets"]) for r in one["rounds"]] == [3, 5]  # round 0 at every grid t, then the alternation
     ranks = [json.loads((out / "two" / f"fit-reweight-rank{r}.json").read_text()) for r in range(2)]
     assert "report" in ranks[0] and ranks[1]["rank"] == 1  # rank 1 used rank 0's curve and returned its paths
     assert ranks[1]["reweight"] == ranks[0]["reweight"] == str(out / "two" / "rw" / "reweight.json")
