@@ -113,7 +113,7 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
     log["evaluation"] = {"seconds": round(time.perf_counter() - t0, 1)}
     flags = list(result["flags"])
     total = time.perf_counter() - t_start
-    footer = _footer(ev_cfg, json.loads((rw / "reweight.json").read_text()).get("trained_against", {}))
+    footer = _footer(ev_cfg, json.loads((rw / "reweight.json").read_text()))
     print(footer, flush=True)
     report = _write_report(root, ev, log, total, footer)
     atomic_write_json(root / "demo_summary.json", {"stages": log, "seconds": round(total, 1),
@@ -121,16 +121,21 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
     return {"report": str(report), "seconds": round(total, 1), "flags": flags}
 
 
-def _footer(ev_cfg: EvaluateConfig, trained_against: Dict[str, str]) -> str:
-    """What the demo's numbers are: the attack budget, what the learned reweight was trained against,
-    and that this is a CPU-sized check."""
+def _footer(ev_cfg: EvaluateConfig, fitted: Dict[str, Any]) -> str:
+    """What the demo's numbers are: the attack budget, what the learned reweight was trained against
+    (fitted: its reweight.json), and that this is a CPU-sized check."""
+    trained_against = fitted.get("trained_against", {})
+    levels = ", ".join(f"{t:g}" for t in fitted.get("start_t", []))
     attacks = expand_attacks(ev_cfg.attacks)[0]
     lines = ["", f"Attack budget: {ev_cfg.num_samples} images, {ev_cfg.draws} defense draws each; "
              + "; ".join(f"{a.name}: {a.attack} {a.kwargs.get('steps', '?')} iterations, EOT {a.eot}, "
                          f"through the {a.purifier} purifier" for a in attacks) + ". "
              "worst-case: per image, the worst over these attacks (strongest that fits the budget).",
              "ssni-learned: fitted on clean training images against "
-             + "; ".join(f"{k} ({v})" for k, v in trained_against.items()) + ".",
+             + "; ".join(f"{k} ({v})" for k, v in trained_against.items())
+             + (f", first through DBP at t* = {levels}" if levels else "")
+             + ("; an attacked copy counted at each t* at most as the attack aimed at that t* allows"
+                if fitted.get("capped") else "") + ".",
              "This is a CPU-sized check of the pipeline with cheap attacks, not a robustness result: stronger "
              "attacks (more iterations, EOT and draws; recipes/eval/digits.yaml) lower these numbers."]
     return "\n".join(lines)
