@@ -131,9 +131,9 @@ def _footer(ev_cfg: EvaluateConfig, fitted: Dict[str, Any]) -> str:
              + "; ".join(f"{a.name}: {a.attack} {a.kwargs.get('steps', '?')} iterations, EOT {a.eot}, "
                          f"through the {a.purifier} purifier" for a in attacks) + ". "
              "worst-case: per image, the worst over these attacks (strongest that fits the budget).",
-             "ssni-learned: fitted on clean training images against "
+             "ssni-learned: fitted on clean training images"
+             + (f", first attacked through DBP at t* = {levels}" if levels else "") + ", then against "
              + "; ".join(f"{k} ({v})" for k, v in trained_against.items())
-             + (f", first through DBP at t* = {levels}" if levels else "")
              + ("; an attacked copy counted at each t* at most as the attack aimed at that t* allows"
                 if fitted.get("capped") else "") + ".",
              "This is a CPU-sized check of the pipeline with cheap attacks, not a robustness result: stronger "
