@@ -135,10 +135,15 @@ def check_fit_config(cfg: FitReweightConfig) -> None:
         raise ConfigError(f"fit.t_min/t_max = {cfg.fit.t_min}/{cfg.fit.t_max} must lie inside t_grid "
                           f"[{grid[0]}, {grid[-1]}] (accuracy is only known there)")
     if cfg.cap and cfg.start_t is not None:
-        missing = [t for t in reachable_grid(cfg) if not any(abs(t - u) < 1e-9 for u in cfg.start_t)]
+        missing = [t for t in reachable_grid(cfg) if not _among(t, cfg.start_t)]
         if missing:
             raise ConfigError(f"cap needs round 0 at every t_grid point the curve can reach; start_t lacks "
                               f"{missing} (leave start_t out, or set cap: false)")
+
+
+def _among(t: float, levels: List[float]) -> bool:
+    """Whether noise level t is one of `levels` (up to float noise from YAML)."""
+    return any(abs(t - u) < 1e-9 for u in levels)
 
 
 def reachable_grid(cfg: FitReweightConfig) -> List[float]:
@@ -158,12 +163,12 @@ def start_levels(cfg: FitReweightConfig) -> List[float]:
 def diagonal_cap(cfg: FitReweightConfig, round0: Dict[float, Tensor]) -> Tensor:
     """cap [N, G]: at each reachable grid t, the accuracy there of the copy crafted against t;
     1 (no cap) at grid points the curve cannot reach. round0: {t: table [N, G]}."""
+    reach = reachable_grid(cfg)
     n = next(iter(round0.values())).shape[0]
     cap = torch.ones(n, len(cfg.t_grid))
     for k, t in enumerate(cfg.t_grid):
-        if any(abs(t - u) < 1e-9 for u in reachable_grid(cfg)):
-            table = next(v for u, v in round0.items() if abs(t - u) < 1e-9)
-            cap[:, k] = table[:, k]
+        if _among(t, reach):
+            cap[:, k] = next(v for u, v in round0.items() if abs(t - u) < 1e-9)[:, k]
     return cap
 
 

@@ -134,7 +134,7 @@ def table_scores(curve: Callable[..., Tensor], grid: Tensor, clean_s: Tensor, cl
         t_clean = curve(clean_s.float(), smooth=False)
         t_adv = curve(adv_s.reshape(-1).float(), smooth=False).view(n, j)
         clean = interpolate_accuracy(clean_acc, grid, t_clean)
-        robust = attacked_accuracy(adv_acc.float(), grid, t_adv, None if cap is None else cap.float()).min(1).values
+        robust = attacked_accuracy(adv_acc, grid, t_adv, cap).min(1).values  # tables follow t's dtype
     return {"clean": float(clean.mean()), "robust": float(robust.mean()),
             "mean_t_clean": float(t_clean.mean()), "mean_t_attacked": float(t_adv.mean())}
 
