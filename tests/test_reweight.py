@@ -1,6 +1,7 @@
 """Reweighting functions: monotone, bounded, formulas, batch independence, learned fit, oracle."""
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from ssni.scoring import (
     summarize,
     table_scores,
 )
-from ssni.scoring.learned import soft_minimum
+from ssni.scoring.learned import attack_accuracies, robust_accuracy, soft_minimum
 
 
 def _calibration(seed=0) -> Calibration:
@@ -179,6 +180,45 @@ def test_cap_credits_a_t_only_where_an_attack_aimed_at_it_failed():
     assert info["robust"] == pytest.approx(0.9, abs=0.02)
     with pytest.raises(ValueError, match="cap must be a finite"):
         fit_robust(GRID, clean_s, clean_acc, adv_s, adv_acc, cfg, cap=cap[:, :3])
+
+
+def test_per_attack_robust_is_not_pulled_down_by_the_minimum_over_noisy_sets():
+    # Two sets made by the same attack. Up to t = 0.1 every copy is right more often (0.8 there); at 0.15
+    # each set is right on 85% of the images, but on different images (noisy purification), and
+    # beyond that accuracy falls. The attack's accuracy peaks at 0.15 (0.85), while each image's
+    # worst set peaks at t <= 0.1 (0.8 against 0.7): the minimum over sets prefers less noise.
+    n = 100
+    clean_s = torch.linspace(1, 1.99, n)
+    clean_acc = (GRID <= 0.15 + 1e-9).float().expand(n, -1).clone()
+    adv_s = torch.full((n, 2), 2.5)  # one norm: a single t* for every attacked copy
+    adv_acc = torch.where(GRID <= 0.1 + 1e-9, 0.7 + GRID, 0.5).expand(n, 2, -1).clone()  # 0.8 at 0.1
+    k = 3  # GRID[3] = 0.15
+    wrong = torch.arange(n) % 20 < 3  # 15% of the images, a different 15% for the second set
+    adv_acc[:, 0, k], adv_acc[:, 1, k] = (~wrong).float(), (~wrong.roll(10)).float()
+    cfg = RobustFitConfig(knots=8, steps=300, restarts=2, t_max=0.3)
+    per_attack, info = fit_robust(GRID, clean_s, clean_acc, adv_s, adv_acc, cfg, groups=[0, 0])
+    worst, winfo = fit_robust(GRID, clean_s, clean_acc, adv_s, adv_acc, replace(cfg, robust="worst_copy"))
+    with torch.no_grad():
+        t_pa, t_wc = per_attack(adv_s.flatten()), worst(adv_s.flatten())
+    assert bool((t_pa - 0.15).abs().max() < 3e-3), t_pa
+    assert bool((t_wc - 0.1).abs().max() < 3e-3), t_wc
+    assert info["robust"] == pytest.approx(0.85, abs=0.01) and winfo["robust"] == pytest.approx(0.8, abs=0.01)
+    assert info["robust_over"] == "per_attack" and winfo["robust_over"] == "worst_copy"
+    scores = table_scores(per_attack, GRID, clean_s, clean_acc, adv_s, adv_acc, groups=[0, 0])
+    assert scores["per_attack"] == [pytest.approx(0.85, abs=0.01)] and scores["worst_copy"] == pytest.approx(0.7, abs=0.01)
+    with pytest.raises(ValueError, match="groups must name the attack of each"):
+        fit_robust(GRID, clean_s, clean_acc, adv_s, adv_acc, cfg, groups=[0])
+    with pytest.raises(ValueError, match="robust must be one of"):
+        fit_robust(GRID, clean_s, clean_acc, adv_s, adv_acc, replace(cfg, robust="mean"))
+
+
+def test_robust_accuracy_is_the_worst_attack_or_each_images_worst_set():
+    per_set = torch.tensor([[1.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
+    assert attack_accuracies(per_set, [0, 0, 1]).tolist() == [0.625, 0.75]
+    assert attack_accuracies(per_set, None).tolist() == [0.75, 0.5, 0.75]
+    assert robust_accuracy(per_set, "per_attack", [0, 0, 1]).item() == 0.625  # the worst attack
+    assert robust_accuracy(per_set, "worst_copy").item() == 0.25  # only the last image survives all
+    assert robust_accuracy(per_set, "per_attack", [0, 0, 1], 0.1).item() <= 0.625  # soft: never above
 
 
 def test_interpolate_accuracy_and_soft_minimum():

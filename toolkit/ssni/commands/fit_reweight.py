@@ -9,10 +9,13 @@ From clean training images only. The images are split into a fit set and a held-
 2. Every attacked copy and every clean image gets its score norm and an accuracy table: how
    often purification at each t of `t_grid` keeps the classifier right (`draws` draws).
 3. A monotone curve t*(s) is fitted to maximise robust + clean_weight * clean
-   (`ssni.scoring.learned`): an image counts as robust only as far as it survives every attack.
-   With `cap` (the default), an attacked copy sent to t counts at most as much as the copy crafted
-   against t itself survives at t (round 0's diagonal): a copy aimed at t = 0.1 that looks harmless
-   at 0.04 does not make 0.04 safe, because an attacker facing 0.04 aims at 0.04.
+   (`ssni.scoring.learned`). With `fit.robust: per_attack` (the default) robust is the worst
+   attack's accuracy, as `ssni evaluate` reports it: round 0's sets count as one attack (aimed at
+   each t*), and each attack of `attacks` as another, over its alternations' sets; `worst_copy`
+   counts an image only as far as it survives every set. With `cap` (the default), an attacked
+   copy sent to t counts at most as much as the copy crafted against t itself survives at t (round
+   0's diagonal): a copy aimed at t = 0.1 that looks harmless at 0.04 does not make 0.04 safe,
+   because an attacker facing 0.04 aims at 0.04.
 4. Each alternation attacks the fit images with every attack of `attacks` (full and adaptive
    views) through the defense with the current curve, adds those copies and refits: the
    attacker moves, the curve answers.
@@ -56,6 +59,7 @@ from ..scoring import (
     table_scores,
 )
 from ..scoring.calibration import shard_starts
+from ..scoring.learned import ROBUST_MODES
 from ..scoring.reweight import ConstantReweight
 from ..seeding import derive_seed, mix_seeds
 from ..training.dist import DistContext
@@ -134,6 +138,8 @@ def check_fit_config(cfg: FitReweightConfig) -> None:
     if not grid[0] <= cfg.fit.t_min <= cfg.fit.t_max <= grid[-1]:
         raise ConfigError(f"fit.t_min/t_max = {cfg.fit.t_min}/{cfg.fit.t_max} must lie inside t_grid "
                           f"[{grid[0]}, {grid[-1]}] (accuracy is only known there)")
+    if cfg.fit.robust not in ROBUST_MODES:
+        raise ConfigError(f"fit.robust must be one of {', '.join(ROBUST_MODES)}, got {cfg.fit.robust!r}")
     if cfg.cap and cfg.start_t is not None:
         missing = [t for t in reachable_grid(cfg) if not _among(t, cfg.start_t)]
         if missing:
@@ -349,6 +355,13 @@ def _stack(sets: List[Dict[str, Tensor]]) -> Tuple[Tensor, Tensor]:
     return torch.stack([s["norm"] for s in sets], 1), torch.stack([s["table"] for s in sets], 1)
 
 
+def attack_groups(cfg: FitReweightConfig, members: List[Member]) -> Tuple[List[int], List[str]]:
+    """The attack each set counts for (round 0's sets: one attack aimed at each t*; later rounds: their
+    spec's attack) and the attacks' names: ([J] indices, names)."""
+    names = [f"{cfg.attacks[0].name} through DBP (round 0)"] + [a.name for a in cfg.attacks]
+    return [0 if m.name.startswith("round0-") else names.index(m.spec.name, 1) for m in members], names
+
+
 @command("fit-reweight", FitReweightConfig,
          "learn a monotone reweight against attacks through the defense (clean training images only)")
 def run_fit_reweight(cfg: FitReweightConfig) -> Dict[str, Any]:
@@ -376,13 +389,17 @@ def _run(cfg: FitReweightConfig, dist: DistContext) -> Dict[str, Any]:
             members += new
             sets += [fit.member_set(m) for m in new]
         adv_s, adv_t = _stack(sets)
+        groups, attack_names = attack_groups(cfg, members)
         curve, info = fit.broadcast_curve(lambda: fit_robust(fit.grid, clean["norm"], clean["table"], adv_s, adv_t,
-                                                             cfg.fit, init=curve, seed=cfg.seed + r, cap=cap))
+                                                             cfg.fit, init=curve, seed=cfg.seed + r, cap=cap,
+                                                             groups=groups))
         rounds.append({"round": r, "attacked_sets": [m.name for m in members], **info})
     compare = {c.name: build_reweight(c.reweight.name, fit.defense.calibration, **c.reweight.kwargs)
                for c in cfg.compare}
-    on_tables = {name: table_scores(rw, fit.grid, clean["norm"], clean["table"], adv_s, adv_t, cap)
+    on_tables = {name: table_scores(rw, fit.grid, clean["norm"], clean["table"], adv_s, adv_t, cap,
+                                    cfg.fit.robust, groups)
                  for name, rw in {"learned": curve, **compare}.items()}
+    attack_names = [a for k, a in enumerate(attack_names) if k in set(groups)]  # the attacks with sets
     heldout = {}
     if cfg.verify_draws > 0 and fit.hold_x.shape[0] > 0:
         heldout = {name: fit.verify(name, rw) for name, rw in {"learned": curve, **compare}.items()}
@@ -395,9 +412,10 @@ def _run(cfg: FitReweightConfig, dist: DistContext) -> Dict[str, Any]:
     path = curve.save(out / "reweight.json", extra={
         "trained_against": budgets, "objective": f"robust + {cfg.fit.clean_weight:g} * clean",
         "fit": info, "rounds": rounds, "on_fit_tables": on_tables, "heldout": heldout,
-        "t_grid": list(cfg.t_grid), "start_t": levels, "capped": cfg.cap})
+        "t_grid": list(cfg.t_grid), "start_t": levels, "capped": cfg.cap, "robust_over": cfg.fit.robust,
+        "attacks": attack_names})
     png = _plot(fit, curve, compare, clean, members, sets, out / "reweight.png")
-    report = _report(cfg, levels, budgets, rounds, on_tables, heldout, fit)
+    report = _report(cfg, levels, budgets, rounds, on_tables, heldout, fit, attack_names)
     atomic_write_text(out / "report.md", report)
     if cfg.progress:
         print(report, flush=True)
@@ -423,13 +441,17 @@ def _pct(m: Dict[str, Any], key: str) -> str:
     return pct_ci(m[key], m[f"{key}_ci"])
 
 
+ROBUST_WORDS = {"per_attack": "robust: the worst attack's accuracy, each attack's the mean over its attacked sets",
+                "worst_copy": "robust: an image counts as far as it survives every attacked copy"}
+
+
 def _report(cfg: FitReweightConfig, levels: List[float], budgets: Dict[str, str], rounds, on_tables, heldout,
-            fit: Fit) -> str:
+            fit: Fit, attack_names: List[str]) -> str:
     """report.md: the threat model, the rounds, the curves on the fit tables and on held-out images."""
     lines = ["# Learned reweight", "",
              f"Fitted on {fit.fit_x.shape[0]} clean training images (and attacked copies of them); "
              f"{fit.hold_x.shape[0]} more are held out. Objective: robust + {cfg.fit.clean_weight:g} x clean "
-             "(robust: an image counts as far as it survives every attacked copy).", "",
+             f"({ROBUST_WORDS[cfg.fit.robust]}).", "",
              "Trained against:", ""]
     lines += [f"- {name}: {b}" for name, b in budgets.items()]
     lines += [f"- round 0: {cfg.attacks[0].name} through DBP at t* = {', '.join(f'{t:g}' for t in levels)}"]
@@ -438,11 +460,14 @@ def _report(cfg: FitReweightConfig, levels: List[float], budgets: Dict[str, str]
     lines += ["", "| round | attacked sets | clean (tables) | robust (tables) |", "|---|---|---|---|"]
     lines += [f"| {r['round']} | {len(r['attacked_sets'])} | {100 * r['clean']:.1f} | {100 * r['robust']:.1f} |"
               for r in rounds]
-    lines += ["", "On the fit images' tables (accuracy at each curve's t*, worst over every attacked set"
-              + (", capped" if cfg.cap else "") + "):", "",
-              "| reweight | clean | robust | mean t* clean | mean t* attacked |", "|---|---|---|---|---|"]
-    lines += [f"| {n} | {100 * v['clean']:.1f} | {100 * v['robust']:.1f} | {v['mean_t_clean']:.3f} | "
-              f"{v['mean_t_attacked']:.3f} |" for n, v in on_tables.items()]
+    lines += ["", "On the fit images' tables (accuracy at each curve's t*" + (", capped" if cfg.cap else "")
+              + "; each attack's accuracy, and each image's worst copy):", "",
+              "| reweight | clean | robust | " + " | ".join(attack_names) + " | worst copy | mean t* clean | "
+              "mean t* attacked |", "|---" * (len(attack_names) + 6) + "|"]
+    lines += [f"| {n} | {100 * v['clean']:.1f} | {100 * v['robust']:.1f} | "
+              + " | ".join(f"{100 * a:.1f}" for a in v["per_attack"])
+              + f" | {100 * v['worst_copy']:.1f} | {v['mean_t_clean']:.3f} | {v['mean_t_attacked']:.3f} |"
+              for n, v in on_tables.items()]
     if heldout:
         labels = list(next(iter(heldout.values())))
         lines += ["", f"Held-out images ({fit.hold_x.shape[0]}), each attack run through each defense, "
