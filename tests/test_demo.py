@@ -30,7 +30,8 @@ def test_demo_runs_every_stage_then_reuses_its_cache(tmp_path, capsys):
     assert "Attack budget: 4 images, 6 defense draws each; pgd-eot: pgd 1 iterations, EOT 2" in out
     assert "ssni-learned: fitted on clean training images, first attacked through DBP at t* = 0, 0.1, 0.2, then " \
            "against pgd-eot (pgd ce, 1 it, EOT 2, through " in out
-    assert "; an attacked copy counted at each t* at most as the attack aimed at that t* allows." in out
+    assert "; an attacked copy counted at each t* at most as the attack aimed at that t* allows; robust = the " \
+           "worst attack's accuracy; objective robust + 2 * clean." in out
     assert "CPU-sized check" in out
     # every defense's worst over its attacks through its own purifier, with worst-of-4 beside worst-of-6
     for name in ("dbp", "ssni-l", "ssni-n", "ssni-learned"):

@@ -135,7 +135,9 @@ def _footer(ev_cfg: EvaluateConfig, fitted: Dict[str, Any]) -> str:
              + (f", first attacked through DBP at t* = {levels}" if levels else "") + ", then against "
              + "; ".join(f"{k} ({v})" for k, v in trained_against.items())
              + ("; an attacked copy counted at each t* at most as the attack aimed at that t* allows"
-                if fitted.get("capped") else "") + ".",
+                if fitted.get("capped") else "")
+             + ("; robust = the worst attack's accuracy" if fitted.get("robust_over") == "per_attack" else "")
+             + (f"; objective {fitted['objective']}" if "objective" in fitted else "") + ".",
              "This is a CPU-sized check of the pipeline with cheap attacks, not a robustness result: stronger "
              "attacks (more iterations, EOT and draws; recipes/eval/digits.yaml) lower these numbers."]
     return "\n".join(lines)
