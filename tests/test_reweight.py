@@ -348,6 +348,12 @@ def test_fit_reweight_cli_fits_against_attacks_and_resumes(tmp_path, monkeypatch
     # attacks through the curve; the fit was capped by round 0's diagonal
     assert [len(r["attacked_sets"]) for r in saved["rounds"]] == [3, 5]
     assert saved["start_t"] == [0.0, 0.1, 0.2] and saved["capped"] and saved["fit"]["capped"]
+    # robust over attacks: round 0's sets count as one attack, each attack of the recipe as another
+    assert saved["robust_over"] == "per_attack" and saved["fit"]["robust_over"] == "per_attack"
+    assert saved["attacks"] == ["pgd-eot through DBP (round 0)", "pgd-eot", "adaptive"]
+    assert all(len(v["per_attack"]) == 3 for v in saved["on_fit_tables"].values())
+    report = (out / "report.md").read_text()
+    assert "| reweight | clean | robust | pgd-eot through DBP (round 0) | pgd-eot | adaptive | worst copy |" in report
     assert set(saved["heldout"]) == {"learned", "ssni-l", "ssni-n"}
     assert set(saved["heldout"]["learned"]) == {"clean", "pgd-eot", "adaptive"}
     assert saved["heldout"]["learned"]["clean"]["n"] == 4 and saved["heldout"]["learned"]["clean"]["draws"] == 2
@@ -371,6 +377,7 @@ def test_fit_reweight_bad_inputs_fail_in_one_line(tmp_path):
     for extra, match in ((["count=0"], "count must be >= 2"), (["attacks=[]"], "attacks` is empty"),
                          (["holdout=12"], "holdout must be in"), (["fit.t_max=0.3"], "inside t_grid"),
                          (["start_t=[0.5]"], "outside t_grid"),
+                         (["fit.robust=mean"], "fit.robust must be one of per_attack, worst_copy, got 'mean'"),
                          (["start_t=[0.1]"], r"cap needs round 0 at every t_grid point the curve can reach; "
                                              r"start_t lacks \[0.0, 0.2\]")):
         with pytest.raises(ConfigError, match=match):
