@@ -59,7 +59,7 @@ from ..scoring import (
     table_scores,
 )
 from ..scoring.calibration import shard_starts
-from ..scoring.learned import ROBUST_MODES
+from ..scoring.learned import check_robust_mode
 from ..scoring.reweight import ConstantReweight
 from ..seeding import derive_seed, mix_seeds
 from ..training.dist import DistContext
@@ -138,8 +138,10 @@ def check_fit_config(cfg: FitReweightConfig) -> None:
     if not grid[0] <= cfg.fit.t_min <= cfg.fit.t_max <= grid[-1]:
         raise ConfigError(f"fit.t_min/t_max = {cfg.fit.t_min}/{cfg.fit.t_max} must lie inside t_grid "
                           f"[{grid[0]}, {grid[-1]}] (accuracy is only known there)")
-    if cfg.fit.robust not in ROBUST_MODES:
-        raise ConfigError(f"fit.robust must be one of {', '.join(ROBUST_MODES)}, got {cfg.fit.robust!r}")
+    try:
+        check_robust_mode(cfg.fit.robust)
+    except ValueError as e:
+        raise ConfigError(f"fit.{e}") from None
     if cfg.cap and cfg.start_t is not None:
         missing = [t for t in reachable_grid(cfg) if not _among(t, cfg.start_t)]
         if missing:
@@ -357,9 +359,10 @@ def _stack(sets: List[Dict[str, Tensor]]) -> Tuple[Tensor, Tensor]:
 
 def attack_groups(cfg: FitReweightConfig, members: List[Member]) -> Tuple[List[int], List[str]]:
     """The attack each set counts for (round 0's sets: one attack aimed at each t*; later rounds: their
-    spec's attack) and the attacks' names: ([J] indices, names)."""
+    spec's attack) and the names of the attacks that have sets, in index order: ([J] indices, names)."""
     names = [f"{cfg.attacks[0].name} through DBP (round 0)"] + [a.name for a in cfg.attacks]
-    return [0 if m.name.startswith("round0-") else names.index(m.spec.name, 1) for m in members], names
+    groups = [0 if m.name.startswith("round0-") else names.index(m.spec.name, 1) for m in members]
+    return groups, [name for k, name in enumerate(names) if k in set(groups)]
 
 
 @command("fit-reweight", FitReweightConfig,
@@ -399,7 +402,6 @@ def _run(cfg: FitReweightConfig, dist: DistContext) -> Dict[str, Any]:
     on_tables = {name: table_scores(rw, fit.grid, clean["norm"], clean["table"], adv_s, adv_t, cap,
                                     cfg.fit.robust, groups)
                  for name, rw in {"learned": curve, **compare}.items()}
-    attack_names = [a for k, a in enumerate(attack_names) if k in set(groups)]  # the attacks with sets
     heldout = {}
     if cfg.verify_draws > 0 and fit.hold_x.shape[0] > 0:
         heldout = {name: fit.verify(name, rw) for name, rw in {"learned": curve, **compare}.items()}

@@ -139,6 +139,13 @@ def attacked_accuracy(adv_acc: Tensor, grid: Tensor, t_adv: Tensor, cap: Optiona
 ROBUST_MODES = ("per_attack", "worst_copy")
 
 
+def check_robust_mode(mode: str) -> str:
+    """`mode` if it is one of ROBUST_MODES, else a one-line ValueError."""
+    if mode not in ROBUST_MODES:
+        raise ValueError(f"robust must be one of {', '.join(ROBUST_MODES)}, got {mode!r}")
+    return mode
+
+
 def attack_accuracies(per_set: Tensor, groups: Optional[Sequence[int]]) -> Tensor:
     """Each attack's accuracy: the mean over its sets and the images; per_set [N,J] (each copy's
     accuracy), groups [J] (the attack of each set; None: one attack per set) -> [A]."""
@@ -152,11 +159,9 @@ def robust_accuracy(per_set: Tensor, mode: str, groups: Optional[Sequence[int]] 
                     temperature: float = 0.0) -> Tensor:
     """Robust accuracy of per_set [N,J] (each copy's accuracy) as `mode` says (module doc), with a
     soft minimum at `temperature` (0: the hard minimum) -> scalar."""
-    if mode == "per_attack":
+    if check_robust_mode(mode) == "per_attack":
         return soft_minimum(attack_accuracies(per_set, groups), temperature, 0)
-    if mode == "worst_copy":
-        return soft_minimum(per_set, temperature, 1).mean()
-    raise ValueError(f"robust must be one of {', '.join(ROBUST_MODES)}, got {mode!r}")
+    return soft_minimum(per_set, temperature, 1).mean()
 
 
 def table_scores(curve: Callable[..., Tensor], grid: Tensor, clean_s: Tensor, clean_acc: Tensor,
@@ -220,8 +225,7 @@ def fit_robust(grid: Sequence[float] | Tensor, clean_s: Tensor, clean_acc: Tenso
                          f"accuracy grid [{float(grid[0])}, {float(grid[-1])}]")
     if cfg.clean_weight < 0:
         raise ValueError(f"clean_weight must be >= 0, got {cfg.clean_weight}")
-    if cfg.robust not in ROBUST_MODES:
-        raise ValueError(f"robust must be one of {', '.join(ROBUST_MODES)}, got {cfg.robust!r}")
+    check_robust_mode(cfg.robust)
     n, j = adv_s.shape
     if groups is not None and len(groups) != j:
         raise ValueError(f"groups must name the attack of each of the {j} attacked sets, got {len(groups)}")
