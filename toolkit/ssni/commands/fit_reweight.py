@@ -176,7 +176,7 @@ def diagonal_cap(cfg: FitReweightConfig, round0: Dict[float, Tensor]) -> Tensor:
     cap = torch.ones(n, len(cfg.t_grid))
     for k, t in enumerate(cfg.t_grid):
         if _among(t, reach):
-            cap[:, k] = next(v for u, v in round0.items() if abs(t - u) < 1e-9)[:, k]
+            cap[:, k] = next(v for u, v in round0.items() if _among(t, [u]))[:, k]
     return cap
 
 
@@ -362,7 +362,8 @@ def attack_groups(cfg: FitReweightConfig, members: List[Member]) -> Tuple[List[i
     spec's attack) and the names of the attacks that have sets, in index order: ([J] indices, names)."""
     names = [f"{cfg.attacks[0].name} through DBP (round 0)"] + [a.name for a in cfg.attacks]
     groups = [0 if m.name.startswith("round0-") else names.index(m.spec.name, 1) for m in members]
-    return groups, [name for k, name in enumerate(names) if k in set(groups)]
+    present = set(groups)
+    return groups, [name for k, name in enumerate(names) if k in present]
 
 
 @command("fit-reweight", FitReweightConfig,

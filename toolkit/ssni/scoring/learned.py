@@ -151,7 +151,7 @@ def attack_accuracies(per_set: Tensor, groups: Optional[Sequence[int]]) -> Tenso
     accuracy), groups [J] (the attack of each set; None: one attack per set) -> [A]."""
     if groups is None:
         return per_set.mean(0)
-    g = torch.as_tensor(list(groups), dtype=torch.long)
+    g = torch.as_tensor(groups, dtype=torch.long)
     return torch.stack([per_set[:, g == a].mean() for a in torch.unique(g)])
 
 
@@ -229,6 +229,7 @@ def fit_robust(grid: Sequence[float] | Tensor, clean_s: Tensor, clean_acc: Tenso
     n, j = adv_s.shape
     if groups is not None and len(groups) != j:
         raise ValueError(f"groups must name the attack of each of the {j} attacked sets, got {len(groups)}")
+    groups = None if groups is None else torch.as_tensor(list(groups), dtype=torch.long)  # once, not per step
     knots = init.knots.cpu() if init is not None else knot_positions(torch.cat([clean_s, adv_s.flatten()]), cfg.knots)
     flat_adv = adv_s.reshape(-1)
 
