@@ -137,3 +137,25 @@ def test_cli_flushes_denormals():
         assert torch.tensor([1e-323], dtype=torch.float64).item() == 0.0
     finally:
         torch.set_flush_denormal(False)
+
+
+def test_check_same_run_refuses_finished_work_of_another_config(tmp_path):
+    from ssni.commands.calibrate import CalibrateConfig
+    from ssni.config import ConfigError, check_same_run, load_config, save_config
+
+    cfg = load_config(CalibrateConfig, None, [f"output={tmp_path}", "count=300"])
+    save_config(cfg, tmp_path)
+    check_same_run(load_config(CalibrateConfig, None, ["count=999"]), tmp_path, "calibration.json")  # nothing done yet
+    (tmp_path / "calibration.json").write_text("{}")
+    check_same_run(cfg, tmp_path, "calibration.json")
+    check_same_run(load_config(CalibrateConfig, None, ["count=300", "output=elsewhere", "progress=false"]),
+                   tmp_path, "calibration.json")  # where it is written and progress bars do not count
+    with pytest.raises(ConfigError, match=r"holds a run made with another config \(count: 300 -> 999, "
+                                          r"data.reserve: 0 -> 5\); reusing it would mix the two"):
+        check_same_run(load_config(CalibrateConfig, None, ["count=999", "data.reserve=5"]), tmp_path,
+                       "calibration.json")
+    # a config saved before a field existed: the field's default stands in for it
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del saved["data"]["reserve"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    check_same_run(cfg, tmp_path, "calibration.json")

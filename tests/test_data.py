@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -55,3 +56,22 @@ def test_cifar10_loader_reads_local_files(tmp_path, monkeypatch):
 
 def test_registry_lists_datasets():
     assert {"digits", "cifar10", "imagefolder"} <= set(DATASETS.names())
+
+
+def test_reserve_is_held_out_of_train_and_is_its_own_split():
+    base = build_dataset(DataConfig(name="digits", image_size=8), "train")
+    cfg = DataConfig(name="digits", image_size=8, reserve=100)
+    tr, rs = build_dataset(cfg, "train"), build_dataset(cfg, "reserve")
+    assert len(tr) == len(base) - 100 and len(rs) == 100
+    # together they are the training split, with no image in both
+    rows = lambda ds: {tuple(r) for r in ds.images.flatten(1).tolist()}  # noqa: E731
+    assert rows(tr) | rows(rs) == rows(base) and not rows(tr) & rows(rs)
+    assert torch.equal(build_dataset(cfg, "reserve").images, rs.images)  # deterministic
+    assert torch.equal(build_dataset(cfg, "test").images, build_dataset(DataConfig(name="digits", image_size=8),
+                                                                        "test").images)
+    with pytest.raises(ValueError, match="split 'reserve' needs data.reserve >= 1"):
+        build_dataset(DataConfig(name="digits", image_size=8), "reserve")
+    with pytest.raises(ValueError, match=r"data.reserve must be in \[0, 1437\]"):
+        build_dataset(DataConfig(name="digits", image_size=8, reserve=1438), "train")
+    with pytest.raises(ValueError, match="split must be one of train, test, reserve, got 'val'"):
+        build_dataset(cfg, "val")

@@ -229,3 +229,22 @@ def test_a_changed_classifier_file_makes_evaluate_refuse_its_old_state(tmp_path,
     assert "changed: classifier" in err and "refusing to reuse" in err
     rows = json.loads((tmp_path / "run" / "results.json").read_text())["rows"]
     assert rows  # the old results are still there, untouched
+
+
+# -- 4. a run directory holds one config ----------------------------------------------------------
+def test_a_run_dir_of_another_config_is_refused_not_resumed(tmp_path):
+    from ssni.cli import main
+
+    run = tmp_path / "score"
+    args = ["train-score", str(REPO / "recipes/score/digits.yaml"), f"run_dir={run}", "model.name=unet_tiny",
+            "data.image_size=8", "loop.steps=2", "loop.batch_size=8", "loop.device=cpu", "loop.progress=false",
+            "eval_draws=1", "sample_count=2", "sample_steps=2"]
+    assert main(args) == 0
+    before = _weights(run)
+    # another training set in the same run dir: resuming its checkpoints would mix the two runs
+    assert main(args + ["data.reserve=100"]) == 2
+    assert _same(_weights(run), before)
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["reserve"] == 384  # the recipe's, kept
+    # more steps of the same run: resumes
+    assert main(args + ["loop.steps=3"]) == 0
+    assert json.loads((run / "checkpoints" / "latest.json").read_text())["step"] == 3

@@ -369,7 +369,9 @@ def test_fit_reweight_cli_fits_against_attacks_and_resumes(tmp_path, monkeypatch
 
 
 def test_fit_reweight_bad_inputs_fail_in_one_line(tmp_path):
-    from ssni.commands.fit_reweight import FitReweightConfig, check_fit_config, run_fit_reweight
+    import yaml
+
+    from ssni.commands.fit_reweight import FitReweightConfig, check_fit_config, check_fit_images_unseen, run_fit_reweight
     from ssni.config import ConfigError, load_config
 
     recipe = _tiny_defense(tmp_path)
@@ -383,8 +385,30 @@ def test_fit_reweight_bad_inputs_fail_in_one_line(tmp_path):
         with pytest.raises(ConfigError, match=match):
             check_fit_config(load_config(FitReweightConfig, RECIPE, base + extra))
     check_fit_config(load_config(FitReweightConfig, RECIPE, base + ["start_t=[0.1]", "cap=false"]))  # no cap: fine
-    with pytest.raises(ConfigError, match="has 1438 images; set count <= 1438"):
+    for extra, match in ((["split=test"], "split must be one of train, reserve .clean training images only., "
+                                          "got 'test'"),
+                         (["data.reserve=0"], "split: reserve needs data.reserve >= 1")):
+        with pytest.raises(ConfigError, match=match):
+            check_fit_config(load_config(FitReweightConfig, RECIPE, base + extra))
+    with pytest.raises(ConfigError, match="the reserve split of 'digits' has 384 images; set count <= 384"):
         run_fit_reweight(load_config(FitReweightConfig, RECIPE, base + ["count=5000"]))
+    with pytest.raises(ConfigError, match="the train split of 'digits' has 1054 images; set count <= 1054"):
+        run_fit_reweight(load_config(FitReweightConfig, RECIPE, base + ["count=5000", "split=train"]))
+    # fitting on the reserve of a classifier whose run trained on it: refused, naming the fix
+    run = {"data": {"name": "digits", "image_size": 8, "test_fraction": 0.2, "split_seed": 0, "reserve": 0},
+           "loop": {"steps": 1}}
+    (tmp_path / "clf" / "config.yaml").write_text(yaml.safe_dump(run))
+    with pytest.raises(ConfigError, match=r"split: reserve, but the classifier at .*clf was trained with "
+                                          r"data.reserve=0, so its training images may include the fit images; "
+                                          r"train it with data.reserve=384 or fit on split: train"):
+        run_fit_reweight(load_config(FitReweightConfig, RECIPE, base))
+    run["data"]["reserve"] = 384  # the same reserve: the fit images are unseen, the check passes
+    (tmp_path / "clf" / "config.yaml").write_text(yaml.safe_dump(run))
+    check_fit_images_unseen(load_config(FitReweightConfig, RECIPE, base))
+    (tmp_path / "score" / "config.yaml").write_text(yaml.safe_dump({**run, "data": {**run["data"], "split_seed": 3}}))
+    with pytest.raises(ConfigError, match=r"the score network at .*score was trained with data.split_seed=3"):
+        check_fit_images_unseen(load_config(FitReweightConfig, RECIPE, base))
+    (tmp_path / "score" / "config.yaml").unlink()
     # no calibration: the reweights that need one say so
     (tmp_path / "calibration.json").unlink()
     with pytest.raises((FileNotFoundError, ValueError), match="calibration"):

@@ -199,3 +199,36 @@ def save_config(cfg: Any, run_dir: str | os.PathLike, name: str = "config.yaml")
     path = Path(run_dir) / name
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return path
+
+
+def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
+    """{'a.b': v} for nested mappings (lists stay values)."""
+    if not isinstance(d, Mapping):
+        return {prefix: d}
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_same_run(cfg: Any, run_dir: str | os.PathLike, marker: str,
+                   may_differ: Sequence[str] = ("run_dir", "output", "progress", "loop.steps", "loop.progress",
+                                                 "loop.log_every")) -> None:
+    """Raise when run_dir already holds work (`marker` exists in it) made with another config than
+    cfg: resuming or reusing it would mix two runs. Keys in `may_differ` do not count."""
+    run_dir = Path(run_dir)
+    saved = run_dir / "config.yaml"
+    if not (run_dir / marker).exists() or not saved.is_file():
+        return
+    try:  # through the dataclass, so fields added since get their defaults on both sides
+        old = _flat(to_dict(from_dict(type(cfg), _safe_load(saved.read_text(encoding="utf-8"), str(saved)) or {})))
+    except ConfigError as e:
+        raise ConfigError(f"{run_dir} holds a run whose config no longer loads ({e}); use a new run "
+                          "directory or delete this one") from None
+    new = _flat(to_dict(cfg))
+    changed = [k for k in sorted(set(old) | set(new)) if k not in may_differ and old.get(k) != new.get(k)]
+    if changed:
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        raise ConfigError(f"{run_dir} holds a run made with another config ({shown}{more}); reusing it would "
+                          "mix the two: use a new run directory or delete this one")

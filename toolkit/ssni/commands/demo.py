@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
-from ..config import load_config, save_config
+from ..config import check_same_run, load_config, save_config
 from ..evaluate.runner import EvaluateConfig, expand_attacks
 from ..io import atomic_write_json, atomic_write_text
 from .calibrate import CalibrateConfig, run_calibrate
@@ -84,15 +84,18 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
     log: Dict[str, Any] = {}
     t_start = time.perf_counter()
 
-    _stage("score network", score / "summary.json", lambda: train_score(load_config(
-        ScoreTrainConfig, cfg.score_recipe, cfg.score_overrides + prog + [f"run_dir={score}"])), log)
-    _stage("classifier", clf / "summary.json", lambda: train_classifier(load_config(
-        ClassifierTrainConfig, cfg.classifier_recipe,
-        cfg.classifier_overrides + prog + [f"run_dir={clf}"])), log)
-    _stage("calibration", cal / "calibration.json", lambda: run_calibrate(load_config(
-        CalibrateConfig, cfg.calibrate_recipe, cfg.calibrate_overrides + [
-            f"output={cal}", f"score_model={score}", f"progress={progress}"])),
-        log)
+    score_cfg = load_config(ScoreTrainConfig, cfg.score_recipe, cfg.score_overrides + prog + [f"run_dir={score}"])
+    clf_cfg = load_config(ClassifierTrainConfig, cfg.classifier_recipe,
+                          cfg.classifier_overrides + prog + [f"run_dir={clf}"])
+    cal_cfg = load_config(CalibrateConfig, cfg.calibrate_recipe, cfg.calibrate_overrides + [
+        f"output={cal}", f"score_model={score}", f"progress={progress}"])
+    # a finished stage is reused only if it was made with the config it would run with now
+    for c, d, done in ((score_cfg, score, "summary.json"), (clf_cfg, clf, "summary.json"),
+                       (cal_cfg, cal, "calibration.json")):
+        check_same_run(c, d, done)
+    _stage("score network", score / "summary.json", lambda: train_score(score_cfg), log)
+    _stage("classifier", clf / "summary.json", lambda: train_classifier(clf_cfg), log)
+    _stage("calibration", cal / "calibration.json", lambda: run_calibrate(cal_cfg), log)
     # always run: fit-reweight reuses its attacked sets when their inputs are unchanged (content keys)
     t0 = time.perf_counter()
     print("[demo] learned reweight ...", flush=True)

@@ -37,11 +37,12 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+import yaml
 from torch import Tensor
 
-from ..config import ConfigError, save_config, to_dict
+from ..config import ConfigError, load_config, save_config, to_dict
 from ..data import DataConfig, build_dataset
-from ..defense import RobustClassifier
+from ..defense import DefenseConfig, RobustClassifier
 from ..evaluate.metrics import draw_accuracy
 from ..evaluate.report import pct_ci
 from ..evaluate.specs import AttackSpec, DefenseSpec, attack_budget, attacked_defense, check_attacks, make_attack
@@ -87,6 +88,10 @@ class FitReweightConfig:
     defense_recipe: str = "recipes/defense/digits.yaml"
     defense_overrides: List[str] = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)
+    # train, or reserve: training images held back from the classifier's and score network's
+    # training (data.reserve); on their own training images the networks are surer than on unseen
+    # ones, most at small t*, which pulls the fitted t* down
+    split: str = "train"
     count: int = 128  # clean training images: the first count - holdout are fitted, the rest held out
     holdout: int = 32
     # the threat model, as in `ssni evaluate` (purifier: defense = the defense's own purifier)
@@ -110,6 +115,12 @@ class FitReweightConfig:
 
 def check_fit_config(cfg: FitReweightConfig) -> None:
     """One-line errors for settings that cannot work, before anything is loaded or attacked."""
+    if cfg.split not in FIT_SPLITS:
+        raise ConfigError(f"split must be one of {', '.join(FIT_SPLITS)} (clean training images only), "
+                          f"got {cfg.split!r}")
+    if cfg.split == "reserve" and cfg.data.reserve < 1:
+        raise ConfigError("split: reserve needs data.reserve >= 1 (the training images held back from "
+                          f"training the networks), got data.reserve={cfg.data.reserve}")
     if cfg.count < 2:
         raise ConfigError(f"count must be >= 2 clean training images, got {cfg.count}")
     if not 0 <= cfg.holdout <= cfg.count - 1:
@@ -147,6 +158,46 @@ def check_fit_config(cfg: FitReweightConfig) -> None:
         if missing:
             raise ConfigError(f"cap needs round 0 at every t_grid point the curve can reach; start_t lacks "
                               f"{missing} (leave start_t out, or set cap: false)")
+
+
+FIT_SPLITS = ("train", "reserve")
+_SPLIT_KEYS = ("name", "test_fraction", "split_seed", "reserve")
+
+
+def _run_data(path: Any) -> Optional[Dict[str, Any]]:
+    """The `data` section of the config.yaml saved by the run that trained the weights at `path`
+    (a run dir, a checkpoint dir in it, or a file in one of those); None where there is none."""
+    if not isinstance(path, (str, Path)) or not path:
+        return None
+    p = Path(path).expanduser()
+    for d in [p, *p.parents][:3]:  # run dir, run/checkpoints, run/checkpoints/<step>
+        f = d / "config.yaml"
+        if f.is_file():
+            loaded = yaml.safe_load(f.read_text())
+            if isinstance(loaded, dict) and isinstance(loaded.get("data"), dict) and "loop" in loaded:
+                return loaded["data"]  # a training run's config (train-score, train-classifier, ...)
+            return None
+    return None
+
+
+def check_fit_images_unseen(cfg: FitReweightConfig) -> None:
+    """With split: reserve, a one-line error when the classifier's or score network's own run says it
+    trained on the reserve images (another data.reserve, split_seed or test_fraction)."""
+    if cfg.split != "reserve":
+        return
+    dcfg = load_config(DefenseConfig, cfg.defense_recipe, cfg.defense_overrides)
+    ours = to_dict(cfg.data)
+    for what, path in (("classifier", dcfg.classifier.checkpoint), ("score network", dcfg.score_model)):
+        theirs = _run_data(path)
+        if theirs is None or theirs.get("name", ours["name"]) != ours["name"]:
+            continue  # weights from elsewhere (e.g. a public checkpoint): nothing recorded to check
+        diff = {k: theirs.get(k, 0 if k == "reserve" else None) for k in _SPLIT_KEYS[1:]
+                if theirs.get(k, 0 if k == "reserve" else None) != ours[k]}
+        if diff:
+            raise ConfigError(f"split: reserve, but the {what} at {path} was trained with "
+                              + ", ".join(f"data.{k}={v}" for k, v in diff.items())
+                              + ", so its training images may include the fit images; train it with data."
+                              + ", data.".join(f"{k}={ours[k]}" for k in diff) + " or fit on split: train")
 
 
 def _among(t: float, levels: List[float]) -> bool:
@@ -236,7 +287,7 @@ class Fit:
     def key(self, what: str, extra: Any) -> str:
         """Fingerprint of everything a saved set depends on."""
         c = to_dict(self.cfg)
-        keep = {k: c[k] for k in ("data", "count", "holdout", "t_grid", "draws", "batch_size", "seed")}
+        keep = {k: c[k] for k in ("data", "split", "count", "holdout", "t_grid", "draws", "batch_size", "seed")}
         return config_fingerprint({"what": what, "inputs": self.inputs, "cfg": keep, "extra": extra})
 
     def sharded(self, fn: Callable[[int, int], Dict[str, Tensor]], n: int) -> Dict[str, Tensor]:
@@ -343,9 +394,9 @@ class Fit:
 
 def training_images(cfg: FitReweightConfig, device: torch.device) -> Tuple[Tensor, Tensor]:
     """`count` clean training images (a seeded subset, in index order) and their labels."""
-    ds = build_dataset(cfg.data, "train")  # clean training data only
+    ds = build_dataset(cfg.data, cfg.split)  # clean training data only
     if len(ds) < cfg.count:
-        raise ConfigError(f"count={cfg.count}, but the training split of {cfg.data.name!r} has {len(ds)} "
+        raise ConfigError(f"count={cfg.count}, but the {cfg.split} split of {cfg.data.name!r} has {len(ds)} "
                           f"images; set count <= {len(ds)}")
     g = torch.Generator().manual_seed(cfg.seed)
     idx = torch.randperm(len(ds), generator=g)[:cfg.count]  # random, so the held-out part is too
@@ -371,6 +422,7 @@ def attack_groups(cfg: FitReweightConfig, members: List[Member]) -> Tuple[List[i
 def run_fit_reweight(cfg: FitReweightConfig) -> Dict[str, Any]:
     """Fit the learned reweight; writes reweight.json, reweight.png and report.md (rank 0)."""
     check_fit_config(cfg)
+    check_fit_images_unseen(cfg)
     dist = DistContext.from_env(cfg.device)
     try:
         return _run(cfg, dist)

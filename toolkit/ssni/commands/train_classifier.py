@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from ..config import save_config
+from ..config import check_same_run, save_config
 from ..data import DataConfig, build_dataset
 from ..io import atomic_write_json
 from ..models import classifier_spec, create_classifier
@@ -45,6 +45,8 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Dict[str, Any]:
     """Train a timm classifier per `cfg`; returns test accuracy and paths."""
     dist = DistContext.from_env(cfg.loop.device)
     run_dir = Path(cfg.run_dir)
+    if cfg.loop.resume:  # its checkpoints would be resumed: they must come from this config
+        check_same_run(cfg, run_dir, "checkpoints")
     train_ds, test_ds = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "test")
     c, h, _ = train_ds.image_shape
     with seeded(cfg.loop.seed):  # the recipe's seed fixes the initial weights

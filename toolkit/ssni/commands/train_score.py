@@ -7,7 +7,7 @@ from typing import Any, Dict
 
 import torch
 
-from ..config import save_config
+from ..config import check_same_run, save_config
 from ..data import DataConfig, build_dataset
 from ..images import save_grid_png
 from ..io import atomic_write_json
@@ -42,6 +42,8 @@ def train_score(cfg: ScoreTrainConfig) -> Dict[str, Any]:
     """Train a score network per `cfg`; returns a summary (losses, paths)."""
     dist = DistContext.from_env(cfg.loop.device)
     run_dir = Path(cfg.run_dir)
+    if cfg.loop.resume:  # its checkpoints would be resumed: they must come from this config
+        check_same_run(cfg, run_dir, "checkpoints")
     train_ds, test_ds = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "test")
     c, h, _ = train_ds.image_shape
     with seeded(cfg.loop.seed):  # the recipe's seed fixes the initial weights

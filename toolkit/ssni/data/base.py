@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -26,6 +27,9 @@ class DataConfig:
     download: bool = False
     test_fraction: float = 0.2
     split_seed: int = 0
+    # training images held back from training networks: split "train" leaves them out, split
+    # "reserve" is them (e.g. to fit a reweight on images the classifier never saw)
+    reserve: int = 0
 
 
 class TensorImageDataset(Dataset):
@@ -66,10 +70,21 @@ def resize(images: Tensor, size: int) -> Tensor:
                          antialias=True).clamp_(0.0, 1.0)
 
 
+SPLITS = ("train", "test", "reserve")
+
+
 def check_split(split: str) -> None:
-    """Raise unless split is 'train' or 'test'."""
+    """Raise unless split is 'train' or 'test' (what a data set's loader reads)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+
+
+def reserved_indices(n: int, reserve: int, seed: int) -> np.ndarray:
+    """The `reserve` of range(n) training images held back from training networks (sorted)."""
+    if not 0 <= reserve < n:
+        raise ValueError(f"data.reserve must be in [0, {n - 1}] (the training split has {n} images), got {reserve}")
+    # a seed of its own, so the reserve does not follow the train/test permutation
+    return np.sort(np.random.RandomState(seed + 7919).permutation(n)[:reserve])
 
 
 def require_dir(root: Optional[str], what: str) -> Path:
@@ -83,5 +98,16 @@ def require_dir(root: Optional[str], what: str) -> Path:
 
 
 def build_dataset(cfg: DataConfig, split: str) -> TensorImageDataset:
-    """Load the configured data set's split ('train' or 'test')."""
-    return DATASETS.get(cfg.name)(split, cfg)
+    """Load the configured data set's split: 'test', 'train' (less the `reserve` images) or 'reserve'."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split == "reserve" and cfg.reserve < 1:
+        raise ValueError("split 'reserve' needs data.reserve >= 1 (training images held back from "
+                         f"training networks), got data.reserve={cfg.reserve}")
+    if split == "test" or (cfg.reserve == 0 and split == "train"):
+        return DATASETS.get(cfg.name)(split, cfg)
+    full = DATASETS.get(cfg.name)("train", cfg)
+    held = reserved_indices(len(full), cfg.reserve, cfg.split_seed)
+    keep = held if split == "reserve" else np.setdiff1d(np.arange(len(full)), held)
+    idx = torch.from_numpy(keep)
+    return TensorImageDataset(full.images[idx], full.labels[idx], full.num_classes)
