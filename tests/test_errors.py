@@ -215,8 +215,10 @@ def test_batch_size_zero_in_training_and_evaluation(tmp_path, tiny_images, capsy
 def test_resume_with_another_model_is_one_line(tmp_path, score_run, capsys):
     run = tmp_path / "run"
     shutil.copytree(score_run, run)
-    cli_error(capsys, ["train-score", SCORE_RECIPE, f"run_dir={run}", "loop.steps=4", "model.kwargs.ch=8",
-                       *TINY_TRAIN], "holds weights of another network", "step_00000002")
+    argv = ["train-score", SCORE_RECIPE, f"run_dir={run}", "loop.steps=4", "model.kwargs.ch=8", *TINY_TRAIN]
+    cli_error(capsys, argv, "holds a run made with another config (model.kwargs.ch: None -> 8)")
+    (run / "config.yaml").unlink()  # no saved config: the checkpoint itself says so
+    cli_error(capsys, argv, "holds weights of another network", "step_00000002")
 
 
 # -- 7. dtypes and empty batches given to the wrapper ----------------------------------------------

@@ -1,6 +1,8 @@
 """`ssni fit-reweight`: learn a monotone reweight against the attacks the defense will face.
 
-From clean training images only. The images are split into a fit set and a held-out set.
+From clean training images only; with `split: reserve`, from those held back from training the
+classifier and score network (`data.reserve`), since on their own training images the networks are
+surer than on unseen ones, most at small t*. The images are split into a fit set and a held-out set.
 
 1. Round 0: the first attack of `attacks` (e.g. full-gradient PGD-EOT through the defense's own
    purifier) attacks the fit images through plain DBP at each noise level of `start_t` (by
