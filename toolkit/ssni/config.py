@@ -211,9 +211,14 @@ def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
     return out
 
 
+# where a run is written, how long, how often it logs/saves/samples and on which device: a resumed run
+# may change these without mixing two runs
+SAME_RUN_MAY_DIFFER = ("run_dir", "output", "progress", "device", "loop.steps", "loop.progress", "loop.device",
+                       "loop.log_every", "loop.ckpt_every", "loop.sample_every", "loop.keep_checkpoints")
+
+
 def check_same_run(cfg: Any, run_dir: str | os.PathLike, marker: str,
-                   may_differ: Sequence[str] = ("run_dir", "output", "progress", "loop.steps", "loop.progress",
-                                                 "loop.log_every")) -> None:
+                   may_differ: Sequence[str] = SAME_RUN_MAY_DIFFER) -> None:
     """Raise when run_dir already holds work (`marker` exists in it) made with another config than
     cfg: resuming or reusing it would mix two runs. Keys in `may_differ` do not count."""
     run_dir = Path(run_dir)
