@@ -28,7 +28,7 @@ def test_demo_runs_every_stage_then_reuses_its_cache(tmp_path, capsys):
     assert "| ssni-learned | ssni-adaptive |" in out and "| none | pgd-eot |" in out
     # under the table: the budget, what the learned reweight was trained against, and what this is
     assert "Attack budget: 4 images, 6 defense draws each; pgd-eot: pgd 1 iterations, EOT 2" in out
-    assert "ssni-learned: fitted on clean training images, first attacked through DBP at t* = 0, 0.1, 0.2, then " \
+    assert "ssni-learned: fitted on clean training images that the networks were not trained on, first attacked through DBP at t* = 0, 0.1, 0.2, then " \
            "against pgd-eot (pgd ce, 1 it, EOT 2, through " in out
     assert "; an attacked copy counted at each t* at most as the attack aimed at that t* allows; robust = the " \
            "worst attack's accuracy; objective robust + 2 * clean." in out
@@ -46,3 +46,10 @@ def test_demo_runs_every_stage_then_reuses_its_cache(tmp_path, capsys):
     assert main(args) == 0
     summary = json.loads((tmp_path / "demo/demo_summary.json").read_text())
     assert all(s.get("cached") for k, s in summary["stages"].items() if k != "evaluation")
+    # a trained stage made with another config is not reused: the demo says what changed, trains nothing
+    capsys.readouterr()
+    changed = [a.replace("loop.steps=40,", "loop.steps=40, data.reserve=100,") for a in args]
+    assert main(changed) == 2
+    err = capsys.readouterr().err
+    assert "demo/classifier holds a run made with another config (data.reserve: 384 -> 100)" in err
+    assert json.loads((tmp_path / "demo/classifier/summary.json").read_text())["steps"] == 40

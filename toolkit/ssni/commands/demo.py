@@ -135,6 +135,7 @@ def _footer(ev_cfg: EvaluateConfig, fitted: Dict[str, Any]) -> str:
                          f"through the {a.purifier} purifier" for a in attacks) + ". "
              "worst-case: per image, the worst over these attacks (strongest that fits the budget).",
              "ssni-learned: fitted on clean training images"
+             + (" that the networks were not trained on" if fitted.get("split") == "reserve" else "")
              + (f", first attacked through DBP at t* = {levels}" if levels else "") + ", then against "
              + "; ".join(f"{k} ({v})" for k, v in trained_against.items())
              + ("; an attacked copy counted at each t* at most as the attack aimed at that t* allows"

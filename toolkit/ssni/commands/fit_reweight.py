@@ -470,7 +470,7 @@ def _run(cfg: FitReweightConfig, dist: DistContext) -> Dict[str, Any]:
         "trained_against": budgets, "objective": f"robust + {cfg.fit.clean_weight:g} * clean",
         "fit": info, "rounds": rounds, "on_fit_tables": on_tables, "heldout": heldout,
         "t_grid": list(cfg.t_grid), "start_t": levels, "capped": cfg.cap, "robust_over": cfg.fit.robust,
-        "attacks": attack_names})
+        "attacks": attack_names, "split": cfg.split})
     png = _plot(fit, curve, compare, clean, members, sets, out / "reweight.png")
     report = _report(cfg, levels, budgets, rounds, on_tables, heldout, fit, attack_names)
     atomic_write_text(out / "report.md", report)
@@ -498,6 +498,7 @@ def _pct(m: Dict[str, Any], key: str) -> str:
     return pct_ci(m[key], m[f"{key}_ci"])
 
 
+RESERVE_WORDS = {"train": "", "reserve": " held back from training the networks (data.reserve)"}
 ROBUST_WORDS = {"per_attack": "robust: the worst attack's accuracy, each attack's the mean over its attacked sets",
                 "worst_copy": "robust: an image counts as far as it survives every attacked copy"}
 
@@ -506,7 +507,8 @@ def _report(cfg: FitReweightConfig, levels: List[float], budgets: Dict[str, str]
             fit: Fit, attack_names: List[str]) -> str:
     """report.md: the threat model, the rounds, the curves on the fit tables and on held-out images."""
     lines = ["# Learned reweight", "",
-             f"Fitted on {fit.fit_x.shape[0]} clean training images (and attacked copies of them); "
+             f"Fitted on {fit.fit_x.shape[0]} clean training images{RESERVE_WORDS[cfg.split]} (and attacked "
+             "copies of them); "
              f"{fit.hold_x.shape[0]} more are held out. Objective: robust + {cfg.fit.clean_weight:g} x clean "
              f"({ROBUST_WORDS[cfg.fit.robust]}).", "",
              "Trained against:", ""]
