@@ -28,8 +28,8 @@ def test_demo_runs_every_stage_then_reuses_its_cache(tmp_path, capsys):
     assert "| ssni-learned | ssni-adaptive |" in out and "| none | pgd-eot |" in out
     # under the table: the budget, what the learned reweight was trained against, and what this is
     assert "Attack budget: 4 images, 6 defense draws each; pgd-eot: pgd 1 iterations, EOT 2" in out
-    assert "ssni-learned: fitted on clean training images that the networks were not trained on, first attacked through DBP at t* = 0, 0.1, 0.2, then " \
-           "against pgd-eot (pgd ce, 1 it, EOT 2, through " in out
+    assert "ssni-learned: fitted on clean training images that the networks were not trained on, first " \
+           "attacked through DBP at t* = 0, 0.1, 0.2, then against pgd-eot (pgd ce, 1 it, EOT 2, through " in out
     assert "; an attacked copy counted at each t* at most as the attack aimed at that t* allows; robust = the " \
            "worst attack's accuracy; objective robust + 2 * clean." in out
     assert "CPU-sized check" in out
