@@ -6,7 +6,7 @@ import json
 import os
 import typing
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Sequence, Type, TypeVar
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Type, TypeVar
 
 import yaml
 
@@ -201,6 +201,17 @@ def save_config(cfg: Any, run_dir: str | os.PathLike, name: str = "config.yaml")
     return path
 
 
+def read_run_config(run_dir: str | os.PathLike) -> Optional[Dict[str, Any]]:
+    """The config a command saved in run_dir (config.yaml) as a mapping; None when there is none."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return None
+    loaded = _safe_load(path.read_text(encoding="utf-8"), str(path))
+    if not isinstance(loaded, Mapping):
+        raise ConfigError(f"{path} must hold a mapping at the top level")
+    return dict(loaded)
+
+
 def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
     """{'a.b': v} for nested mappings (lists stay values)."""
     if not isinstance(d, Mapping):
@@ -222,11 +233,11 @@ def check_same_run(cfg: Any, run_dir: str | os.PathLike, marker: str,
     """Raise when run_dir already holds work (`marker` exists in it) made with another config than
     cfg: resuming or reusing it would mix two runs. Keys in `may_differ` do not count."""
     run_dir = Path(run_dir)
-    saved = run_dir / "config.yaml"
-    if not (run_dir / marker).exists() or not saved.is_file():
+    saved = read_run_config(run_dir)
+    if not (run_dir / marker).exists() or saved is None:
         return
     try:  # through the dataclass, so fields added since get their defaults on both sides
-        old = _flat(to_dict(from_dict(type(cfg), _safe_load(saved.read_text(encoding="utf-8"), str(saved)) or {})))
+        old = _flat(to_dict(from_dict(type(cfg), saved)))
     except ConfigError as e:
         raise ConfigError(f"{run_dir} holds a run whose config no longer loads ({e}); use a new run "
                           "directory or delete this one") from None

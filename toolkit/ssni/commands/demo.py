@@ -89,13 +89,15 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
                           cfg.classifier_overrides + prog + [f"run_dir={clf}"])
     cal_cfg = load_config(CalibrateConfig, cfg.calibrate_recipe, cfg.calibrate_overrides + [
         f"output={cal}", f"score_model={score}", f"progress={progress}"])
-    # a finished stage is reused only if it was made with the config it would run with now
-    for c, d, done in ((score_cfg, score, "summary.json"), (clf_cfg, clf, "summary.json"),
-                       (cal_cfg, cal, "calibration.json")):
+    stages = [("score network", score, "summary.json", score_cfg, train_score),
+              ("classifier", clf, "summary.json", clf_cfg, train_classifier),
+              ("calibration", cal, "calibration.json", cal_cfg, run_calibrate)]
+    # a finished stage is reused only if it was made with the config it would run with now (all
+    # checked before any trains)
+    for _, d, done, c, _ in stages:
         check_same_run(c, d, done)
-    _stage("score network", score / "summary.json", lambda: train_score(score_cfg), log)
-    _stage("classifier", clf / "summary.json", lambda: train_classifier(clf_cfg), log)
-    _stage("calibration", cal / "calibration.json", lambda: run_calibrate(cal_cfg), log)
+    for name, d, done, c, run in stages:
+        _stage(name, d / done, lambda: run(c), log)  # called at once, inside the loop
     # always run: fit-reweight reuses its attacked sets when their inputs are unchanged (content keys)
     t0 = time.perf_counter()
     print("[demo] learned reweight ...", flush=True)

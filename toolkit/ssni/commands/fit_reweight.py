@@ -39,10 +39,9 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-import yaml
 from torch import Tensor
 
-from ..config import ConfigError, load_config, save_config, to_dict
+from ..config import ConfigError, from_dict, load_config, read_run_config, save_config, to_dict
 from ..data import DataConfig, build_dataset
 from ..defense import DefenseConfig, RobustClassifier
 from ..evaluate.metrics import draw_accuracy
@@ -163,22 +162,24 @@ def check_fit_config(cfg: FitReweightConfig) -> None:
 
 
 FIT_SPLITS = ("train", "reserve")
-_SPLIT_KEYS = ("name", "test_fraction", "split_seed", "reserve")
+_SPLIT_KEYS = ("test_fraction", "split_seed", "reserve")  # what decides which images are the reserve
 
 
-def _run_data(path: Any) -> Optional[Dict[str, Any]]:
-    """The `data` section of the config.yaml saved by the run that trained the weights at `path`
-    (a run dir, a checkpoint dir in it, or a file in one of those); None where there is none."""
+def _run_data(path: Any) -> Optional[DataConfig]:
+    """The data config of the training run that made the weights at `path` (a run dir, a checkpoint
+    dir in it, or a file in one of those); None where no training run's config is found."""
     if not isinstance(path, (str, Path)) or not path:
         return None
     p = Path(path).expanduser()
     for d in [p, *p.parents][:3]:  # run dir, run/checkpoints, run/checkpoints/<step>
-        f = d / "config.yaml"
-        if f.is_file():
-            loaded = yaml.safe_load(f.read_text())
-            if isinstance(loaded, dict) and isinstance(loaded.get("data"), dict) and "loop" in loaded:
-                return loaded["data"]  # a training run's config (train-score, train-classifier, ...)
-            return None
+        saved = read_run_config(d)
+        if saved is not None:
+            if not isinstance(saved.get("data"), dict) or "loop" not in saved:
+                return None  # not a training run's config (train-score, train-classifier, ...)
+            try:  # through the dataclass: fields added since (e.g. reserve) get their defaults
+                return from_dict(DataConfig, saved["data"], "data")
+            except ConfigError:
+                return None
     return None
 
 
@@ -188,18 +189,17 @@ def check_fit_images_unseen(cfg: FitReweightConfig) -> None:
     if cfg.split != "reserve":
         return
     dcfg = load_config(DefenseConfig, cfg.defense_recipe, cfg.defense_overrides)
-    ours = to_dict(cfg.data)
     for what, path in (("classifier", dcfg.classifier.checkpoint), ("score network", dcfg.score_model)):
         theirs = _run_data(path)
-        if theirs is None or theirs.get("name", ours["name"]) != ours["name"]:
+        if theirs is None or theirs.name != cfg.data.name:
             continue  # weights from elsewhere (e.g. a public checkpoint): nothing recorded to check
-        diff = {k: theirs.get(k, 0 if k == "reserve" else None) for k in _SPLIT_KEYS[1:]
-                if theirs.get(k, 0 if k == "reserve" else None) != ours[k]}
+        diff = [k for k in _SPLIT_KEYS if getattr(theirs, k) != getattr(cfg.data, k)]
         if diff:
             raise ConfigError(f"split: reserve, but the {what} at {path} was trained with "
-                              + ", ".join(f"data.{k}={v}" for k, v in diff.items())
-                              + ", so its training images may include the fit images; train it with data."
-                              + ", data.".join(f"{k}={ours[k]}" for k in diff) + " or fit on split: train")
+                              + ", ".join(f"data.{k}={getattr(theirs, k)}" for k in diff)
+                              + ", so its training images may include the fit images; train it with "
+                              + ", ".join(f"data.{k}={getattr(cfg.data, k)}" for k in diff)
+                              + " or fit on split: train")
 
 
 def _among(t: float, levels: List[float]) -> bool:
