@@ -103,7 +103,8 @@ def test_cli_train_score_end_to_end(tmp_path):
     assert m.input_shape == (1, 8, 8)
 
 
-def test_cpu_threads_respects_env_and_idle_cores(monkeypatch):
+def test_cpu_threads_is_fixed_unless_auto_is_asked(monkeypatch):
+    """The default thread count never follows the machine's load (it changes the numbers)."""
     import os
 
     from ssni import cli
@@ -111,19 +112,50 @@ def test_cpu_threads_respects_env_and_idle_cores(monkeypatch):
 
     monkeypatch.setenv("SSNI_THREADS", "3")
     assert cpu_threads() == 3
-    monkeypatch.setenv("SSNI_THREADS", "zero")
-    with pytest.raises(ValueError, match="SSNI_THREADS"):
-        cpu_threads()
+    for bad in ("zero", "0", "-2", "1.5"):
+        monkeypatch.setenv("SSNI_THREADS", bad)
+        with pytest.raises(ValueError, match="SSNI_THREADS"):
+            cpu_threads()
     monkeypatch.delenv("SSNI_THREADS")
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    for busy in (0, 3, 9):  # a busy machine does not change the default
+        monkeypatch.setattr(cli, "_busy_cores", lambda busy=busy: busy)
+        assert cpu_threads() == 4
+    monkeypatch.setenv("SSNI_THREADS", "auto")  # opt-in: the idle cores
     monkeypatch.setattr(cli, "_busy_cores", lambda: 3)
     assert cpu_threads() == 1
     monkeypatch.setattr(cli, "_busy_cores", lambda: 9)
     assert cpu_threads() == 1
-    monkeypatch.setattr(cli, "_busy_cores", lambda: 0)
-    assert cpu_threads() == 4
     monkeypatch.undo()
     assert 0 <= cli._busy_cores(0.05) <= (os.cpu_count() or 1)
+
+
+def test_run_config_records_threads_and_resume_with_others_says_so(tmp_path, capsys):
+    """config.yaml records the thread count; it still loads as a recipe and as a run config."""
+    from dataclasses import dataclass
+
+    import torch
+
+    from ssni.config import check_same_run, load_config, read_run_config, read_run_runtime, save_config
+
+    @dataclass
+    class Cfg:
+        run_dir: str = "x"
+        lr: float = 0.1
+
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        save_config(Cfg(), tmp_path)
+        assert read_run_runtime(tmp_path)["threads"] == 2
+        assert read_run_config(tmp_path) == {"run_dir": "x", "lr": 0.1}
+        assert load_config(Cfg, tmp_path / "config.yaml") == Cfg()
+        (tmp_path / "checkpoints").mkdir()
+        torch.set_num_threads(1)
+        check_same_run(Cfg(), tmp_path, "checkpoints")
+        assert "started with 2 CPU threads, this process uses 1" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(old)
 
 
 def test_cli_flushes_denormals():

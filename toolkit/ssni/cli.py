@@ -56,19 +56,22 @@ def _busy_cores(interval: float = 0.2, windows: int = 3) -> int:
 
 
 def cpu_threads() -> int:
-    """Threads for CPU work: $SSNI_THREADS if set, else the cores not already busy.
+    """Threads for CPU work: $SSNI_THREADS (a positive integer, or `auto`), else every core.
 
-    On a shared machine, asking torch for more threads than idle cores makes every parallel
-    region wait for a descheduled thread (tens of times slower), so idle cores are the default.
+    The thread count changes how floating-point sums are split, so it changes trained weights and
+    every number after them: it is a fixed choice (all cores, or what SSNI_THREADS says), recorded
+    in each run's config.yaml, never measured from the machine's load. `SSNI_THREADS=auto` opts in
+    to the cores that look idle at start: faster on a busy machine (oversubscribed threads wait for
+    each other), but then the result depends on the load.
     """
-    env = os.environ.get("SSNI_THREADS")
+    env = os.environ.get("SSNI_THREADS", "").strip()
+    if env == "auto":
+        return max(1, (os.cpu_count() or 1) - _busy_cores())
     if env:
         if not env.isdigit() or int(env) < 1:
-            raise ValueError(f"SSNI_THREADS must be a positive integer, got {env!r}")
+            raise ValueError(f"SSNI_THREADS must be a positive integer or 'auto', got {env!r}")
         return int(env)
-    cores = os.cpu_count() or 1
-    busy = _busy_cores()
-    return max(1, cores - busy)
+    return os.cpu_count() or 1
 
 
 def _looks_like_override(arg: str) -> bool:

@@ -189,15 +189,30 @@ def load_config(cls: Type[T], recipe: str | os.PathLike | None, overrides: Seque
             loaded = {}
         if not isinstance(loaded, Mapping):
             raise ConfigError(f"recipe {path} must hold a mapping at the top level")
-        data = dict(loaded)
+        # a run's saved config.yaml works as a recipe: its runtime record is not a setting
+        data = {k: v for k, v in loaded.items() if k != RUNTIME_KEY}
     data = merge(data, parse_overrides(overrides))
     return from_dict(cls, data)
 
 
+# config.yaml's record of what the run ran with (not a setting: loading a saved config skips it)
+RUNTIME_KEY = "runtime"
+
+
+def runtime_info() -> Dict[str, Any]:
+    """What a run's numbers depend on besides its config: CPU threads and library versions."""
+    import platform
+
+    import torch
+
+    return {"threads": torch.get_num_threads(), "torch": str(torch.__version__),
+            "python": platform.python_version()}
+
+
 def save_config(cfg: Any, run_dir: str | os.PathLike, name: str = "config.yaml") -> Path:
-    """Write the resolved config into the run directory (atomically)."""
+    """Write the resolved config into the run directory (atomically), with a `runtime` record."""
     path = Path(run_dir) / name
-    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump({**to_dict(cfg), RUNTIME_KEY: runtime_info()}, sort_keys=False))
     return path
 
 
@@ -209,7 +224,15 @@ def read_run_config(run_dir: str | os.PathLike) -> Optional[Dict[str, Any]]:
     loaded = _safe_load(path.read_text(encoding="utf-8"), str(path))
     if not isinstance(loaded, Mapping):
         raise ConfigError(f"{path} must hold a mapping at the top level")
-    return dict(loaded)
+    return {k: v for k, v in loaded.items() if k != RUNTIME_KEY}
+
+
+def read_run_runtime(run_dir: str | os.PathLike) -> Dict[str, Any]:
+    """The `runtime` record of run_dir's config.yaml ({} when there is none)."""
+    path = Path(run_dir) / "config.yaml"
+    loaded = _safe_load(path.read_text(encoding="utf-8"), str(path)) if path.is_file() else None
+    record = loaded.get(RUNTIME_KEY) if isinstance(loaded, Mapping) else None
+    return dict(record) if isinstance(record, Mapping) else {}
 
 
 def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
@@ -243,8 +266,23 @@ def check_same_run(cfg: Any, run_dir: str | os.PathLike, marker: str,
                           "directory or delete this one") from None
     new = _flat(to_dict(cfg))
     changed = [k for k in sorted(set(old) | set(new)) if k not in may_differ and old.get(k) != new.get(k)]
+    warn_other_threads(run_dir)
     if changed:
         shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
         more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
         raise ConfigError(f"{run_dir} holds a run made with another config ({shown}{more}); reusing it would "
                           "mix the two: use a new run directory or delete this one")
+
+
+def warn_other_threads(run_dir: str | os.PathLike) -> None:
+    """Say so when work in run_dir was made with another CPU thread count than this process uses:
+    resuming is fine, but the result then matches an uninterrupted run only to float tolerance."""
+    import sys
+
+    import torch
+
+    before = read_run_runtime(run_dir).get("threads")
+    if before is not None and before != torch.get_num_threads():
+        print(f"[ssni] note: {run_dir} was started with {before} CPU threads, this process uses "
+              f"{torch.get_num_threads()} (SSNI_THREADS): results agree with an uninterrupted run only "
+              "to floating-point tolerance", file=sys.stderr)
