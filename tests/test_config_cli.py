@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import yaml
 
@@ -191,3 +193,30 @@ def test_check_same_run_refuses_finished_work_of_another_config(tmp_path):
     del saved["data"]["reserve"]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
     check_same_run(cfg, tmp_path, "calibration.json")
+
+
+def test_a_finished_training_run_is_not_redone(tmp_path, capsys):
+    """Rerunning a finished train-score says so and redraws nothing (its samples stay as they were)."""
+    run = tmp_path / "s"
+    args = ["train-score", "recipes/score/digits.yaml", f"run_dir={run}", "loop.steps=2", "model.name=unet_tiny",
+            "data.image_size=8", "sample_count=4", "sample_steps=3", "loop.progress=false", "loop.device=cpu"]
+    assert main(args) == 0
+    samples = (run / "samples.png").stat().st_mtime_ns
+    summary = (run / "summary.json").read_text()
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "already holds a finished run of 2 steps" in out
+    assert (run / "samples.png").stat().st_mtime_ns == samples and (run / "summary.json").read_text() == summary
+    assert main(args[:3] + ["loop.steps=3"] + args[4:]) == 0  # more steps: it trains on
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3
+
+
+def test_a_classifier_too_deep_for_the_image_size_fails_in_one_line(tmp_path, capsys):
+    """convnext_atto's stem and stages need more than 16x16 pixels: said before training, in one line."""
+    rc = main(["train-classifier", "recipes/classifier/digits_resnet18.yaml", f"run_dir={tmp_path / 'c'}",
+               "model.name=convnext_atto", "loop.steps=1", "loop.progress=false", "loop.device=cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "classifier convnext_atto does not take 16x16 images" in err and "data.image_size" in err
+    assert not (tmp_path / "c" / "checkpoints").exists()

@@ -39,13 +39,18 @@ def test_demo_runs_every_stage_then_reuses_its_cache(tmp_path, capsys):
     assert "worst-of-4" in out and "worst-of-6" in out
     summary = json.loads((tmp_path / "demo/demo_summary.json").read_text())
     assert not any(s.get("cached") for s in summary["stages"].values())
+    first = summary["stages"]
     report = (tmp_path / "demo/report.md").read_text()
     for name in ("none", "dbp", "ssni-l", "ssni-n", "ssni-learned"):
         assert f"| {name} |" in report
     # a second run reuses every stage (the fit its attacked sets) and the evaluation state
     assert main(args) == 0
     summary = json.loads((tmp_path / "demo/demo_summary.json").read_text())
-    assert all(s.get("cached") for k, s in summary["stages"].items() if k != "evaluation")
+    assert all(s.get("cached") for s in summary["stages"].values())  # the evaluation's batches too
+    # the report keeps the seconds each stage took when it was computed, and says it was reused
+    assert all(s["seconds"] == first[k]["seconds"] for k, s in summary["stages"].items())
+    report = (tmp_path / "demo/report.md").read_text()
+    assert f"| score network | {first['score network']['seconds']:.0f} | yes |" in report
     # a trained stage made with another config is not reused: the demo says what changed, trains nothing
     capsys.readouterr()
     changed = [a.replace("loop.steps=40,", "loop.steps=40, data.reserve=100,") for a in args]
@@ -53,3 +58,17 @@ def test_demo_runs_every_stage_then_reuses_its_cache(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "demo/classifier holds a run made with another config (data.reserve: 384 -> 100)" in err
     assert json.loads((tmp_path / "demo/classifier/summary.json").read_text())["steps"] == 40
+
+
+def test_demo_checks_every_stage_override_before_training(tmp_path, capsys):
+    """A misspelt override of a late stage fails at once, before any network is trained."""
+    cases = [("evaluate_overrides=[num_sample=8]", "'num_sample'"),
+             ("reweight_overrides=[fit.stepz=3]", "'fit.stepz'"),
+             ("defense_overrides=[purifier.sampler=ddpm, purifier.dt=0.1]", "dt"),
+             ("calibrate_overrides=[countt=3]", "'countt'")]
+    for override, named in cases:
+        run_dir = tmp_path / "demo"
+        assert main(["demo", f"run_dir={run_dir}", "progress=false", override]) == 2, override
+        err = capsys.readouterr().err
+        assert err.startswith("ssni demo: error:") and named in err, (override, err)
+        assert not (run_dir / "score").exists(), override

@@ -113,3 +113,22 @@ def test_purify_with_a_calibration_gives_each_image_its_own_t_star(tmp_path, che
     assert _run(f"checkpoint={checkpoint}", f"input={images}", f"output={out}", "device=cpu",
                 f"calibration={tmp_path / 'cal'}", "progress=false") == 2
     assert "timesteps" in capsys.readouterr().err
+
+
+def test_purify_says_what_it_resized_and_skipped(tmp_path, checkpoint, images, capsys):
+    """No silent conversion: resized images and non-image files are named on stderr and in purify.json."""
+    out = tmp_path / "out"
+    assert _run(f"checkpoint={checkpoint}", f"input={images}", f"output={out}", "t_star=0.05", "device=cpu",
+                "purifier.sampler=ddpm", "purifier.steps=2", "progress=false") == 0
+    err = capsys.readouterr().err
+    assert "resized 1 image(s) (12x12) to the network's 8x8" in err
+    assert "skipping 1 file(s) that are not images (notes.txt)" in err
+    saved = json.loads((out / "purify.json").read_text())
+    assert saved["resized"] == {str(images / "b.png"): "12x12"}
+    assert saved["skipped"] == [str(images / "notes.txt")]
+
+
+def test_purify_missing_checkpoint_says_where_the_demo_puts_it(tmp_path, images, capsys):
+    assert _run(f"checkpoint={tmp_path / 'nothing'}", f"input={images}", "device=cpu") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ssni purify: error:") and "runs/demo/score" in err and len(err.splitlines()) == 1

@@ -74,6 +74,14 @@ def list_images(path: str | os.PathLike) -> List[Path]:
     raise FileNotFoundError(f"input does not exist: {p} (expected an image file or a folder)")
 
 
+def non_images(path: str | os.PathLike) -> List[Path]:
+    """The files of a folder that list_images leaves out (not an image extension); [] for a file."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        return []
+    return sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() not in IMAGE_EXTENSIONS)
+
+
 def _to_unit_range(arr: np.ndarray, path: Path) -> np.ndarray:
     """uint8 / uint16 / int / float pixels -> float32 in [0, 1] (documented conversions)."""
     if arr.dtype == np.uint8 or arr.dtype == bool:

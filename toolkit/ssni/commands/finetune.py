@@ -19,7 +19,7 @@ from ..defense import DefenseConfig, build_defense
 from ..io import atomic_write_json, atomic_write_text
 from ..models import classifier_spec
 from ..training.finetune import PreprocessedCE, bare_accuracy, defense_accuracy, purify_at_calibrated_t
-from ..training.loop import LoopConfig, OptimConfig, Trainer
+from ..training.loop import LoopConfig, OptimConfig, Trainer, finished_run
 from .registry import command
 
 
@@ -72,6 +72,8 @@ def run_finetune(cfg: FinetuneConfig) -> Dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     if cfg.loop.resume:  # its checkpoints would be resumed: they must come from this config
         check_same_run(cfg, run_dir, "checkpoints")
+    if cfg.loop.resume and (done := finished_run(run_dir, cfg.loop.steps, "finetune-classifier")) is not None:
+        return done
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir)
     trainer = Trainer(student, PreprocessedCE(defense.preprocess, cfg.augment_shift), mix,

@@ -1,6 +1,6 @@
 """`ssni purify`: purify your own images (a file or a folder) with a score checkpoint and a t*.
 
-    ssni purify recipes/purify/digits.yaml checkpoint=runs/score-digits input=my_images \
+    ssni purify recipes/purify/digits.yaml checkpoint=runs/demo/score input=my_images \
         output=purified t_star=0.1 purifier.sampler=ddpm
 
     ssni purify recipes/purify/digits.yaml input=my_images \
@@ -8,13 +8,14 @@
 
 With a calibration (SSNI), each image gets its own t* = reweight(score norm of the image), the
 reweight's t_base defaulting to the t_star field; without one, every image gets t_star.
-Images are read as grayscale or RGB to match the network, resized to its size (unless
-resize=false, then a mismatch is an error), purified under torch.no_grad(), and written as PNGs
+Images are read as grayscale or RGB to match the network, resized to its size (said on stderr and
+listed in purify.json; with resize=false a mismatch is an error), purified under torch.no_grad(), and written as PNGs
 (same file stem) at the network's resolution, with a purify.json summary (per-image t*) next to
 them.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -25,7 +26,7 @@ from ..config import save_config, to_dict
 from ..data import resize
 from ..defense import load_score_model
 from ..device import resolve_device
-from ..images import list_images, read_image, write_png
+from ..images import IMAGE_EXTENSIONS, list_images, non_images, read_image, write_png
 from ..io import atomic_write_json
 from ..purify import PurifierConfig, build_purifier
 from ..scoring import Calibration, ReweightConfig, ScoreNorm, ScoreNormConfig, build_reweight
@@ -38,7 +39,7 @@ class PurifyCommandConfig:
     """What to purify, with which checkpoint, at which t*, and where to write the results."""
 
     # checkpoint dir or run dir (checkpoints/latest.json), or {format: ..., path: ...} (public)
-    checkpoint: Union[str, Dict[str, Any]] = "runs/score-digits"
+    checkpoint: Union[str, Dict[str, Any]] = "runs/demo/score"
     weights: str = "auto"                  # auto (ema if present, else model) | ema | model
     input: str = ""                        # an image file or a folder of images
     output: str = "purified"               # output folder for the PNGs
@@ -54,15 +55,28 @@ class PurifyCommandConfig:
     purifier: PurifierConfig = field(default_factory=PurifierConfig)
 
 
-def load_image(path: Path, channels: int, size: int, resize_ok: bool) -> torch.Tensor:
-    """One image as [C,H,W] in [0,1] with the network's channels and size."""
+def load_image(path: Path, channels: int, size: int, resize_ok: bool,
+               resized: Optional[Dict[str, str]] = None) -> torch.Tensor:
+    """One image as [C,H,W] in [0,1] with the network's channels and size; a resized image is
+    recorded in `resized` ({file: 'WxH'})."""
     t = read_image(path, channels)
     if tuple(t.shape[1:]) != (size, size):
         if not resize_ok:
             raise ValueError(f"{path} is {t.shape[2]}x{t.shape[1]}; the score network takes "
                              f"{size}x{size} (set resize=true to resize)")
+        if resized is not None:
+            resized[str(path)] = f"{t.shape[2]}x{t.shape[1]}"
         t = resize(t[None], size)[0]
     return t.contiguous()
+
+
+def checkpoint_hint(checkpoint: Any) -> str:
+    """Where the usual score networks are, for a checkpoint path that does not exist ('' if it does)."""
+    if not isinstance(checkpoint, str) or Path(checkpoint).exists():
+        return ""
+    return (f"score checkpoint {checkpoint} does not exist; `ssni demo` writes its score network to "
+            "runs/demo/score and `ssni train-score recipes/score/digits.yaml` to runs/score-digits: "
+            "set checkpoint=<that run directory>")
 
 
 def t_star_function(cfg: PurifyCommandConfig, model: torch.nn.Module):
@@ -86,6 +100,8 @@ def purify_images(cfg: PurifyCommandConfig) -> Dict[str, Any]:
     if cfg.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
     device = resolve_device(cfg.device)
+    if checkpoint_hint(cfg.checkpoint):
+        raise FileNotFoundError(checkpoint_hint(cfg.checkpoint))
     model = load_score_model(cfg.checkpoint, cfg.weights).to(device)
     purifier = build_purifier(model, cfg.purifier)
     t_of = t_star_function(cfg, model)
@@ -99,11 +115,16 @@ def purify_images(cfg: PurifyCommandConfig) -> Dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     # one seed per image, fixed by cfg.seed and the image's place in the sorted list
     seeds = draw_seeds(len(files), torch.Generator().manual_seed(cfg.seed))
-    written, nfe, t_used = [], 0, []
+    skipped = [str(f) for f in non_images(cfg.input)]
+    if skipped:  # said, not silently dropped
+        print(f"[purify] skipping {len(skipped)} file(s) that are not images ({', '.join(Path(f).name for f in skipped[:5])}"
+              f"{', ...' if len(skipped) > 5 else ''}); image extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}",
+              file=sys.stderr)
+    written, nfe, t_used, resized = [], 0, [], {}
     with torch.no_grad():
         for k in range(0, len(files), cfg.batch_size):
             chunk = files[k:k + cfg.batch_size]
-            x = torch.stack([load_image(f, c, h, cfg.resize) for f in chunk]).to(device)
+            x = torch.stack([load_image(f, c, h, cfg.resize, resized) for f in chunk]).to(device)
             s = seeds[k:k + len(chunk)]
             t = t_of(x, s)
             out = purifier(x, t, seeds=s)
@@ -111,7 +132,11 @@ def purify_images(cfg: PurifyCommandConfig) -> Dict[str, Any]:
             t_used += [round(float(v), 6) for v in t.tolist()]
             for f, img in zip(chunk, out):
                 written.append(str(write_png(img, out_dir / f"{f.stem}.png")))
-    summary = {"images": len(written), "output": str(out_dir),
+    if resized:
+        sizes = sorted(set(resized.values()))
+        print(f"[purify] resized {len(resized)} image(s) ({', '.join(sizes)}) to the network's {h}x{h}; the "
+              f"outputs are {h}x{h} (resize=false refuses a size mismatch instead)", file=sys.stderr)
+    summary = {"images": len(written), "output": str(out_dir), "resized": resized, "skipped": skipped,
                "t_star": cfg.t_star if cfg.calibration is None else "per image (calibration)",
                "sampler": cfg.purifier.sampler, "weights": getattr(model, "loaded_weights", "as published"),
                "network_evaluations": nfe, "files": written}

@@ -8,11 +8,11 @@ from typing import Any, Dict, Optional
 from ..config import check_same_run, save_config
 from ..data import DataConfig, build_dataset
 from ..io import atomic_write_json
-from ..models import classifier_spec, create_classifier
+from ..models import check_input_size, classifier_spec, create_classifier
 from ..seeding import seeded
 from ..training.classifier import AugmentedCE, accuracy
 from ..training.dist import DistContext
-from ..training.loop import LoopConfig, OptimConfig, Trainer
+from ..training.loop import LoopConfig, OptimConfig, Trainer, finished_run
 from .registry import command
 
 
@@ -47,12 +47,15 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     if cfg.loop.resume:  # its checkpoints would be resumed: they must come from this config
         check_same_run(cfg, run_dir, "checkpoints")
+    if cfg.loop.resume and (done := finished_run(run_dir, cfg.loop.steps, "train-classifier")) is not None:
+        return done
     train_ds, test_ds = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "test")
     c, h, _ = train_ds.image_shape
     with seeded(cfg.loop.seed):  # the recipe's seed fixes the initial weights
         model = create_classifier(cfg.model.name, in_chans=c, num_classes=train_ds.num_classes,
                                   image_size=h, pretrained=cfg.model.pretrained,
                                   checkpoint=cfg.model.checkpoint, **cfg.model.kwargs)
+    check_input_size(model, c, h)  # before any training: a one-line error, not a traceback mid-run
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir)

@@ -21,7 +21,7 @@ from ..models import ModelConfig, model_spec
 from ..noise import NoiseConfig, build_noise
 from ..seeding import seeded
 from ..training.dist import DistContext
-from ..training.loop import LoopConfig, OptimConfig, Trainer
+from ..training.loop import LoopConfig, OptimConfig, Trainer, finished_run
 from .registry import command
 
 
@@ -57,6 +57,8 @@ def train_denoiser(cfg: DenoiserTrainConfig) -> Dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     if cfg.loop.resume:  # its checkpoints would be resumed: they must come from this config
         check_same_run(cfg, run_dir, "checkpoints")
+    if cfg.loop.resume and (done := finished_run(run_dir, cfg.loop.steps, "train-denoiser")) is not None:
+        return done
     train_ds, test_ds = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "test")
     num_patches = cfg.num_patches or cfg.loop.steps * cfg.loop.batch_size
     patches = RandomPatches(train_ds.images, cfg.patch_size, num_patches, seed=cfg.loop.seed,

@@ -16,7 +16,7 @@ from ..noise import NoiseConfig, build_noise
 from ..sampling import generate
 from ..seeding import seeded
 from ..training.dist import DistContext
-from ..training.loop import LoopConfig, OptimConfig, Trainer
+from ..training.loop import LoopConfig, OptimConfig, Trainer, finished_run
 from ..training.losses import DSMLoss, heldout_dsm_loss
 from .registry import command
 
@@ -44,6 +44,8 @@ def train_score(cfg: ScoreTrainConfig) -> Dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     if cfg.loop.resume:  # its checkpoints would be resumed: they must come from this config
         check_same_run(cfg, run_dir, "checkpoints")
+    if cfg.loop.resume and (done := finished_run(run_dir, cfg.loop.steps, "train-score")) is not None:
+        return done
     train_ds, test_ds = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "test")
     c, h, _ = train_ds.image_shape
     with seeded(cfg.loop.seed):  # the recipe's seed fixes the initial weights

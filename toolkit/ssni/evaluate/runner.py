@@ -453,14 +453,17 @@ class Evaluation:
                     flags.append(f"{dname}: {f}")
         self._bar.close()
         reused = sum(self.dist.all_gather_object(self.state.reused))  # every rank's own share
+        computed = sum(self.dist.all_gather_object(self.state.computed))
         if reused and self.dist.is_main:
             print(f"[evaluate] reused {reused} finished batches from {self.state.root} "
                   f"(same config, weights and calibration)", flush=True)
         if not self.dist.is_main:  # the main rank writes the report; the others only wait for it
             self.dist.barrier()
             return {"table": markdown_table(rows + worst_rows), "flags": flags, "report": str(self.run_dir / "report.md"),
-                    "results": str(self.run_dir / "results.json")}
-        result = self._write(rows, cells, curves, flags, worst_rows)
+                    "results": str(self.run_dir / "results.json"), "computed_batches": computed,
+                    "reused_batches": reused}
+        result = {**self._write(rows, cells, curves, flags, worst_rows), "computed_batches": computed,
+                  "reused_batches": reused}
         self.dist.barrier()
         return result
 

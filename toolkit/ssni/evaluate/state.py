@@ -43,6 +43,7 @@ class EvalState:
         self.parts = {"key": parts} if isinstance(parts, str) else dict(parts)
         self.fingerprint = config_fingerprint(self.parts)
         self.reused = 0
+        self.computed = 0  # batches finished (and saved) by this process
         meta = self.root / "fingerprint.json"
         if meta.is_file():
             old = read_json(meta, "evaluation state fingerprint")
@@ -72,3 +73,4 @@ class EvalState:
     def put(self, cell: str, batch: int, result: Dict[str, Any]) -> None:
         """Save a finished batch atomically."""
         atomic_write_json(self._path(cell, batch), result)
+        self.computed += 1

@@ -40,6 +40,25 @@ def create_classifier(name: str, in_chans: int, num_classes: int, image_size: in
     return model
 
 
+def check_input_size(model: nn.Module, in_chans: int, image_size: int) -> None:
+    """Raise a one-line ValueError when `model` cannot take [B, in_chans, image_size, image_size]
+    images (e.g. a network whose downsampling needs more pixels), instead of failing mid-training."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, in_chans, image_size, image_size))
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        name = getattr(model, "model_name", type(model).__name__)
+        raise ValueError(f"classifier {name} does not take {image_size}x{image_size} images ({reason}); "
+                         f"set a larger data.image_size (e.g. 32) or choose another model.name") from None
+    finally:
+        model.train(was_training)
+
+
 def classifier_spec(model: nn.Module) -> Dict[str, Any]:
     """JSON that rebuilds a classifier made by create_classifier."""
     cfg = dict(model.config)

@@ -30,6 +30,11 @@ class PurifierConfig:
     stages: Optional[List[float]] = None     # gns: multiples of t* (default [0.5, 1.0])
     inner: Optional[str] = None              # gns: the sampler run in each stage (default ddpm)
 
+    def __post_init__(self) -> None:
+        # the sampler and its options are checked when the config is built (from a recipe or an
+        # override), before any network loads: building a sampler is cheap and network-free
+        SAMPLERS.get(self.sampler).from_options(self.sampler, **self.sampler_options())
+
     def sampler_options(self) -> Dict[str, Any]:
         """The sampler options that are set (not None)."""
         skip = ("sampler", "grad", "checkpoint")

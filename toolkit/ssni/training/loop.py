@@ -83,6 +83,26 @@ class LoopConfig:
             raise ConfigError(f"loop.ema_decay must be in [0, 1], got {self.ema_decay}")
 
 
+def finished_run(run_dir: str | Path, steps: int, command: str) -> Optional[Dict[str, Any]]:
+    """The summary.json of a run in run_dir that already trained `steps` steps, announced on
+    stdout (None when there is none or it trained fewer): a finished run is not redone."""
+    import json
+
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # an unreadable summary: the run is redone from its checkpoints
+    done = summary.get("steps") if isinstance(summary, dict) else None
+    if not isinstance(done, int) or done < steps:
+        return None
+    print(f"[{command}] {run_dir} already holds a finished run of {done} steps (summary.json): nothing to "
+          f"do; raise loop.steps to train further, or use a new run_dir", flush=True)
+    return summary
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/Inf; the run stopped and the last good checkpoint was kept."""
 

@@ -45,10 +45,11 @@ def heldout_dsm_loss(model: nn.Module, dataset, draws: int = 4, seed: int = 1234
     g = torch.Generator(device=device).manual_seed(seed)
     total, count = 0.0, 0
     images = dataset.images
-    for _ in range(draws):
-        for k in range(0, len(images), batch_size):
-            x = images[k:k + batch_size].to(device)
-            total += loss_fn(model, (x, None), g).sum().item()
-            count += x.shape[0]
+    with torch.no_grad():  # an estimate only: no graph to keep
+        for _ in range(draws):
+            for k in range(0, len(images), batch_size):
+                x = images[k:k + batch_size].to(device)
+                total += loss_fn(model, (x, None), g).sum().item()
+                count += x.shape[0]
     model.train(was_training)
     return total / count
