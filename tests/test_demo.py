@@ -33,6 +33,7 @@ def test_demo_runs_every_stage_then_reuses_its_cache(tmp_path, capsys):
     assert "; an attacked copy counted at each t* at most as the attack aimed at that t* allows; robust = the " \
            "worst attack's accuracy; objective robust + 2 * clean." in out
     assert "CPU-sized check" in out
+    assert "At 4 images one image is 25.0 points: rows whose 95% intervals overlap are not different" in out
     # every defense's worst over its attacks through its own purifier, with worst-of-4 beside worst-of-6
     for name in ("dbp", "ssni-l", "ssni-n", "ssni-learned"):
         assert f"| {name} | worst-case |" in out

@@ -157,7 +157,9 @@ def _footer(ev_cfg: EvaluateConfig, fitted: Dict[str, Any]) -> str:
              + ("; robust = the worst attack's accuracy" if fitted.get("robust_over") == "per_attack" else "")
              + (f"; objective {fitted['objective']}" if "objective" in fitted else "") + ".",
              "This is a CPU-sized check of the pipeline with cheap attacks, not a robustness result: stronger "
-             "attacks (more iterations, EOT and draws; recipes/eval/digits.yaml) lower these numbers."]
+             "attacks (more iterations, EOT and draws; recipes/eval/digits.yaml) lower these numbers.",
+             f"At {ev_cfg.num_samples} images one image is {100 / max(1, ev_cfg.num_samples):.1f} points: rows "
+             "whose 95% intervals overlap are not different, whatever their order."]
     return "\n".join(lines)
 
 
