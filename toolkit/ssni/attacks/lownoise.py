@@ -85,10 +85,10 @@ class LowNoise(PGD):
         if mode not in MODES:
             raise ValueError(f"lownoise mode must be one of {', '.join(MODES)}, got {mode!r}")
         if float(lam) < 0:
-            raise ValueError(f"lownoise lam must be >= 0 (the weight of -t*), got {lam}")
+            raise ValueError(f"lownoise lam must be >= 0 (the weight of the noise term), got {lam}")
         if mode == "two_stage" and not (0.0 < float(split) < 1.0 and self.steps >= 2):
             raise ValueError(f"lownoise two_stage needs 0 < split < 1 and steps >= 2 (steps to fool, then steps "
-                             f"to lower t*), got split={split}, steps={steps}")
+                             f"to lower the noise term), got split={split}, steps={steps}")
         self.lam, self.mode, self.split, self.target = float(lam), mode, float(split), target
 
     def check_view(self, view: str) -> None:
@@ -99,12 +99,12 @@ class LowNoise(PGD):
                                                 if view == "fixed" else ""))
 
     def stage_steps(self) -> tuple:
-        """(steps fooling the classifier, steps lowering t*) of two_stage."""
+        """(steps fooling the classifier, steps lowering the noise term) of two_stage."""
         first = min(self.steps - 1, max(1, round(self.split * self.steps)))
         return first, self.steps - first
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, generator) -> Tensor:
-        """joint: PGD on loss - lam * t*; two_stage: PGD on the loss, then lower t* kept fooled; x [B,C,H,W] -> x_adv."""
+        """joint: PGD on loss - lam * N; two_stage: PGD on the loss, then lower N kept fooled; x [B,C,H,W] -> x_adv."""
         x_adv = self.start(x, generator)
         if self.mode == "joint":
             return self.ascend(model, x, y, x_adv, self.steps, t_star_loss(self.loss, self.lam, self.target))
@@ -112,8 +112,8 @@ class LowNoise(PGD):
         return self.lower_t_star(model, x, y, self.ascend(model, x, y, x_adv, fool, self.loss), lower)
 
     def lower_t_star(self, model: nn.Module, x: Tensor, y: Tensor, x_k: Tensor, steps: int) -> Tensor:
-        """Stage two: `steps` oracle calls from x_k ascending min(margin, 0) - lam * t*; each sample's fooled
-        point of highest objective (lowest t*), or its last iterate if never fooled; [B,...] -> [B,...]."""
+        """Stage two: `steps` oracle calls from x_k ascending min(margin, 0) - lam * N; each sample's fooled
+        point of highest objective (lowest N), or its last iterate if never fooled; [B,...] -> [B,...]."""
         margin = LOSSES.get("margin")
         objective = keep_fooled_loss(targeted_loss(margin) if self.targeted else margin, self.lam, self.target)
         b = x.shape[0]
@@ -125,7 +125,7 @@ class LowNoise(PGD):
             value, grad, logits = self.grad_fn(model, x_k, y, objective)
             fooled = ~still_resists(logits, y, objective)
             better = fooled & (value > best)
-            # a step that un-fooled a sample or did not lower its t*: back to its best fooled point, on
+            # a step that un-fooled a sample or did not lower its N: back to its best fooled point, on
             # with half the step (sign steps of a fixed size would circle the minimum, never reach it)
             back = (~better & torch.isfinite(best)).view(shape)
             best_x[better], best[better], best_grad[better] = x_k[better], value[better], grad[better]
