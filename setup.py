@@ -28,6 +28,7 @@ setup(
         "test": ["pytest", "ruff", "torchattacks"],  # torchattacks (MIT): cross-checks in tests/test_torchattacks.py
         "bench": ["torchsde>=0.2.6"],  # tools/bench_reference.py: the DiffPure-style reference (Apache-2.0)
         "diffusers": ["diffusers>=0.20"],  # the "diffusers" pretrained format (UNet2DModel folders)
+        "autoattack": ["pyautoattack>=0.2"],  # the `autoattack` attack: AutoAttack on a defense view (MIT)
         # RobustBench is not on PyPI
         "robustbench": ["robustbench @ git+https://github.com/RobustBench/robustbench.git"],
     },

@@ -339,7 +339,8 @@ def test_unknown_attack_view_and_name_fail_before_any_work(tmp_path, eval_setup,
                                                r"valid choices: adaptive, bare, bpda, full"):
         Evaluation(cfg)
     cfg = load_config(EvaluateConfig, None, ["defenses=[{name: none}]", "attacks=[{name: a, attack: pgdd}]"])
-    with pytest.raises(UnknownNameError, match="unknown attack 'pgdd'; valid choices: apgd, lowfreq, pgd, transfer"):
+    with pytest.raises(UnknownNameError, match="unknown attack 'pgdd'; valid choices: apgd, autoattack, lowfreq, "
+                                               "lownoise, pgd, transfer"):
         Evaluation(cfg)
     recipe = _eval_recipe(eval_setup, tmp_path / "ev", defenses=[{"name": "none"}],
                           attacks=[{"name": "a", "attack": "pgd", "view": "nonsense"}])

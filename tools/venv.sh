@@ -1,12 +1,22 @@
 #!/usr/bin/env bash
 # Run a command inside the project's virtual environment (.venv), creating and filling it first
 # when needed. Usage: bash tools/venv.sh ssni demo   |   bash tools/venv.sh python -m pytest -q
+# SSNI_EXTRAS="autoattack robustbench" (spaces or commas) installs those extras beside `test`.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
 py="${PYTHON:-python3}"
 stamp="$venv/.ssni-installed"
-want="$(cat "$root/setup.py" | sha256sum | cut -c1-16)"
+extras="test"
+for extra in $(printf '%s' "${SSNI_EXTRAS:-}" | tr ',' ' '); do
+  if ! [[ "$extra" =~ ^[A-Za-z0-9_-]+$ ]]; then
+    echo "[ssni] SSNI_EXTRAS: bad extra name '$extra' (expected names from setup.py's extras_require, e.g. autoattack)" >&2
+    exit 2
+  fi
+  case ",$extras," in *",$extra,"*) ;; *) extras="$extras,$extra" ;; esac
+done
+# the stamp covers setup.py and the extras installed, so asking for another extra installs it
+want="$({ cat "$root/setup.py"; echo "extras=$extras"; } | sha256sum | cut -c1-16)"
 if [ ! -x "$venv/bin/python" ]; then
   echo "[ssni] creating virtual environment in $venv" >&2
   "$py" -m venv "$venv"
@@ -22,7 +32,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$venv/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
   # The standard torch + torchvision pair from the package index (the CUDA build runs on CPU too).
   "$venv/bin/python" -m pip install --quiet torch torchvision 2>&1 | grep -v '^WARNING: Location' >&2 || true
-  "$venv/bin/python" -m pip install --quiet -e "$root[test]" 2>&1 | grep -v '^WARNING: Location' >&2 || true
+  "$venv/bin/python" -m pip install --quiet -e "$root[$extras]" 2>&1 | grep -v '^WARNING: Location' >&2 || true
   "$venv/bin/python" -c "import ssni, torch, torchvision, timm" || { echo "[ssni] install failed (see pip's message above)" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi

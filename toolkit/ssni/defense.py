@@ -14,7 +14,9 @@ running the one pipeline method `RobustClassifier.run` with the attack purifier:
 `fixed_view` (the evaluation's `fixed_seeds: true`; not a registered view) is the defense itself, full
 gradients: called with the seeds the defense later uses, the attack differentiates exactly that draw.
 Every view (and the defense) also has `stepwise(x, seeds)`: the logits at every reverse step
-[S,B,n], for the per-step loss of attacks/perstep.py.
+[S,B,n], for the per-step loss of attacks/perstep.py. Every view also has `with_t_star(x, seeds)`:
+its logits, and the t*(x) and score norm of the same pass (differentiable in `adaptive`; in `bare`,
+the defense's smooth t*), for the low-noise attack of attacks/lownoise.py.
 """
 from __future__ import annotations
 
@@ -214,28 +216,38 @@ class RobustClassifier(nn.Module):
             s = self.scorer(x, seeds=mix_seeds(seeds, 0))
         return self.reweight(s, smooth=smooth), s
 
-    def _members(self, x: Tensor, seeds: Optional[Tensor], smooth: bool) -> Tuple[Tensor, Tensor, Tensor]:
-        """What the purifier gets for the ensemble (shared by run and run_steps): the images, their t*(x)
-        and every member's seeds; x [B,C,H,W] -> ([K*B,C,H,W], [K*B], [K*B]); records last_t_star / norm."""
+    def _members(self, x: Tensor, seeds: Optional[Tensor], smooth: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """What the purifier gets for the ensemble (shared by run and run_steps): the images, their t*(x),
+        every member's seeds, and the score norms; x [B,C,H,W] -> ([K*B,C,H,W], [K*B], [K*B], [B]);
+        records last_t_star / norm."""
         check_images(x, self.score_model.input_shape, dtype=self.dtype)
         seeds = self._seeds(x, seeds)
         t, s = self.noise_levels(x, seeds, smooth=smooth)
         self.last_t_star, self.last_score_norm = t.detach(), s.detach()
         k = self.ensemble
         member_seeds = torch.cat([mix_seeds(seeds, 1 + i) for i in range(k)])
-        return (x.repeat(k, 1, 1, 1) if k > 1 else x), (t.repeat(k) if k > 1 else t), member_seeds
+        return (x.repeat(k, 1, 1, 1) if k > 1 else x), (t.repeat(k) if k > 1 else t), member_seeds, s
 
     def run(self, x: Tensor, seeds: Optional[Tensor] = None, attack: bool = False,
             smooth: bool = False, grad: Optional[str] = None, vote: Optional[str] = None) -> Tensor:
         """The full pipeline with explicit choices; x [B,C,H,W] in [0,1] -> logits [B,n]."""
+        return self.run_with_t_star(x, seeds, attack, smooth, grad, vote)[0]
+
+    def run_with_t_star(self, x: Tensor, seeds: Optional[Tensor] = None, attack: bool = False,
+                        smooth: bool = False, grad: Optional[str] = None, vote: Optional[str] = None
+                        ) -> Tuple[Tensor, Tensor, Tensor]:
+        """`run`'s logits, the t*(x) it purified with and the score norm s(x) behind it, from one pass;
+        x [B,C,H,W] -> ([B,n], [B], [B]).
+
+        With `smooth` (and autograd recording) t* and s carry gradients (through the score network and
+        the smooth reweight), so an attack can lower them (attacks/lownoise.py); otherwise they do not.
+        """
         purifier = self.attack_purifier if attack else self.purifier
-        xk, tk, member_seeds = self._members(x, seeds, smooth)
+        xk, tk, member_seeds, s = self._members(x, seeds, smooth)
         k, b = self.ensemble, x.shape[0]
         xp = purifier(xk, tk, seeds=member_seeds, grad=grad)
         logits = self.classify(xp).reshape(k, b, -1)
-        if k == 1:
-            return logits[0]
-        return VOTES.get(vote or self.vote)(logits)
+        return (logits[0] if k == 1 else VOTES.get(vote or self.vote)(logits)), tk[:b], s
 
     def run_steps(self, x: Tensor, seeds: Optional[Tensor] = None, attack: bool = False,
                   smooth: bool = False, grad: Optional[str] = None, vote: Optional[str] = None) -> Tensor:
@@ -250,7 +262,7 @@ class RobustClassifier(nn.Module):
         if not callable(getattr(purifier, "trajectory", None)):
             raise TypeError(f"per-step logits need a purifier with trajectory() (ssni's Purifier), "
                             f"got {type(purifier).__name__}")
-        xk, tk, member_seeds = self._members(x, seeds, smooth)
+        xk, tk, member_seeds, _ = self._members(x, seeds, smooth)
         k, b = self.ensemble, x.shape[0]
         states = purifier.trajectory(xk, tk, seeds=member_seeds, grad=grad)
         recompute = torch.is_grad_enabled() and any(st.requires_grad for st in states)
@@ -334,6 +346,12 @@ class AttackView(nn.Module):
         return self.parent.run_steps(x, seeds, attack=not self.defense, smooth=self.smooth,
                                      grad=self.grad, vote=None if self.defense else "mean_prob")
 
+    def with_t_star(self, x: Tensor, seeds: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """forward's logits, the t*(x) it used and its score norm, one pass; [B,C,H,W] -> ([B,n], [B], [B]);
+        t* and s are differentiable in x in a smooth view (adaptive), gradient-free (t* rounded) otherwise."""
+        return self.parent.run_with_t_star(x, seeds, attack=not self.defense, smooth=self.smooth,
+                                           grad=self.grad, vote=None if self.defense else "mean_prob")
+
 
 class BareView(nn.Module):
     """The wrapped classifier without purification; x [B,C,H,W] in [0,1] -> logits."""
@@ -350,6 +368,11 @@ class BareView(nn.Module):
     def stepwise(self, x: Tensor, seeds: Optional[Tensor] = None) -> Tensor:
         """No purification, so one step: the bare logits as [1,B,n]."""
         return self.parent.classify(x)[None]
+
+    def with_t_star(self, x: Tensor, seeds: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """The bare logits, and the smooth t*(x) and score norm the defense would give x (differentiable in
+        x: a low-noise attack lowers them while the classifier stays fooled); [B,C,H,W] -> ([B,n], [B], [B])."""
+        return (self.parent.classify(x), *self.parent.noise_levels(x, seeds, smooth=True))
 
 
 @VIEWS.register("full")

@@ -47,12 +47,30 @@ def margin_loss(logits: Tensor, y: Tensor) -> Tensor:
     return other - z_y
 
 
+def uses_t_star(obj: Any) -> bool:
+    """Whether a loss also takes the t*(x) and score norm of the pass, loss(logits [B,K], y [B], t [B],
+    s [B]), or an attack ascends such a loss (attacks/lownoise.py)."""
+    return bool(getattr(obj, "uses_t_star", False))
+
+
 def plain_gradient(model: nn.Module, x: Tensor, y: Tensor, loss: Callable) -> Tuple[Tensor, Tensor, Tensor]:
-    """One autograd pass: (per-sample loss [B], grad wrt x [B,...], logits [B,K])."""
+    """One autograd pass: (per-sample loss [B], grad wrt x [B,...], logits [B,K]).
+
+    A loss that uses t* (`uses_t_star`) gets the t*(x) and score norm of the same pass from
+    `model.with_t_star(x)` (every view of an ssni RobustClassifier has it), so EOT averages them too.
+    """
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        logits = model(x)
-        per_sample = loss(logits, y)
+        if uses_t_star(loss):
+            with_t = getattr(model, "with_t_star", None)
+            if not callable(with_t):
+                raise TypeError(f"a loss on t*(x) needs a model with with_t_star(x) -> (logits, t*, score norm) "
+                                f"(a view of an ssni RobustClassifier); {type(model).__name__} has none")
+            logits, t, s = with_t(x)
+            per_sample = loss(logits, y, t, s)
+        else:
+            logits = model(x)
+            per_sample = loss(logits, y)
         (grad,) = torch.autograd.grad(per_sample.sum(), x)
     return per_sample.detach(), grad.detach(), logits.detach()
 
@@ -91,6 +109,10 @@ class Attack:
     `set_mode_default()` switch the same flag.
     """
 
+    # Why EOT / per_step cannot wrap this attack, for attacks that take their gradients elsewhere
+    # (another library) instead of from `grad_fn`; None: they can.
+    own_gradients: Optional[str] = None
+
     def __init__(self, eps: float = 8 / 255, norm: str = "linf", loss: str = "ce",
                  model: Optional[nn.Module] = None, targeted: bool = False, seed: Optional[int] = None):
         if eps < 0:
@@ -104,6 +126,10 @@ class Attack:
         self.eot_samples = 1  # set by the EOT wrapper; reported by the evaluation
         self.eot_selective = False
         self.per_step = False  # set by perstep.per_step: the loss is taken at every reverse step
+
+    def check_view(self, view: str) -> None:
+        """A one-line ValueError if this attack cannot attack the view named `view` (a VIEWS name, or
+        "fixed": the defense with the seeds of draw 0); every view by default."""
 
     @property
     def loss(self) -> Callable:
@@ -151,3 +177,10 @@ class Attack:
         return {"attack": type(self).__name__, "eps": self.eps, "norm": self.norm,
                 "loss": self.loss_name, "eot": self.eot_samples,
                 "eot_selective": self.eot_selective, "targeted": self.targeted, "per_step": self.per_step}
+
+    def budget_head(self) -> str:
+        """What the attack spends, in words, for a report's budget line: 'ce, 200 it, EOT 20'."""
+        steps = getattr(self, "steps", None)
+        parts = [self.loss_name] + ([f"{steps} it"] if steps is not None else [])
+        parts.append(f"EOT {self.eot_samples}{' selective' if self.eot_selective else ''}")
+        return ", ".join(parts)

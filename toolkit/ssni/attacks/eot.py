@@ -53,6 +53,9 @@ class _SeededCopies(nn.Module):
         stepwise = getattr(model, "stepwise", None)
         if callable(stepwise):  # the per-step loss reads it (attacks/perstep.py)
             self.stepwise = lambda x, seeds=None: stepwise(x, seeds=self._rows(x, seeds))
+        with_t = getattr(model, "with_t_star", None)
+        if callable(with_t):  # a loss on t*(x) reads it (attacks/lownoise.py)
+            self.with_t_star = lambda x, seeds=None: with_t(x, seeds=self._rows(x, seeds))
 
     def _rows(self, x: Tensor, seeds: Optional[Tensor]) -> Tensor:
         if seeds is not None:
@@ -205,7 +208,10 @@ def EOT(attack: Attack, samples: int = 20, max_batch: int = 4096, selective: boo
         dist: Any = None) -> Attack:
     """A new attack: `attack` with its gradients averaged over `samples` batched copies (selective:
     DiffHammer-style; dist: copies split across ranks, see EOTGradient). The attack given is left
-    unchanged; wrapping an EOT attack again nests the oracles."""
+    unchanged; wrapping an EOT attack again nests the oracles. An attack that takes its gradients
+    elsewhere (`own_gradients`, e.g. AutoAttack) is refused."""
+    if attack.own_gradients:
+        raise ValueError(f"EOT cannot wrap {type(attack).__name__}: {attack.own_gradients}")
     wrapped = copy.copy(attack)  # shallow: same settings and bound model, its own gradient oracle
     wrapped.grad_fn = EOTGradient(samples, max_batch, base=attack.grad_fn, selective=selective, dist=dist)
     wrapped.eot_samples = samples

@@ -16,7 +16,7 @@ from typing import Callable, Tuple
 import torch
 from torch import Tensor, nn
 
-from .base import Attack, plain_gradient
+from .base import Attack, plain_gradient, uses_t_star
 
 
 def per_step_gradient(model: nn.Module, x: Tensor, y: Tensor, loss: Callable) -> Tuple[Tensor, Tensor, Tensor]:
@@ -29,6 +29,9 @@ def per_step_gradient(model: nn.Module, x: Tensor, y: Tensor, loss: Callable) ->
     if not callable(stepwise):
         raise TypeError(f"the per-step loss needs a model with stepwise(x) -> logits [S,B,K] (a view of an "
                         f"ssni RobustClassifier); {type(model).__name__} has none")
+    if uses_t_star(loss):  # its t* term comes from one pass, not from every step
+        raise ValueError("the per-step loss does not combine with a loss on t*(x) (the low-noise attack); "
+                         "drop per_step")
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         logits = stepwise(x)
@@ -55,8 +58,15 @@ def _under_per_step(fn: Callable) -> Callable:
 def per_step(attack: Attack) -> Attack:
     """A new attack: `attack` ascending the per-step loss (per_step_gradient); the one given is unchanged.
 
-    An EOT-wrapped attack keeps its EOT averaging, with the per-step loss under it.
+    An EOT-wrapped attack keeps its EOT averaging, with the per-step loss under it. An attack that
+    takes its gradients elsewhere (`own_gradients`, e.g. AutoAttack) or ascends a loss on t*(x)
+    (`uses_t_star`, the low-noise attack) is refused.
     """
+    if attack.own_gradients:
+        raise ValueError(f"per_step cannot wrap {type(attack).__name__}: {attack.own_gradients}")
+    if uses_t_star(attack):
+        raise ValueError(f"per_step cannot wrap {type(attack).__name__}: its loss on t*(x) comes from one pass, "
+                         "not from every reverse step; drop per_step")
     wrapped = copy.copy(attack)  # shallow: same settings and bound model, its own gradient oracle
     wrapped.grad_fn = _under_per_step(attack.grad_fn)
     wrapped.per_step = True

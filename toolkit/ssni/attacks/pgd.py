@@ -30,9 +30,15 @@ class PGD(Attack):
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, generator) -> Tensor:
         """steps x (gradient oracle, ascent step, projection); x [B,C,H,W] -> the last iterate."""
-        x_adv = random_start(x, self.eps, self.norm, generator) if self.random_start else x.clone()
-        loss = self.loss
-        for _ in range(self.steps):
+        return self.ascend(model, x, y, self.start(x, generator), self.steps, self.loss)
+
+    def start(self, x: Tensor, generator) -> Tensor:
+        """The first iterate: a random point of the eps-ball (random_start) or x itself; [B,...] -> [B,...]."""
+        return random_start(x, self.eps, self.norm, generator) if self.random_start else x.clone()
+
+    def ascend(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor, steps: int, loss) -> Tensor:
+        """`steps` ascent steps on `loss` from x_adv, each projected into the eps-ball of x; -> the last iterate."""
+        for _ in range(steps):
             _, grad, _ = self.grad_fn(model, x_adv, y, loss)
             x_adv = project(x_adv + self.step_size * steepest_step(grad, self.norm), x,
                             self.eps, self.norm)

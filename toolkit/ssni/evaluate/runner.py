@@ -138,6 +138,10 @@ class BoundSeeds(nn.Module):
         """Logits at every reverse step [S,R*B,n], seeded as forward (for the per-step loss)."""
         return self.view.stepwise(x, seeds=self._repeat(x))
 
+    def with_t_star(self, x: Tensor) -> tuple:
+        """Logits [R*B,n], t* and score norms [R*B], seeded as forward (for a loss on t*, attacks/lownoise.py)."""
+        return self.view.with_t_star(x, seeds=self._repeat(x))
+
     def _repeat(self, x: Tensor) -> Tensor:
         b = self.seeds.numel()
         if x.shape[0] % b:
@@ -190,6 +194,8 @@ class Evaluation:
                 attack = self._make_attack(spec)
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"attacks[{i}] ({spec.name!r}): {e}") from None
+            except ImportError as e:  # an optional extra missing (one line naming it), or broken (its error)
+                raise ConfigError(f"attacks[{i}] ({spec.name!r}): {e}") from e
             self.budgets[spec.name] = self.budget(spec, attack)
             # the undefended classifier ("none") is attacked alone, whatever the spec's view
             self.bare_budgets[spec.name] = self.budget(replace(spec, view="bare"), attack)
@@ -316,7 +322,7 @@ class Evaluation:
                         view, check_view = BoundSeeds(fixed, seeds0), BoundSeeds(fixed, seeds0[:8])
                     attack = self._make_attack(attack_spec, eps)
                     if self.cfg.checks and bi == 0 and eps is None:
-                        flags += self._self_check(check_view, x[:8], y[:8], attack_spec)
+                        flags += self._self_check(check_view, x[:8], y[:8], attack_spec, attack.eot_samples)
                     target = self._targets(y, cell, bi) if attack.targeted else y
                     torch.manual_seed(derive_seed(self.cfg.seed, cell, bi))  # view randomness
                     x_in = attack(view, x, target, seed=derive_seed(self.cfg.seed, cell, bi, "start"))
@@ -357,12 +363,14 @@ class Evaluation:
                 "seconds": sum(p["seconds"] for p in parts),
                 "flags": [f for p in parts for f in p["flags"]]}
 
-    def _self_check(self, view: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec) -> List[str]:
+    def _self_check(self, view: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, eot: int) -> List[str]:
+        """Flags of the attacked view: vanishing gradients, randomness the attack's EOT (`eot`: its
+        own for AutoAttack's rand version) does not average."""
         flags = []
         g = gradient_check(view, x, y)
         if g["flag"]:
             flags.append(f"{spec.name}: {g['flag']}")
-        r = randomness_check(view, x, spec.eot)
+        r = randomness_check(view, x, eot)
         if r["flag"]:
             flags.append(f"{spec.name}: {r['flag']}")
         return flags

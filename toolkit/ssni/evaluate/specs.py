@@ -109,6 +109,7 @@ def make_attack(spec: AttackSpec, eps: Optional[float] = None, scale_step: bool 
     if spec.attack == "transfer":
         kwargs["source"] = source
     attack = ATTACKS.create(spec.attack, **kwargs)
+    attack.check_view("fixed" if spec.fixed_seeds else spec.view)  # e.g. lownoise needs a t* with gradients
     if spec.per_step:  # under EOT, so every copy ascends its own loss at every reverse step
         attack = per_step(attack)
     return EOT(attack, spec.eot, selective=spec.selective, dist=dist) if spec.eot > 1 or spec.selective else attack
@@ -125,11 +126,7 @@ def attacked_defense(model: Optional[nn.Module], spec: AttackSpec) -> Optional[n
 def attack_budget(spec: AttackSpec, attack, base: nn.Module) -> str:
     """One line saying what the attack spent and what it differentiated (base: the defense recipe's
     RobustClassifier, for its purifiers), for every report line."""
-    d = attack.describe()
-    parts = [f"{spec.attack} {d.get('loss', '')}".strip()]
-    if d.get("steps") is not None:
-        parts.append(f"{d['steps']} it")
-    parts.append(f"EOT {spec.eot}{' selective' if spec.selective else ''}")
+    parts = [f"{spec.attack} {attack.budget_head()}"]  # its loss, iterations and EOT, in its own words
     if spec.per_step:
         parts.append("loss at every step")
     if spec.view == "bare" or spec.attack == "transfer":
