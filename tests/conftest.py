@@ -24,19 +24,21 @@ def _on_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
-@pytest.fixture
-def extra():
-    """extra(module, name) -> the imported module of the optional extra `name`; without it the test is
-    skipped (saying how to install it), or fails when CI=true (CI installs the extras: .ci/run)."""
+def need_extra(module: str, name: str):
+    """The imported module of the optional extra `name`; without it the test is skipped (saying how
+    to install it), or fails when CI=true (CI installs the extras: .ci/run)."""
     import importlib
 
-    def need(module: str, name: str):
-        try:
-            return importlib.import_module(module)
-        except ImportError as e:
-            why = f"the optional extra {name!r} is missing ({e}); pip install 'ssni[{name}]'"
-            if _on_ci():
-                pytest.fail(f"CI=true: {why}", pytrace=False)
-            pytest.skip(why)
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        why = f"the optional extra {name!r} is missing ({e}); pip install 'ssni[{name}]'"
+        if _on_ci():
+            pytest.fail(f"CI=true: {why}", pytrace=False)
+        pytest.skip(why)
 
-    return need
+
+@pytest.fixture
+def extra():
+    """extra(module, name): need_extra as a fixture."""
+    return need_extra

@@ -75,6 +75,8 @@ def test_evaluation_end_to_end_and_resume_equals_uninterrupted(tiny_setup, tmp_p
     assert ssni["mean_t_clean"] is not None and 0 < ssni["mean_t_clean"] <= 0.06
     assert (tmp_path / "full/report.md").is_file() and (tmp_path / "full/t_star.png").is_file()
     assert (tmp_path / "full/accuracy_vs_eps.png").is_file()
+    # the sweep's n (3) is not the table's (6): the report says so beside the plot
+    assert "`pgd-eot` on the first 3 of the 6 images" in (tmp_path / "full/report.md").read_text()
 
     # killed after 5 finished batches, then started again: same numbers, nothing redone
     part_cfg = _config(tiny_setup, tmp_path / "part")

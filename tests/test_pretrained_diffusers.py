@@ -1,7 +1,8 @@
 """The "diffusers" format: UNet2DModel folders written by diffusers' save_pretrained load as EpsModels.
 
 Tiny random UNet2DModels saved by diffusers itself stand in for the public checkpoints. The tests that
-need diffusers (an optional extra) skip without it; the message for a missing extra is checked always.
+need diffusers (an optional extra) skip without it (and fail with CI=true: CI installs it); the message
+for a missing extra is checked always.
 """
 import json
 import re
@@ -18,7 +19,9 @@ from ssni.scoring import ScoreNorm
 
 
 def _diffusers():
-    return pytest.importorskip("diffusers")
+    from conftest import need_extra
+
+    return need_extra("diffusers", "diffusers")
 
 
 def _tiny_unet(in_channels=3, out_channels=None, attention=False, seed=0):

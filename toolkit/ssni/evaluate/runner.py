@@ -534,7 +534,8 @@ class Evaluation:
                                                      "per-sample t*")),
                           ("accuracy_vs_eps", plot_accuracy_vs_eps(
                               curves, out / "accuracy_vs_eps.png",
-                              f"{self.cfg.sweep.attack}: accuracy vs epsilon"))):
+                              f"{self.cfg.sweep.attack}: accuracy vs epsilon\n(the first "
+                              f"{self.cfg.sweep.num_samples} of the table's {int(self.x.shape[0])} images)"))):
             if path is not None:
                 plots[key] = str(path)
         table = markdown_table(rows + worst_rows)
@@ -553,6 +554,10 @@ class Evaluation:
         md += [f"- `{a.name}`: {self.budgets[a.name]}; view `{a.view}`; settings {a.kwargs}" for a in self.attacks]
         md += [f"- `{g}` (worst of {', '.join(m)}): preset rand, AutoAttack's randomized-defense version"
                for g, m in self.groups.items()]
+        if curves:  # the sweep runs on fewer images than the table: say so beside its plot
+            md += ["", f"Accuracy vs epsilon (`accuracy_vs_eps.png`): `{self.cfg.sweep.attack}` on the first "
+                       f"{self.cfg.sweep.num_samples} of the {results['n']} images, so its point at the table's "
+                       "epsilon may differ from the table's row."]
         md += [""] + [f"![{k}]({Path(v).name})" for k, v in plots.items()]
         atomic_write_text(out / "report.md", "\n".join(md) + "\n")
         try:
