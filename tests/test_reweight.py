@@ -1,6 +1,7 @@
 """Reweighting functions: monotone, bounded, formulas, batch independence, learned fit, oracle."""
 import json
 import math
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -413,3 +414,17 @@ def test_fit_reweight_bad_inputs_fail_in_one_line(tmp_path):
     (tmp_path / "calibration.json").unlink()
     with pytest.raises((FileNotFoundError, ValueError), match="calibration"):
         run_fit_reweight(load_config(FitReweightConfig, RECIPE, base))
+
+
+def test_fit_reweight_shows_a_bar_and_a_time_for_every_attacked_set(tmp_path, monkeypatch, capsys):
+    """Minutes pass between a fit's stage lines: each attacked set gets a bar with an ETA and a time."""
+    from ssni.cli import main
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    recipe = _tiny_defense(tmp_path)
+    args = [a for a in FIT_ARGS if a != "progress=false"] + ["progress=true", "alternations=0", "holdout=0"]
+    assert main(["fit-reweight", RECIPE, f"output={tmp_path / 'rw'}", f"defense_recipe={recipe}"] + args) == 0
+    captured = capsys.readouterr()
+    done = re.findall(r"\[fit-reweight\] (\S+): done in \d+ s", captured.out)
+    assert len(done) >= 4, captured.out  # the clean set and round 0's three DBP levels
+    assert "[fit-reweight] " + done[-1] in captured.err and "img/s" in captured.err and "<" in captured.err

@@ -34,6 +34,7 @@ rank 0 fits and writes, and every rank uses its curve.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -245,6 +246,8 @@ class Member:
 class Fit:
     """The state of one fit-reweight run (defense, images, tables, rank context)."""
 
+    _desc = "attacked set"  # what the progress bar of sharded() is computing (set by cached())
+
     def __init__(self, cfg: FitReweightConfig, dist: DistContext):
         self.cfg, self.dist = cfg, dist
         self.out = Path(cfg.output)
@@ -295,14 +298,22 @@ class Fit:
     def sharded(self, fn: Callable[[int, int], Dict[str, Tensor]], n: int) -> Dict[str, Tensor]:
         """fn(first, b) over this rank's batches of n samples, gathered from every rank in sample order:
         {name: [n, ...]}; a failure on any rank is raised on every rank."""
+        from tqdm.auto import tqdm
+
         bs, mine, error = self.cfg.batch_size, {}, None
+        starts = list(shard_starts(n, bs, self.dist.rank, self.dist.world_size))
+        # a bar with an ETA per attacked set: a fit runs for many minutes between its stage lines
+        bar = tqdm(total=sum(min(bs, n - a) for a in starts), desc=f"[fit-reweight] {self._desc}", unit="img",
+                   dynamic_ncols=True, disable=not (self.cfg.progress and self.dist.is_main))
         try:
-            for a in shard_starts(n, bs, self.dist.rank, self.dist.world_size):
+            for a in starts:
                 mine[a] = fn(a, min(bs, n - a))
+                bar.update(min(bs, n - a))
         except Exception as e:
             if self.dist.world_size == 1:
                 raise
             error = f"rank {self.dist.rank}: {type(e).__name__}: {e}"
+        bar.close()
         parts = self.dist.all_gather_object((mine, error)) if self.dist.world_size > 1 else [(mine, None)]
         errors = [err for _, err in parts if err is not None]
         if errors:
@@ -316,9 +327,10 @@ class Fit:
         meta = path.with_suffix(".json")
         if path.exists() and meta.exists() and read_json(meta).get("key") == key:
             return load_safetensors(path)
-        if self.cfg.progress and self.dist.is_main:
-            print(f"[fit-reweight] {name} ...", flush=True)
+        self._desc, t0 = name, time.perf_counter()
         result = compute()
+        if self.cfg.progress and self.dist.is_main:
+            print(f"[fit-reweight] {name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
         self.computed += 1
         if self.dist.is_main:
             atomic_save_safetensors(path, {k: v.contiguous() for k, v in result.items()})
