@@ -174,3 +174,15 @@ def test_dlr_loss_hand_values():
     # true class 0 is top: -(3 - 1) / (3 - 0) ; true class 2: -(0 - 3) / (3 - 0)
     assert LOSSES.get("dlr")(z, torch.tensor([0])).item() == pytest.approx(-2 / 3)
     assert LOSSES.get("dlr")(z, torch.tensor([2])).item() == pytest.approx(1.0)
+
+
+def test_eot_around_the_transfer_attack_is_refused_in_one_line():
+    """EOT over a deterministic source repeated one gradient N times while the report said EOT N."""
+    from ssni.evaluate.specs import AttackSpec, make_attack
+
+    spec = AttackSpec(name="t", attack="transfer", eot=4, view="full",
+                      kwargs={"eps": 0.1, "steps": 2, "step_size": 0.05})
+    with pytest.raises(ValueError, match="transfer attack takes its gradients from its deterministic source"):
+        make_attack(spec, source=nn.Linear(4, 2))
+    make_attack(AttackSpec(name="t", attack="transfer", eot=1, view="full",
+                           kwargs={"eps": 0.1, "steps": 2, "step_size": 0.05}), source=nn.Linear(4, 2))

@@ -16,6 +16,10 @@ from .pgd import PGD
 class Transfer(Attack):
     """Run `inner` (default PGD) against `source` instead of the attacked model."""
 
+    # the source (the bare classifier) is deterministic: EOT would average one gradient N times
+    own_gradients = ("the transfer attack takes its gradients from its deterministic source model, so EOT "
+                     "would repeat one gradient; use eot: 1")
+
     def __init__(self, source: nn.Module | None = None, eps: float = 8 / 255, norm: str = "linf",
                  steps: int = 200, step_size: float = 0.007, loss: str = "ce"):
         super().__init__(eps, norm, loss)
