@@ -18,6 +18,7 @@ from typing import List, Optional
 from .checkpoint import CheckpointError
 from .commands import COMMANDS
 from .config import ConfigError, load_config
+from .help import config_help, options_text, print_config
 from .io import UnsafeCheckpointError
 from .registry import UnknownNameError
 from .training.loop import NonFiniteLossError
@@ -104,13 +105,27 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="show the traceback of an error (also: SSNI_DEBUG=1); anywhere on the line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS.names():
-        p = sub.add_parser(name, help=COMMANDS.meta(name)["help"])
+        meta = COMMANDS.meta(name)
+        p = sub.add_parser(name, help=meta["help"], description=f"{meta['help']}\n\n{config_help(meta['config'], name)}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("recipe", nargs="?", help="YAML recipe (see recipes/); optional")
-        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. loop.steps=100")
+        p.add_argument("overrides", nargs="*", help="key=value overrides of the keys below")
+        p.add_argument("--print-config", action="store_true",
+                       help="print the resolved config (recipe + overrides + defaults) as YAML and exit")
+    opts = sub.add_parser("options", help="list registered parts (models, samplers, attacks, ...) and their options")
+    opts.add_argument("kind", nargs="?", help="e.g. sampler, attack, reweight, model, dataset")
+    opts.add_argument("name", nargs="?", help="a registered name of that kind, e.g. ddpm")
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "options":
+        try:
+            print(options_text(args.kind, args.name))
+        except (ValueError, UnknownNameError) as e:
+            print(f"ssni options: error: {error_line(e)}", file=sys.stderr)
+            return 2
+        return 0
     overrides = list(args.overrides) + extra
     recipe = args.recipe
     if recipe is not None and _looks_like_override(recipe):
@@ -126,6 +141,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         # reweight are that tiny and flow through the whole score network: flush them to zero.
         torch.set_flush_denormal(True)
         cfg = load_config(config_cls, recipe, overrides)
+        if args.print_config:
+            print(print_config(cfg), end="")
+            return 0
         result = run(cfg)
     except INPUT_ERRORS as e:
         if debug:

@@ -15,6 +15,10 @@ def _choices_message(kind: str, name: str, choices: Iterable[str]) -> str:
     return f"unknown {kind} {name!r}; valid choices: {', '.join(sorted(choices)) or '(none)'}"
 
 
+# every registry by its kind, so a user can list what is registered (`ssni options`)
+REGISTRIES: Dict[str, "Registry"] = {}
+
+
 class Registry:
     """Maps names to builders: `register` (decorator), `get`, `names`, `create`."""
 
@@ -22,6 +26,7 @@ class Registry:
         self.kind = kind
         self._items: Dict[str, Any] = {}
         self._meta: Dict[str, Dict[str, Any]] = {}
+        REGISTRIES.setdefault(kind, self)
 
     def register(self, name: str | None = None, **meta: Any) -> Callable[[Any], Any]:
         """Decorator registering a class or function under `name` (default: its __name__)."""
@@ -54,6 +59,21 @@ class Registry:
     def create(self, name: str, **kwargs: Any) -> Any:
         """Call the registered builder with keyword arguments."""
         return self.get(name)(**kwargs)
+
+    def options(self, name: str) -> Dict[str, Any]:
+        """The keyword options of entry `name` with their defaults (`inspect.Parameter.empty` when
+        required): a model variant's own defaults over its builder's, else the builder's signature."""
+        import inspect
+
+        obj, meta = self.get(name), self._meta[name]
+        target = meta.get("builder_obj", obj)
+        try:
+            params = inspect.signature(target.__init__ if inspect.isclass(target) else target).parameters
+        except (TypeError, ValueError):  # a builtin or an object without a signature
+            return dict(meta.get("defaults", {}))
+        skip = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        found = {k: p.default for k, p in params.items() if k != "self" and p.kind not in skip}
+        return {**found, **meta.get("defaults", {})}
 
     def names(self) -> List[str]:
         """Sorted list of registered names."""

@@ -42,7 +42,7 @@ def register_model(name: str, builder: Callable[..., nn.Module], defaults: Dict[
         return builder(**{**defaults, **kw})
 
     make.__doc__ = f"{name}: {builder.__name__} with defaults {defaults}"
-    MODELS.add(name, make, builder=builder.__name__, defaults=dict(defaults), **meta)
+    MODELS.add(name, make, builder=builder.__name__, builder_obj=builder, defaults=dict(defaults), **meta)
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
