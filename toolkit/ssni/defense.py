@@ -527,6 +527,22 @@ def wrap_timm(classifier: Union[str, nn.Module], *, score_model: Union[nn.Module
 
     A name builds the timm model with the score model's channel count and `num_classes`;
     the purifier is built from `purifier_config` (PurifierConfig fields) unless given.
+
+    Example::
+
+        >>> import torch
+        >>> from ssni import calibrate, create_model, wrap_timm
+        >>> _ = torch.manual_seed(0)
+        >>> net = create_model("unet_tiny")  # 8x8 grey; an untrained net's last layer is zero: perturb it
+        >>> with torch.no_grad():
+        ...     _ = [p.add_(0.02 * torch.randn_like(p)) for p in net.parameters()]
+        >>> cal, _ = calibrate(net, torch.rand(16, 1, 8, 8), batch_size=16)
+        >>> model = wrap_timm("resnet10t", score_model=net, calibration=cal, num_classes=3,
+        ...                   mean=[0.0], std=[1.0], purifier_config={"sampler": "ddpm", "steps": 2})
+        >>> with torch.no_grad():
+        ...     logits = model(torch.rand(4, 1, 8, 8))         # [0, 1] images in, logits out
+        >>> tuple(logits.shape), tuple(model.last_t_star.shape)   # and a t* per image
+        ((4, 3), (4,))
     """
     score_model = load_score_model(score_model)
     if isinstance(calibration, (str, os.PathLike)):

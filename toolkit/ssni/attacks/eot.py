@@ -209,7 +209,22 @@ def EOT(attack: Attack, samples: int = 20, max_batch: int = 4096, selective: boo
     """A new attack: `attack` with its gradients averaged over `samples` batched copies (selective:
     DiffHammer-style; dist: copies split across ranks, see EOTGradient). The attack given is left
     unchanged; wrapping an EOT attack again nests the oracles. An attack that takes its gradients
-    elsewhere (`own_gradients`, e.g. AutoAttack) is refused."""
+    elsewhere (`own_gradients`, e.g. AutoAttack) is refused.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> clf = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))   # any [0, 1] -> logits module
+        >>> x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+        >>> from ssni import EOT, PGD
+        >>> noisy = nn.Sequential(nn.Dropout(0.2), clf).train()   # a randomized model
+        >>> attack = EOT(PGD(eps=8 / 255, steps=3, step_size=2 / 255), samples=4)
+        >>> x_adv = attack(noisy, x, y, seed=0)            # each step: the mean gradient of 4 draws
+        >>> attack.eot_samples, bool((x_adv - x).abs().max() <= 8 / 255 + 1e-6)
+        (4, True)
+    """
     if attack.own_gradients:
         raise ValueError(f"EOT cannot wrap {type(attack).__name__}: {attack.own_gradients}")
     wrapped = copy.copy(attack)  # shallow: same settings and bound model, its own gradient oracle

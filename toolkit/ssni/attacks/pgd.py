@@ -18,6 +18,21 @@ class PGD(Attack):
 
     `alpha` is accepted everywhere as an alias of `step_size` (torchattacks' name); the defaults
     stay ours (200 steps of 0.007), not torchattacks' (10 steps of 2/255).
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> clf = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))   # any [0, 1] -> logits module
+        >>> x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+        >>> from ssni import PGD
+        >>> x_adv = PGD(eps=8 / 255, steps=5, step_size=2 / 255)(clf, x, y, seed=0)
+        >>> bool((x_adv - x).abs().max() <= 8 / 255 + 1e-6), bool(((x_adv >= 0) & (x_adv <= 1)).all())
+        (True, True)
+        >>> x_tv = PGD(clf, eps=8 / 255, alpha=2 / 255, steps=5, seed=0)(x, y)   # torchattacks' convention
+        >>> torch.equal(x_tv, x_adv)
+        True
     """
 
     def __init__(self, model: Optional[nn.Module] = None, eps: float = 8 / 255, norm: str = "linf",

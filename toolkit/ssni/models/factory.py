@@ -102,6 +102,17 @@ def load_model(path: str | os.PathLike, weights: str = "model") -> nn.Module:
 
     `weights` picks the file: "ema", "model", or "auto" (EMA weights when the checkpoint has
     them, else the model's). Other checkpoint formats plug in via CHECKPOINT_FORMATS.
+
+    Example::
+
+        >>> import tempfile
+        >>> from ssni import create_model, load_model
+        >>> from ssni.models import save_model
+        >>> net = create_model("unet_tiny")
+        >>> folder = save_model(tempfile.mkdtemp(), net)       # model.safetensors + model.json
+        >>> again = load_model(folder)
+        >>> again.model_name, again.input_shape
+        ('unet_tiny', (1, 8, 8))
     """
     path = Path(path)
     if not path.exists():

@@ -49,7 +49,24 @@ def sampler_option_names(name: str) -> List[str]:
 
 def build_purifier(score_model: nn.Module, cfg: Optional[PurifierConfig] = None,
                    **overrides: Any) -> Purifier:
-    """Purifier for `score_model` from cfg (defaults if None) plus field overrides."""
+    """Purifier for `score_model` from cfg (defaults if None) plus field overrides.
+
+    Example::
+
+        >>> import torch
+        >>> from ssni import create_model
+        >>> _ = torch.manual_seed(0)
+        >>> net = create_model("unet_tiny")  # 8x8 grey; an untrained net's last layer is zero: perturb it
+        >>> with torch.no_grad():
+        ...     _ = [p.add_(0.02 * torch.randn_like(p)) for p in net.parameters()]
+        >>> from ssni import PurifierConfig, build_purifier
+        >>> purifier = build_purifier(net, PurifierConfig(sampler="ddpm", steps=2))
+        >>> x = torch.rand(4, 1, 8, 8)                       # images in [0, 1]
+        >>> with torch.no_grad():                            # a different t* per image
+        ...     out = purifier(x, torch.tensor([0.05, 0.1, 0.1, 0.2]), seeds=torch.arange(4))
+        >>> tuple(out.shape), purifier.nfe_last              # 2 DDPM steps for each of 4 images
+        ((4, 1, 8, 8), 8)
+    """
     cfg = cfg or PurifierConfig()
     if overrides:
         cfg = dataclasses.replace(cfg, **overrides)

@@ -181,7 +181,21 @@ def calibration_from_norms(model: nn.Module, norms: Tensor, score_norm: ScoreNor
 def calibrate(model: nn.Module, images: Tensor, score_norm: ScoreNormConfig | None = None,
               batch_size: int = 256, seed: int = 0, bins: int = 50, progress: bool = False,
               data_info: Optional[Dict[str, Any]] = None) -> tuple[Calibration, Tensor]:
-    """Calibrate on clean images [N,C,H,W] in [0,1] in one process; returns (Calibration, norms [N])."""
+    """Calibrate on clean images [N,C,H,W] in [0,1] in one process; returns (Calibration, norms [N]).
+
+    Example::
+
+        >>> import torch
+        >>> from ssni import create_model
+        >>> _ = torch.manual_seed(0)
+        >>> net = create_model("unet_tiny")  # 8x8 grey; an untrained net's last layer is zero: perturb it
+        >>> with torch.no_grad():
+        ...     _ = [p.add_(0.02 * torch.randn_like(p)) for p in net.parameters()]
+        >>> from ssni import calibrate
+        >>> cal, norms = calibrate(net, torch.rand(16, 1, 8, 8), batch_size=16)   # clean images
+        >>> tuple(norms.shape), cal.mean > 0, cal.std > 0
+        ((16,), True, True)
+    """
     cfg = score_norm or ScoreNormConfig()
     device = next(iter(model.parameters()), torch.empty(0)).device
     scorer = ScoreNorm.from_config(model, cfg)

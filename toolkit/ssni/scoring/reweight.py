@@ -271,7 +271,18 @@ def reweight_options(name: str) -> List[str]:
 
 def build_reweight(name: str, calibration: Optional[Calibration] = None,
                    **kwargs: Any) -> Reweight:
-    """Create a registered reweight; the calibration supplies mu / std / quantiles."""
+    """Create a registered reweight; the calibration supplies mu / std / quantiles.
+
+    Example::
+
+        >>> import torch
+        >>> from ssni import build_reweight
+        >>> # SSNI-N; mu and tau come from a Calibration when one is given (clean norms: mean 10, std 1)
+        >>> rw = build_reweight("sigmoid", t_base=0.1, b=0.005, mu=10.0, tau=1.0)
+        >>> t = rw(torch.tensor([5.0, 10.0, 30.0]))           # score norms -> t* per sample
+        >>> bool(t[0] < t[1] < t[2] <= 0.105)                 # farther from clean -> more noise
+        True
+    """
     cls = REWEIGHTS.get(name)
     allowed = reweight_options(name)
     unknown = sorted(k for k in kwargs if k not in allowed)

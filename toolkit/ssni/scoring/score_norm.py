@@ -117,7 +117,23 @@ def score_norm(model: nn.Module, x: Tensor, timesteps: int = 20, draws: int = 1,
 
 
 class ScoreNorm(nn.Module):
-    """A score network plus its score-norm settings; forward(x [B,C,H,W] in [0,1]) -> [B]."""
+    """A score network plus its score-norm settings; forward(x [B,C,H,W] in [0,1]) -> [B].
+
+    Example::
+
+        >>> import torch
+        >>> from ssni import create_model
+        >>> _ = torch.manual_seed(0)
+        >>> net = create_model("unet_tiny")  # 8x8 grey; an untrained net's last layer is zero: perturb it
+        >>> with torch.no_grad():
+        ...     _ = [p.add_(0.02 * torch.randn_like(p)) for p in net.parameters()]
+        >>> from ssni import ScoreNorm
+        >>> scorer = ScoreNorm(net, timesteps=3)              # mean score over t = 1..3 / 1000
+        >>> with torch.no_grad():
+        ...     norms = scorer(torch.rand(4, 1, 8, 8), seeds=torch.arange(4))
+        >>> tuple(norms.shape), bool((norms > 0).all())
+        ((4,), True)
+    """
 
     def __init__(self, model: nn.Module, timesteps: int = 20, draws: int = 1,
                  max_batch: int = 512, num_steps: int = 1000, checkpoint: bool = False):
