@@ -22,6 +22,9 @@ class NoiseConfig:
     name: str = "gaussian"
     kwargs: Dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        NOISE_SAMPLERS.check_options(self.name, self.kwargs, "noise.kwargs")  # when the recipe loads
+
 
 @NOISE_SAMPLERS.register("gaussian")
 class GaussianNoise:

@@ -1,7 +1,14 @@
 """One small registry type shared by every family of pluggable parts (models, reweights, ...)."""
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Dict, Iterable, List
+
+_EMPTY = inspect.Parameter.empty
+
+
+class UnknownOptionError(ValueError):
+    """Raised when an option is not one a registered entry takes; the message lists those it does."""
 
 
 class UnknownNameError(KeyError):
@@ -62,18 +69,46 @@ class Registry:
 
     def options(self, name: str) -> Dict[str, Any]:
         """The keyword options of entry `name` with their defaults (`inspect.Parameter.empty` when
-        required): a model variant's own defaults over its builder's, else the builder's signature."""
+        required): a model variant's own defaults over its builder's; for a class, its __init__'s
+        and, where that passes **kwargs on, its bases' too."""
+        found, _ = self._signature_options(name)
+        return {**found, **self._meta[name].get("defaults", {})}
+
+    def _signature_options(self, name: str) -> tuple:
+        """({option: default}, whether the builder still takes any keyword) of entry `name`."""
         import inspect
 
-        obj, meta = self.get(name), self._meta[name]
-        target = meta.get("builder_obj", obj)
-        try:
-            params = inspect.signature(target.__init__ if inspect.isclass(target) else target).parameters
-        except (TypeError, ValueError):  # a builtin or an object without a signature
-            return dict(meta.get("defaults", {}))
-        skip = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-        found = {k: p.default for k, p in params.items() if k != "self" and p.kind not in skip}
-        return {**found, **meta.get("defaults", {})}
+        target = self._meta[name].get("builder_obj", self.get(name))
+        chain = [k.__init__ for k in inspect.getmro(target) if "__init__" in vars(k)] if inspect.isclass(target) \
+            else [target]
+        found: Dict[str, Any] = {}
+        open_ended = True
+        for fn in chain:
+            try:
+                params = inspect.signature(fn).parameters
+            except (TypeError, ValueError):  # a builtin without a signature: nothing more to learn
+                break
+            for k, p in params.items():
+                if k != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                    found.setdefault(k, p.default)
+            open_ended = any(p.kind == p.VAR_KEYWORD for p in params.values())
+            if not open_ended:
+                break
+        return found, open_ended and not inspect.isclass(target)
+
+    def check_options(self, name: str, given: Any, where: str, internal: tuple = ()) -> None:
+        """Raise a one-line UnknownOptionError when `given` (a mapping of options) holds one that entry
+        `name` does not take, listing those it does with their defaults; an unknown name raises
+        UnknownNameError. `internal`: options the toolkit fills in itself (not listed)."""
+        self.get(name)
+        options, open_ended = self._signature_options(name)
+        options = {**options, **self._meta[name].get("defaults", {})}
+        unknown = sorted(k for k in given if k not in options)
+        if unknown and not open_ended:
+            shown = ", ".join(f"{k}={'(required)' if v is _EMPTY else v!r}" for k, v in options.items()
+                              if k not in internal)
+            raise UnknownOptionError(f"{where}: {self.kind} {name!r} has no option {unknown[0]!r}; its options: "
+                                     f"{shown or '(none)'}")
 
     def names(self) -> List[str]:
         """Sorted list of registered names."""

@@ -47,7 +47,15 @@ from ..data import DataConfig, build_dataset
 from ..defense import DefenseConfig, RobustClassifier
 from ..evaluate.metrics import draw_accuracy
 from ..evaluate.report import pct_ci
-from ..evaluate.specs import AttackSpec, DefenseSpec, attack_budget, attacked_defense, check_attacks, make_attack
+from ..evaluate.specs import (
+    AttackSpec,
+    DefenseSpec,
+    attack_budget,
+    attacked_defense,
+    check_attack_options,
+    check_attacks,
+    make_attack,
+)
 from ..evaluate.state import config_fingerprint, slug
 from ..io import atomic_save_safetensors, atomic_write_json, atomic_write_text, load_safetensors, read_json
 from ..models import weights_fingerprint
@@ -135,6 +143,7 @@ def check_fit_config(cfg: FitReweightConfig) -> None:
     if not cfg.attacks:
         raise ConfigError("fit-reweight: `attacks` is empty; list the attacks the defense will face")
     check_attacks(cfg.attacks)
+    check_attack_options(cfg.attacks)
     for i, a in enumerate(cfg.attacks):
         if a.fixed_seeds or a.preset is not None or a.view == "bare" or a.attack == "transfer":
             raise ConfigError(f"attacks[{i}] ({a.name!r}): fit-reweight attacks through the defense "

@@ -31,6 +31,10 @@ class DataConfig:
     # "reserve" is them (e.g. to fit a reweight on images the classifier never saw)
     reserve: int = 0
 
+    def __post_init__(self) -> None:
+        if self.name not in DATASETS:  # when the recipe loads, not when the data set is read
+            DATASETS.get(self.name)
+
 
 class TensorImageDataset(Dataset):
     """In-memory images [N,C,H,W] in [0,1] with labels [N]."""

@@ -44,6 +44,9 @@ class AttackConfig:
     random_start: bool = True
     label: str = ""  # default: "<norm>-<eps>" (+ "-zm" for zero mean)
 
+    def __post_init__(self) -> None:
+        DENOISER_ATTACKS.get(self.method)  # an unknown method fails when the recipe loads
+
     def key(self) -> str:
         """The attack's label in tables and files."""
         if self.label:

@@ -28,6 +28,7 @@ from .specs import (
     DefenseSpec,
     attack_budget,
     attacked_defense,
+    check_attack_options,
     check_attacks,
     expand_attacks,
     make_attack,
@@ -115,6 +116,7 @@ def check_config(cfg: EvaluateConfig) -> None:
         if not 1 <= sw.num_samples <= cfg.num_samples:
             raise ConfigError(f"sweep.num_samples must be in [1, num_samples={cfg.num_samples}], got "
                               f"{sw.num_samples}")
+    check_attack_options(attacks)
 
 
 def _same_eps(spec: AttackSpec, eps: float) -> bool:

@@ -95,6 +95,12 @@ def check_attacks(attacks: List[AttackSpec], where: str = "attacks") -> None:
                               f"own, or the defense recipe's attack_purifier), got {a.purifier!r}")
 
 
+def check_attack_options(attacks: List[AttackSpec], where: str = "attacks") -> None:
+    """A misspelt attack option fails in one line listing the attack's options, before any network loads."""
+    for i, a in enumerate(attacks):
+        ATTACKS.check_options(a.attack, a.kwargs, f"{where}[{i}] ({a.name!r})", internal=("model", "source"))
+
+
 def make_attack(spec: AttackSpec, eps: Optional[float] = None, scale_step: bool = True,
                 source: Optional[nn.Module] = None, dist: Any = None):
     """The attack a spec describes (per-step and EOT wrappers applied); eps overrides the spec's own

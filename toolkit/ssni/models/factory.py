@@ -27,6 +27,9 @@ class ModelConfig:
     name: str = "unet_digits"
     kwargs: Dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        MODELS.check_options(self.name, self.kwargs, "model.kwargs")  # when the recipe loads
+
 
 def register_model(name: str, builder: Callable[..., nn.Module], defaults: Dict[str, Any],
                    **meta: Any) -> None:

@@ -25,14 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from ..diffusion import VPDiffusion, per_sample
-from ..registry import Registry
+from ..registry import Registry, UnknownOptionError  # noqa: F401  (re-exported: ssni.purify)
 from ..sampling import ddim_step, ddpm_mean_var
 
 SAMPLERS = Registry("sampler")
-
-
-class UnknownOptionError(ValueError):
-    """A purifier option that the chosen sampler does not take."""
 
 
 @dataclass

@@ -32,6 +32,10 @@ class ReweightConfig:
     name: str = "sigmoid"
     kwargs: Dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # checked when the recipe loads: the name and every option (the calibration is the toolkit's)
+        REWEIGHTS.check_options(self.name, self.kwargs, "reweight.kwargs", internal=("calibration",))
+
 
 def round_to_grid(t: Tensor, num_steps: int = 1000) -> Tensor:
     """Round continuous t [B] to the k / num_steps grid (monotone, not differentiable)."""
