@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from .config import from_dict, load_config, to_dict
+from .config import from_dict, load_config, setting, to_dict
 from .device import resolve_device
 from .images import check_images
 from .models import create_classifier, load_model, load_pretrained
@@ -397,8 +397,8 @@ class ClassifierRef:
     checkpoint: Optional[str] = None  # run dir or checkpoint dir (train-classifier) or weights file
     weights: str = "auto"  # for run/checkpoint dirs: auto (EMA when present) | ema | model
     pretrained: bool = False
-    in_chans: Optional[int] = None  # default: the score model's channels
-    num_classes: int = 10
+    in_chans: Optional[int] = setting(None, ge=1)  # default: the score model's channels
+    num_classes: int = setting(10, ge=2)
     kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -416,10 +416,10 @@ class DefenseConfig:
     attack_purifier: Optional[PurifierConfig] = None  # None: the defense purifier
     purifier_grad: Optional[str] = None  # grad mode of the defense purifier's forward
     classifier: ClassifierRef = field(default_factory=ClassifierRef)
-    input_size: Optional[int] = None
+    input_size: Optional[int] = setting(None, ge=1)
     mean: Optional[List[float]] = None  # null: timm's data config
-    std: Optional[List[float]] = None
-    ensemble: int = 1
+    std: Optional[List[float]] = setting(None, gt=0)
+    ensemble: int = setting(1, ge=1)
     vote: str = "mean_prob"
     precision: str = "fp32"  # score network in fp32 | bf16 | fp16 autocast (eps returned in float32)
     channels_last: bool = False  # score network in channels_last memory format (GPUs)

@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
-from ..config import save_config, to_dict
+from ..config import save_config, setting, to_dict
 from ..data import resize
 from ..defense import load_score_model
 from ..device import resolve_device
@@ -41,13 +41,13 @@ class PurifyCommandConfig:
     checkpoint: Union[str, Dict[str, Any]] = "runs/score-digits"
     weights: str = "auto"                  # auto (ema if present, else model) | ema | model
     input: str = ""                        # an image file or a folder of images
-    output: str = "purified"               # output folder for the PNGs
-    t_star: float = 0.1                    # noise level for every image, in [0, 1]
+    output: str = setting("purified", nonempty="a directory path")  # output folder for the PNGs
+    t_star: float = setting(0.1, ge=0, le=1)  # noise level for every image, in [0, 1]
     calibration: Optional[str] = None      # calibration.json: per-image t* from score norms
     score_norm: ScoreNormConfig = field(default_factory=ScoreNormConfig)
     reweight: ReweightConfig = field(default_factory=ReweightConfig)  # with a calibration
     seed: int = 0                          # per-image seeds are drawn from this
-    batch_size: int = 64
+    batch_size: int = setting(64, ge=1)
     device: str = "auto"                   # auto | cpu | cuda | cuda:N
     resize: bool = True                    # resize images to the network's size
     progress: bool = True

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from ..config import check_same_run, save_config
+from ..config import check_same_run, save_config, setting
 from ..data import DataConfig, build_dataset
 from ..io import atomic_write_json
 from ..models import classifier_spec, create_classifier
@@ -30,14 +30,14 @@ class ClassifierConfig:
 class ClassifierTrainConfig:
     """Everything `ssni train-classifier` needs."""
 
-    run_dir: str = "runs/classifier-digits"
+    run_dir: str = setting("runs/classifier-digits", nonempty="a directory path")
     data: DataConfig = field(default_factory=DataConfig)
     model: ClassifierConfig = field(default_factory=ClassifierConfig)
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=1500, ema_decay=0.99))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         lr=1e-3, weight_decay=0.05, warmup_steps=50, schedule="cosine"))
-    augment_shift: int = 1  # random translation in pixels (0: off)
-    label_smoothing: float = 0.0
+    augment_shift: int = setting(1, ge=0)  # random translation in pixels (0: off)
+    label_smoothing: float = setting(0.0, ge=0, lt=1)
 
 
 @command("train-classifier", ClassifierTrainConfig, "train a timm classifier")

@@ -11,7 +11,7 @@ from typing import Any, Dict
 
 import torch
 
-from ..config import check_same_run, save_config
+from ..config import check_same_run, save_config, setting
 from ..data import DataConfig, build_dataset
 from ..denoise.metrics import psnr
 from ..denoise.patches import RandomPatches
@@ -34,19 +34,20 @@ def photo_data_config() -> DataConfig:
 class DenoiserTrainConfig:
     """Everything `ssni train-denoiser` needs. `sigma` is the noise std on the 0..255 scale."""
 
-    run_dir: str = "runs/denoiser-dncnn-s25"
+    run_dir: str = setting("runs/denoiser-dncnn-s25", nonempty="a directory path")
     data: DataConfig = field(default_factory=photo_data_config)
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name="dncnn_small"))
     noise: NoiseConfig = field(default_factory=NoiseConfig)  # gaussian | typical_set
-    sigma: float = 25.0
-    patch_size: int = 40
-    num_patches: int = 0  # 0: loop.steps * loop.batch_size, so no patch repeats
+    sigma: float = setting(25.0, gt=0)
+    patch_size: int = setting(40, ge=1)
+    # 0: loop.steps * loop.batch_size, so no patch repeats
+    num_patches: int = setting(0, ge=0, means="0: loop.steps * loop.batch_size")
     augment: bool = True  # the 8 flips / rotations
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(
         steps=2000, batch_size=32, ema_decay=0.995, log_every=50, ckpt_every=500))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=50))
     eval_seed: int = 0  # fixed test noise
-    eval_batch: int = 4
+    eval_batch: int = setting(4, ge=1)
 
 
 @command("train-denoiser", DenoiserTrainConfig,

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..config import setting
 from ..registry import Registry
 
 DATASETS = Registry("dataset")
@@ -22,14 +23,14 @@ class DataConfig:
 
     name: str = "digits"
     root: Optional[str] = None
-    image_size: int = 16
-    channels: Optional[int] = None  # imagefolder: 1 (grayscale) or 3; others fixed
+    image_size: int = setting(16, ge=1)
+    channels: Optional[int] = setting(None, ge=1, le=4)  # imagefolder: 1 (grayscale) or 3; others fixed
     download: bool = False
-    test_fraction: float = 0.2
+    test_fraction: float = setting(0.2, gt=0, lt=1)
     split_seed: int = 0
     # training images held back from training networks: split "train" leaves them out, split
     # "reserve" is them (e.g. to fit a reweight on images the classifier never saw)
-    reserve: int = 0
+    reserve: int = setting(0, ge=0)
 
 
 class TensorImageDataset(Dataset):

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from ..config import ConfigError, load_config, to_dict
+from ..config import ConfigError, load_config, setting, to_dict
 from ..data import DataConfig, build_dataset
 from ..defense import DefenseConfig, build_defense, fixed_view
 from ..device import resolve_device
@@ -48,9 +48,9 @@ class SweepConfig:
 
     attack: Optional[str] = None  # label of an entry of `attacks`; null: no sweep
     defenses: List[str] = field(default_factory=list)
-    eps: List[float] = field(default_factory=list)
-    num_samples: int = 32
-    huge_eps: Optional[float] = None
+    eps: List[float] = setting(default_factory=list, ge=0)
+    num_samples: int = setting(32, ge=1)
+    huge_eps: Optional[float] = setting(None, gt=0)
     # the attack's step size scales with eps (step * eps / the attack's own eps), so every
     # sweep point can reach the edge of its ball in the same number of steps
     scale_step: bool = True
@@ -60,13 +60,13 @@ class SweepConfig:
 class EvaluateConfig:
     """Everything `ssni evaluate` needs."""
 
-    run_dir: str = "runs/eval-digits"
+    run_dir: str = setting("runs/eval-digits", nonempty="a directory path")
     data: DataConfig = field(default_factory=DataConfig)
     split: str = "test"
-    num_samples: int = 128
-    batch_size: int = 64
+    num_samples: int = setting(128, ge=1)
+    batch_size: int = setting(64, ge=1)
     seed: int = 0
-    draws: int = 4  # defense draws per sample: expected accuracy and worst-of-N
+    draws: int = setting(4, ge=1)  # defense draws per sample: expected accuracy and worst-of-N
     defense: DefenseConfig = field(default_factory=DefenseConfig)  # shared by every defense
     defense_recipe: Optional[str] = None  # or: a defense recipe (replaces `defense`) ...
     defense_overrides: List[str] = field(default_factory=list)  # ... with key=value overrides

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional
 from torch import nn
 
 from ..attacks import ATTACKS, EOT, per_step
-from ..config import ConfigError
+from ..config import ConfigError, setting
 from ..defense import VIEWS
 from ..registry import UnknownNameError
 from ..scoring import ReweightConfig
@@ -29,7 +29,7 @@ class AttackSpec:
     name: str = "pgd-eot"
     attack: str = "pgd"
     kwargs: Dict[str, Any] = field(default_factory=dict)
-    eot: int = 1
+    eot: int = setting(1, ge=1, means="gradient samples per step")
     view: str = "full"  # full | adaptive | bpda | bare (transfer)
     # attack the defense itself (its own purifier, full gradients) with the seeds it uses for draw 0
     fixed_seeds: bool = False

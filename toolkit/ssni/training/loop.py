@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from ..config import ConfigError
+from ..config import ConfigError, setting
 from ..seeding import epoch_seed, step_seed
 from .dist import DistContext
 
@@ -23,12 +23,12 @@ SCHEDULES = ("constant", "cosine")  # learning-rate schedules after warm-up
 class OptimConfig:
     """AdamW and its learning-rate schedule."""
 
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_steps: int = 100
+    lr: float = setting(2e-4, gt=0)
+    weight_decay: float = setting(0.0, ge=0)
+    betas: List[float] = setting(default_factory=lambda: [0.9, 0.999], ge=0, lt=1)
+    warmup_steps: int = setting(100, ge=0)
     schedule: str = "constant"  # constant | cosine (after warm-up)
-    grad_clip: float = 1.0  # 0: no clipping
+    grad_clip: float = setting(1.0, ge=0, means="0: no clipping")  # 0: no clipping
 
     def __post_init__(self) -> None:
         self.check()
@@ -54,14 +54,14 @@ class OptimConfig:
 class LoopConfig:
     """How long to train and how often to log, sample and save."""
 
-    steps: int = 1000
-    batch_size: int = 64
+    steps: int = setting(1000, ge=1)
+    batch_size: int = setting(64, ge=1)
     seed: int = 0
-    ema_decay: float = 0.999
-    log_every: int = 25
-    sample_every: int = 0  # 0: only at the end
-    ckpt_every: int = 500  # 0: only at the end
-    keep_checkpoints: int = 2
+    ema_decay: float = setting(0.999, ge=0, le=1)
+    log_every: int = setting(25, ge=1)
+    sample_every: int = setting(0, ge=0, means="0: only at the end")  # 0: only at the end
+    ckpt_every: int = setting(500, ge=0, means="0: only at the end")  # 0: only at the end
+    keep_checkpoints: int = setting(2, ge=1)
     device: str = "auto"
     bf16: bool = True  # autocast in bf16 on CUDA; ignored on CPU
     resume: bool = True  # continue from <run_dir>/checkpoints/latest.json when present
