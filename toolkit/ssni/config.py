@@ -169,15 +169,19 @@ class Bound:
 
     def check(self, value: Any, key: str) -> Any:
         """`value` unchanged when it is valid, else a one-line ConfigError naming `key` and the range."""
-        kind = "an integer" if self.integer else "a number"
-        want = f"{key} must be {kind}{'' if self.text() == 'finite' else ' ' + self.text()}" + \
-            (f" ({self.means})" if self.means else "")
+        def refuse(kind: str) -> ConfigError:
+            limits = "" if self.text() == "finite" else " " + self.text()
+            means = f" ({self.means})" if self.means else ""
+            return ConfigError(f"{key} must be {kind}{limits.lstrip() if not kind else limits}{means}, got {value!r}")
+
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not number or (self.integer and not (isinstance(value, int) or (
                 math.isfinite(value) and float(value).is_integer()))):
-            raise ConfigError(f"{want}, got {value!r}")
-        if not math.isfinite(value) or not self.inside(value):
-            raise ConfigError(f"{want}, got {value!r}")
+            raise refuse("an integer" if self.integer else "a number")
+        if not math.isfinite(value):
+            raise refuse("a finite number")
+        if not self.inside(value):
+            raise refuse("")
         return value
 
 

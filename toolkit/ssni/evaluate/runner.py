@@ -104,7 +104,6 @@ def check_config(cfg: EvaluateConfig) -> None:
             raise ConfigError(f"attacks[{i}] ({a.name!r}): the label {a.name!r} is reserved for "
                               f"{'clean accuracy' if a.name == 'clean' else 'the worst over attacks'}; "
                               "rename the attack")
-    check_attacks(attacks)
     sw = cfg.sweep
     if sw.attack is not None:
         if sw.attack not in labels:
@@ -115,6 +114,7 @@ def check_config(cfg: EvaluateConfig) -> None:
         if not 1 <= sw.num_samples <= cfg.num_samples:
             raise ConfigError(f"sweep.num_samples must be in [1, num_samples={cfg.num_samples}], got "
                               f"{sw.num_samples}")
+    check_attacks(attacks)  # last: it builds every attack from its settings
 
 
 def _same_eps(spec: AttackSpec, eps: float) -> bool:

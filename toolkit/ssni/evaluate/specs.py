@@ -93,6 +93,11 @@ def check_attacks(attacks: List[AttackSpec], where: str = "attacks") -> None:
         if a.purifier not in ATTACK_PURIFIERS:
             raise ConfigError(f"{at}: purifier must be one of {', '.join(ATTACK_PURIFIERS)} (the defense's "
                               f"own, or the defense recipe's attack_purifier), got {a.purifier!r}")
+        if a.preset is None:  # its settings (eps, steps, step size, names) fail here, before any work
+            try:
+                make_attack(a)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"{at}: {e}") from None
 
 
 def make_attack(spec: AttackSpec, eps: Optional[float] = None, scale_step: bool = True,
