@@ -193,15 +193,24 @@ def bound(ge: Optional[float] = None, gt: Optional[float] = None, le: Optional[f
 
 
 def setting(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
-            nonempty: str = "", **limits: Any) -> Any:
+            directory: bool = False, **limits: Any) -> Any:
     """A dataclass field whose value `from_dict` checks: numeric limits (see `bound`; applied to each
-    item of a list) and, with `nonempty` (what the value is, e.g. "a directory path"), no empty string."""
+    item of a list), or with `directory`, a path that is not empty and not an existing file."""
     meta: Dict[str, Any] = {}
     if limits:
         meta["bound"] = bound(**limits)
-    if nonempty:
-        meta["nonempty"] = nonempty
+    if directory:
+        meta["directory"] = True
     return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
+
+
+def _check_directory(value: Any, key: str) -> None:
+    """An output directory setting: not empty (that would write into the current directory), not a file."""
+    if isinstance(value, str) and not value.strip():
+        raise ConfigError(f"{key} is empty; expected a directory path (e.g. {key}=runs/my-run)")
+    path = Path(str(value)).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{key}={value} is an existing file; expected a directory (a new or existing folder)")
 
 
 def check_settings(obj: Any, where: str = "config") -> None:
@@ -212,8 +221,8 @@ def check_settings(obj: Any, where: str = "config") -> None:
         value = getattr(obj, f.name)
         if value is None:
             continue
-        if "nonempty" in f.metadata and isinstance(value, str) and not value.strip():
-            raise ConfigError(f"{key} is empty; expected {f.metadata['nonempty']}")
+        if f.metadata.get("directory"):
+            _check_directory(value, key)
         b = f.metadata.get("bound")
         if b is not None:
             items = value if isinstance(value, (list, tuple)) else [value]
@@ -242,13 +251,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         errors = []
-        for a in args:
-            if a is type(None):
-                continue
+        options = [a for a in args if a is not type(None)]
+        for a in options:
             try:
                 return _coerce(value, a, where)
             except ConfigError as e:
-                errors.append(str(e))
+                errors.append(e)
+        if len(options) == 1:  # Optional[X]: X's own error names the key that is wrong
+            raise errors[0]
         raise ConfigError(f"{where}: {value!r} fits none of {args}")
     if origin in (list, List, tuple, typing.Tuple, Sequence):
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):

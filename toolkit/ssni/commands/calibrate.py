@@ -25,7 +25,7 @@ class CalibrateConfig:
     """Everything `ssni calibrate` needs."""
 
     # directory: calibration.json, score_norms.png
-    output: str = setting("runs/calibration-digits", nonempty="a directory path")
+    output: str = setting("runs/calibration-digits", directory=True)
     # checkpoint or run directory, or a public checkpoint {format: ..., path: ..., options}
     score_model: Union[str, Dict[str, Any]] = "runs/score-digits"
     score_weights: str = "auto"  # auto (EMA when present) | ema | model

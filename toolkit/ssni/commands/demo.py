@@ -31,7 +31,7 @@ from .train_score import ScoreTrainConfig, train_score
 class DemoConfig:
     """Recipes of every stage plus overrides; paths between stages are filled in by the demo."""
 
-    run_dir: str = setting("runs/demo", nonempty="a directory path")
+    run_dir: str = setting("runs/demo", directory=True)
     score_recipe: str = "recipes/score/digits.yaml"
     score_overrides: List[str] = field(default_factory=list)
     classifier_recipe: str = "recipes/classifier/digits_resnet18.yaml"

@@ -18,7 +18,7 @@ from .registry import command
 class DenoiserEvalConfig:
     """Everything `ssni evaluate-denoiser` needs. models: label -> checkpoint (run or ckpt dir)."""
 
-    run_dir: str = setting("runs/denoiser-eval", nonempty="a directory path")
+    run_dir: str = setting("runs/denoiser-eval", directory=True)
     models: Dict[str, str] = field(default_factory=dict)
     weights: str = "ema"  # ema | model
     data: DataConfig = field(default_factory=lambda: DataConfig(name="photos", image_size=128,

@@ -27,7 +27,7 @@ from .registry import command
 class FinetuneConfig:
     """Everything `ssni finetune-classifier` needs."""
 
-    run_dir: str = setting("runs/classifier-digits-finetuned", nonempty="a directory path")
+    run_dir: str = setting("runs/classifier-digits-finetuned", directory=True)
     defense_recipe: str = "recipes/defense/digits.yaml"
     defense_overrides: List[str] = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)

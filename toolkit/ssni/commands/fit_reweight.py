@@ -85,7 +85,7 @@ def _default_compare() -> List[DefenseSpec]:
 class FitReweightConfig:
     """Everything `ssni fit-reweight` needs."""
 
-    output: str = setting("runs/reweight-digits", nonempty="a directory path")
+    output: str = setting("runs/reweight-digits", directory=True)
     defense_recipe: str = "recipes/defense/digits.yaml"
     defense_overrides: List[str] = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)

@@ -41,7 +41,7 @@ class PurifyCommandConfig:
     checkpoint: Union[str, Dict[str, Any]] = "runs/score-digits"
     weights: str = "auto"                  # auto (ema if present, else model) | ema | model
     input: str = ""                        # an image file or a folder of images
-    output: str = setting("purified", nonempty="a directory path")  # output folder for the PNGs
+    output: str = setting("purified", directory=True)  # output folder for the PNGs
     t_star: float = setting(0.1, ge=0, le=1)  # noise level for every image, in [0, 1]
     calibration: Optional[str] = None      # calibration.json: per-image t* from score norms
     score_norm: ScoreNormConfig = field(default_factory=ScoreNormConfig)

@@ -30,7 +30,7 @@ class ClassifierConfig:
 class ClassifierTrainConfig:
     """Everything `ssni train-classifier` needs."""
 
-    run_dir: str = setting("runs/classifier-digits", nonempty="a directory path")
+    run_dir: str = setting("runs/classifier-digits", directory=True)
     data: DataConfig = field(default_factory=DataConfig)
     model: ClassifierConfig = field(default_factory=ClassifierConfig)
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=1500, ema_decay=0.99))
@@ -48,6 +48,9 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Dict[str, Any]:
     if cfg.loop.resume:  # its checkpoints would be resumed: they must come from this config
         check_same_run(cfg, run_dir, "checkpoints")
     train_ds, test_ds = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "test")
+    if train_ds.num_classes < 2:  # the cross-entropy of one class is 0 whatever the weights
+        raise ValueError(f"the {cfg.data.name!r} training data has {train_ds.num_classes} class; a classifier "
+                         "needs at least 2 (imagefolder: one sub-folder per class)")
     c, h, _ = train_ds.image_shape
     with seeded(cfg.loop.seed):  # the recipe's seed fixes the initial weights
         model = create_classifier(cfg.model.name, in_chans=c, num_classes=train_ds.num_classes,

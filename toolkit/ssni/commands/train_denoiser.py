@@ -34,7 +34,7 @@ def photo_data_config() -> DataConfig:
 class DenoiserTrainConfig:
     """Everything `ssni train-denoiser` needs. `sigma` is the noise std on the 0..255 scale."""
 
-    run_dir: str = setting("runs/denoiser-dncnn-s25", nonempty="a directory path")
+    run_dir: str = setting("runs/denoiser-dncnn-s25", directory=True)
     data: DataConfig = field(default_factory=photo_data_config)
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name="dncnn_small"))
     noise: NoiseConfig = field(default_factory=NoiseConfig)  # gaussian | typical_set

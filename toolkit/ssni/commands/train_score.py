@@ -25,7 +25,7 @@ from .registry import command
 class ScoreTrainConfig:
     """Everything `ssni train-score` needs."""
 
-    run_dir: str = setting("runs/score-digits", nonempty="a directory path")
+    run_dir: str = setting("runs/score-digits", directory=True)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)

@@ -98,6 +98,15 @@ def require_dir(root: Optional[str], what: str) -> Path:
     return path
 
 
+def _honours_channels(ds: TensorImageDataset, cfg: DataConfig) -> TensorImageDataset:
+    """ds, unless data.channels asks for channels its images do not have (a loader that cannot honour it)."""
+    have = ds.image_shape[0]
+    if cfg.channels is not None and cfg.channels != have:
+        raise ValueError(f"data.channels={cfg.channels}, but the {cfg.name!r} data set has {have}-channel images "
+                         f"and cannot convert them; set data.channels={have} or leave it out")
+    return ds
+
+
 def build_dataset(cfg: DataConfig, split: str) -> TensorImageDataset:
     """Load the configured data set's split: 'test', 'train' (less the `reserve` images) or 'reserve'."""
     if split not in SPLITS:
@@ -106,8 +115,8 @@ def build_dataset(cfg: DataConfig, split: str) -> TensorImageDataset:
         raise ValueError("split 'reserve' needs data.reserve >= 1 (training images held back from "
                          f"training networks), got data.reserve={cfg.reserve}")
     if split == "test" or (cfg.reserve == 0 and split == "train"):
-        return DATASETS.get(cfg.name)(split, cfg)
-    full = DATASETS.get(cfg.name)("train", cfg)
+        return _honours_channels(DATASETS.get(cfg.name)(split, cfg), cfg)
+    full = _honours_channels(DATASETS.get(cfg.name)("train", cfg), cfg)
     held = reserved_indices(len(full), cfg.reserve, cfg.split_seed)
     keep = held if split == "reserve" else np.setdiff1d(np.arange(len(full)), held)
     idx = torch.from_numpy(keep)

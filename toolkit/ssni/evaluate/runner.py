@@ -60,7 +60,7 @@ class SweepConfig:
 class EvaluateConfig:
     """Everything `ssni evaluate` needs."""
 
-    run_dir: str = setting("runs/eval-digits", nonempty="a directory path")
+    run_dir: str = setting("runs/eval-digits", directory=True)
     data: DataConfig = field(default_factory=DataConfig)
     split: str = "test"
     num_samples: int = setting(128, ge=1)
