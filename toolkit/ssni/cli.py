@@ -17,7 +17,7 @@ from typing import List, Optional
 
 from .checkpoint import CheckpointError
 from .commands import COMMANDS
-from .config import ConfigError, check_unique_overrides, load_config
+from .config import ConfigError, load_config
 from .io import UnsafeCheckpointError
 from .registry import UnknownNameError
 from .training.loop import NonFiniteLossError
@@ -122,7 +122,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         # Denormal floats are up to ~20x slower on CPUs. Gradients through a saturated smooth
         # reweight are that tiny and flow through the whole score network: flush them to zero.
         torch.set_flush_denormal(True)
-        check_unique_overrides(overrides)
         cfg = load_config(config_cls, recipe, overrides)
         result = run(cfg)
     except INPUT_ERRORS as e:

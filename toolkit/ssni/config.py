@@ -99,16 +99,6 @@ def parse_overrides(items: Sequence[str]) -> Dict[str, Any]:
     return out
 
 
-def check_unique_overrides(items: Sequence[str]) -> None:
-    """Refuse a command line that sets the same key twice (else the last one silently wins)."""
-    first: Dict[str, int] = {}
-    for i, item in enumerate(items):
-        key = item.split("=", 1)[0].strip()
-        if "=" in item and first.setdefault(key, i) != i:
-            raise ConfigError(f"override {item!r} sets {key} again (first {items[first[key]]!r}); "
-                              "give each key once")
-
-
 def merge(base: Dict[str, Any], extra: Mapping[str, Any]) -> Dict[str, Any]:
     """Recursive dict merge; `extra` wins. Integer keys address list items (`attacks.0.eot=2`)."""
     out = dict(base)
