@@ -14,6 +14,7 @@ import torch
 from ..config import save_config, setting
 from ..data import DataConfig, build_dataset
 from ..defense import load_score_model
+from ..io import remove_stale_temps
 from ..scoring import ScoreNorm, ScoreNormConfig, build_reweight, compute_norms, histogram, plot_reweight
 from ..scoring.calibration import calibration_from_norms, join_shards
 from ..training.dist import DistContext
@@ -82,6 +83,7 @@ def run_calibrate(cfg: CalibrateConfig) -> Dict[str, Any]:
     path, png = out / "calibration.json", out / "score_norms.png"
     if dist.is_main:  # every rank holds the same norms; one writes
         out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out, depth=0)  # what a killed run's unfinished writes left
         save_config(cfg, out)
         cal.save(path)
         curves = {name: build_reweight(name, cal, t_base=cfg.plot_t_base)

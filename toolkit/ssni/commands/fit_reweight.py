@@ -47,8 +47,15 @@ from ..defense import DefenseConfig, RobustClassifier
 from ..evaluate.metrics import draw_accuracy
 from ..evaluate.report import pct_ci
 from ..evaluate.specs import AttackSpec, DefenseSpec, attack_budget, attacked_defense, check_attacks, make_attack
-from ..evaluate.state import config_fingerprint, slug
-from ..io import atomic_save_safetensors, atomic_write_json, atomic_write_text, load_safetensors, read_json
+from ..evaluate.state import config_fingerprint, slug, tensor_fingerprint, without
+from ..io import (
+    atomic_save_safetensors,
+    atomic_write_json,
+    atomic_write_text,
+    load_safetensors,
+    read_json,
+    remove_stale_temps,
+)
 from ..models import weights_fingerprint
 from ..scoring import (
     LearnedReweight,
@@ -250,6 +257,8 @@ class Fit:
     def __init__(self, cfg: FitReweightConfig, dist: DistContext):
         self.cfg, self.dist = cfg, dist
         self.out = Path(cfg.output)
+        if dist.is_main:  # temp files of writes a killed run did not finish (only dead writers')
+            remove_stale_temps(self.out)
         self.defense = RobustClassifier.from_recipe(cfg.defense_recipe, cfg.defense_overrides, device=dist.device)
         self.images, self.labels = training_images(cfg, dist.device)
         n_fit = cfg.count - cfg.holdout
@@ -262,7 +271,9 @@ class Fit:
         self.inputs = {"score_model": weights_fingerprint(d.score_model),
                        "classifier": weights_fingerprint(d.classifier),
                        "calibration": None if d.calibration is None else config_fingerprint(d.calibration.to_dict()),
-                       "purifier": repr(d.purifier)}
+                       "purifier": repr(d.purifier),
+                       # the images' content: the same file names with other pixels are other inputs
+                       "images": tensor_fingerprint(self.images, self.labels)}
 
     # -- pieces ------------------------------------------------------------------------------
     def _sample_seeds(self, tag: str, first: int, b: int) -> Tensor:
@@ -292,6 +303,7 @@ class Fit:
         """Fingerprint of everything a saved set depends on."""
         c = to_dict(self.cfg)
         keep = {k: c[k] for k in ("data", "split", "count", "holdout", "t_grid", "draws", "batch_size", "seed")}
+        keep = without(keep, ["data.root"])  # where the images are: their fingerprint is in the inputs
         return config_fingerprint({"what": what, "inputs": self.inputs, "cfg": keep, "extra": extra})
 
     def sharded(self, fn: Callable[[int, int], Dict[str, Tensor]], n: int) -> Dict[str, Tensor]:

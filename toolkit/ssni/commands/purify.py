@@ -26,7 +26,7 @@ from ..data import resize
 from ..defense import load_score_model
 from ..device import resolve_device
 from ..images import list_images, read_image, write_png
-from ..io import atomic_write_json
+from ..io import atomic_write_json, remove_stale_temps
 from ..purify import PurifierConfig, build_purifier
 from ..scoring import Calibration, ReweightConfig, ScoreNorm, ScoreNormConfig, build_reweight
 from ..seeding import draw_seeds, mix_seeds
@@ -97,6 +97,7 @@ def purify_images(cfg: PurifyCommandConfig) -> Dict[str, Any]:
         raise ValueError(f"input files share the stems {dupes}; outputs are named <stem>.png")
     out_dir = Path(cfg.output)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_dir, depth=0)  # what a killed run's unfinished writes left
     # one seed per image, fixed by cfg.seed and the image's place in the sorted list
     seeds = draw_seeds(len(files), torch.Generator().manual_seed(cfg.seed))
     written, nfe, t_used = [], 0, []

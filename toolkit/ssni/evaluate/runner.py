@@ -14,7 +14,7 @@ from ..config import ConfigError, load_config, setting, to_dict
 from ..data import DataConfig, build_dataset
 from ..defense import DefenseConfig, build_defense, fixed_view
 from ..device import resolve_device
-from ..io import atomic_save_safetensors, atomic_write_json, atomic_write_text
+from ..io import atomic_save_safetensors, atomic_write_json, atomic_write_text, remove_stale_temps
 from ..models import weights_fingerprint
 from ..scoring import build_reweight
 from ..seeding import derive_seed
@@ -33,8 +33,11 @@ from .specs import (
     make_attack,
     purifier_label,
 )
-from .state import EvalState, config_fingerprint, slug
+from .state import EvalState, config_fingerprint, slug, tensor_fingerprint, without
 
+# settings that change no result (left out of the state's key, so changing them does not block a resume)
+NO_RESULT_KEYS = ("run_dir", "progress", "device", "defense", "defense_recipe", "defense_overrides", "data.root")
+DEFENSE_NO_RESULT_KEYS = ("device", "score_model.path", "calibration", "classifier.checkpoint")
 # with more draws than this, rows also give worst-of-this-many (over the first draws) beside worst-of-all
 WORST_OF_FEW = 4
 # re-exported: recipes' and tools' names for these stay ssni.evaluate.runner.*
@@ -201,6 +204,8 @@ class Evaluation:
         self.x, self.y = ds.images[:n].to(self.device), ds.labels[:n].to(self.device)
         self.num_classes = ds.num_classes
         self.run_dir = Path(cfg.run_dir)
+        if self.dist.is_main:  # temp files of writes a killed run did not finish (only dead writers')
+            remove_stale_temps(self.run_dir)
         self.state = EvalState(self.run_dir, self.input_fingerprints(base_cfg))
         self.stop_after = stop_after_batches
         self._batches_done = 0
@@ -208,12 +213,19 @@ class Evaluation:
 
     def input_fingerprints(self, base_cfg: DefenseConfig) -> Dict[str, str]:
         """Fingerprints of everything the results depend on: the config (with the resolved
-        defense recipe), the weights it loads, the calibration and each defense's reweight."""
+        defense recipe), the images and labels, the weights it loads, the calibration and each
+        defense's reweight."""
         b = self.base
         reweights = {name: None if m is None else {"name": type(m.reweight).__name__,
                                                    **m.reweight.config()}
                      for name, m in self.defenses.items()}
-        cfg = to_dict(self.cfg)
+        # the resolved defense stands for `defense` / `defense_recipe` / `defense_overrides`; paths of files
+        # whose content is fingerprinted below, and how the run is shown or where it runs, change no result
+        cfg = without(to_dict(self.cfg), NO_RESULT_KEYS)
+        cfg["defenses"] = [without(d, ["reweight.kwargs.path"]) for d in cfg.get("defenses", [])]
+        resolved = without(to_dict(base_cfg), DEFENSE_NO_RESULT_KEYS)
+        if isinstance(resolved.get("score_model"), str):  # a path (a public checkpoint: its format stays)
+            resolved.pop("score_model")
         # options added later are left out at their defaults, so older run directories still resume
         for key in ("save_adversarial", "eot_across_ranks"):
             if not cfg.get(key):
@@ -222,7 +234,8 @@ class Evaluation:
             for k, v in NEW_ATTACK_FIELDS.items():
                 if a.get(k, v) == v:
                     a.pop(k, None)
-        return {"config": config_fingerprint({**cfg, "resolved_defense": to_dict(base_cfg)}),
+        return {"config": config_fingerprint({**cfg, "resolved_defense": resolved}),
+                "data": tensor_fingerprint(self.x, self.y),
                 "score_model": weights_fingerprint(b.score_model),
                 "classifier": weights_fingerprint(b.classifier),
                 "calibration": config_fingerprint(None if b.calibration is None

@@ -108,7 +108,7 @@ def make_attack(spec: AttackSpec, eps: Optional[float] = None, scale_step: bool 
     kwargs = dict(spec.kwargs)
     if eps is not None:
         own = kwargs.get("eps")
-        if scale_step and own and "step_size" in kwargs:
+        if scale_step and own and "step_size" in kwargs and float(eps) > 0:  # at eps 0 no step moves
             kwargs["step_size"] = float(kwargs["step_size"]) * float(eps) / float(own)
         kwargs["eps"] = eps
     if spec.attack == "transfer":
