@@ -440,7 +440,18 @@ def load_score_model(spec: Union[str, os.PathLike, Dict[str, Any], nn.Module],
             raise ValueError(f"score_model {spec} must name format and path (e.g. {{format: score_sde, "
                              f"path: checkpoint_8.pth}}), or be an ssni checkpoint directory")
         return load_pretrained(opts.pop("path"), opts.pop("format"), **opts)
-    return load_model(spec, weights=weights)
+    model = load_model(spec, weights=weights)
+    if not hasattr(model, "diffusion"):  # e.g. a classifier or denoiser run given by mistake
+        raise ValueError(f"score_model {spec} holds {_what(model)}, not a score network; expected a "
+                         "`ssni train-score` run or checkpoint directory, or a public checkpoint {format: ..., path: ...}")
+    return model
+
+
+def _what(model: nn.Module) -> str:
+    """A loaded network in a few words, e.g. "a classifier (resnet10t)" or "a score network (unet_tiny)"."""
+    kind = ("a score network" if hasattr(model, "diffusion") else
+            "a classifier" if "num_classes" in (getattr(model, "config", None) or {}) else "a network")
+    return f"{kind} ({getattr(model, 'model_name', None) or getattr(model, 'name', None) or type(model).__name__})"
 
 
 def load_classifier(ref: ClassifierRef, in_chans: int, image_size: int) -> nn.Module:
@@ -451,7 +462,11 @@ def load_classifier(ref: ClassifierRef, in_chans: int, image_size: int) -> nn.Mo
         raise ValueError(f"classifier.source must be timm or robustbench, got {ref.source!r}")
     ckpt = Path(ref.checkpoint) if ref.checkpoint else None
     if ckpt is not None and ckpt.is_dir():
-        return load_model(ckpt, weights=ref.weights)
+        model = load_model(ckpt, weights=ref.weights)
+        if hasattr(model, "diffusion") or "num_classes" not in (getattr(model, "config", None) or {}):
+            raise ValueError(f"classifier.checkpoint {ckpt} holds {_what(model)}, not a classifier; expected a "
+                             "`ssni train-classifier` run or checkpoint directory, or a weights file of classifier.name")
+        return model
     return create_classifier(ref.name, in_chans=ref.in_chans or in_chans,
                              num_classes=ref.num_classes, image_size=image_size,
                              pretrained=ref.pretrained,

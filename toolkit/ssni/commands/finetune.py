@@ -13,13 +13,13 @@ from typing import Any, Dict, List
 import torch
 import yaml
 
-from ..config import check_same_run, load_config, save_config, setting, to_dict
+from ..config import load_config, save_config, setting, to_dict
 from ..data import DataConfig, TensorImageDataset, build_dataset
 from ..defense import DefenseConfig, build_defense
 from ..io import atomic_write_json, atomic_write_text
 from ..models import classifier_spec
 from ..training.finetune import PreprocessedCE, bare_accuracy, defense_accuracy, purify_at_calibrated_t
-from ..training.loop import LoopConfig, OptimConfig, Trainer
+from ..training.loop import LoopConfig, OptimConfig, Trainer, check_run_dir
 from .registry import command
 
 
@@ -70,8 +70,7 @@ def run_finetune(cfg: FinetuneConfig) -> Dict[str, Any]:
 
     student = copy.deepcopy(defense.classifier).train().requires_grad_(True)
     run_dir = Path(cfg.run_dir)
-    if cfg.loop.resume:  # its checkpoints would be resumed: they must come from this config
-        check_same_run(cfg, run_dir, "checkpoints")
+    check_run_dir(cfg, run_dir)  # resumed checkpoints come from this config; none when not resuming
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir)
     trainer = Trainer(student, PreprocessedCE(defense.preprocess, cfg.augment_shift), mix,

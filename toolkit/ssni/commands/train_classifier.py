@@ -5,14 +5,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from ..config import check_same_run, save_config, setting
+from ..config import save_config, setting
 from ..data import DataConfig, build_dataset
 from ..io import atomic_write_json
 from ..models import classifier_spec, create_classifier
 from ..seeding import seeded
 from ..training.classifier import AugmentedCE, accuracy
 from ..training.dist import DistContext
-from ..training.loop import LoopConfig, OptimConfig, Trainer
+from ..training.loop import LoopConfig, OptimConfig, Trainer, check_run_dir
 from .registry import command
 
 
@@ -45,8 +45,7 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Dict[str, Any]:
     """Train a timm classifier per `cfg`; returns test accuracy and paths."""
     dist = DistContext.from_env(cfg.loop.device)
     run_dir = Path(cfg.run_dir)
-    if cfg.loop.resume:  # its checkpoints would be resumed: they must come from this config
-        check_same_run(cfg, run_dir, "checkpoints")
+    check_run_dir(cfg, run_dir)  # resumed checkpoints come from this config; none when not resuming
     train_ds, test_ds = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "test")
     if train_ds.num_classes < 2:  # the cross-entropy of one class is 0 whatever the weights
         raise ValueError(f"the {cfg.data.name!r} training data has {train_ds.num_classes} class; a classifier "

@@ -11,7 +11,7 @@ from typing import Any, Dict
 
 import torch
 
-from ..config import check_same_run, save_config, setting
+from ..config import save_config, setting
 from ..data import DataConfig, build_dataset
 from ..denoise.metrics import psnr
 from ..denoise.patches import RandomPatches
@@ -21,7 +21,7 @@ from ..models import ModelConfig, model_spec
 from ..noise import NoiseConfig, build_noise
 from ..seeding import seeded
 from ..training.dist import DistContext
-from ..training.loop import LoopConfig, OptimConfig, Trainer
+from ..training.loop import LoopConfig, OptimConfig, Trainer, check_run_dir
 from .registry import command
 
 
@@ -56,8 +56,7 @@ def train_denoiser(cfg: DenoiserTrainConfig) -> Dict[str, Any]:
     """Train a denoiser per `cfg`; returns a summary (test PSNR/SSIM before and after, paths)."""
     dist = DistContext.from_env(cfg.loop.device)
     run_dir = Path(cfg.run_dir)
-    if cfg.loop.resume:  # its checkpoints would be resumed: they must come from this config
-        check_same_run(cfg, run_dir, "checkpoints")
+    check_run_dir(cfg, run_dir)  # resumed checkpoints come from this config; none when not resuming
     train_ds, test_ds = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "test")
     num_patches = cfg.num_patches or cfg.loop.steps * cfg.loop.batch_size
     patches = RandomPatches(train_ds.images, cfg.patch_size, num_patches, seed=cfg.loop.seed,

@@ -7,7 +7,7 @@ from typing import Any, Dict
 
 import torch
 
-from ..config import check_same_run, save_config, setting
+from ..config import save_config, setting
 from ..data import DataConfig, build_dataset
 from ..images import save_grid_png
 from ..io import atomic_write_json
@@ -16,7 +16,7 @@ from ..noise import NoiseConfig, build_noise
 from ..sampling import generate
 from ..seeding import seeded
 from ..training.dist import DistContext
-from ..training.loop import LoopConfig, OptimConfig, Trainer
+from ..training.loop import LoopConfig, OptimConfig, Trainer, check_run_dir
 from ..training.losses import DSMLoss, heldout_dsm_loss
 from .registry import command
 
@@ -42,8 +42,7 @@ def train_score(cfg: ScoreTrainConfig) -> Dict[str, Any]:
     """Train a score network per `cfg`; returns a summary (losses, paths)."""
     dist = DistContext.from_env(cfg.loop.device)
     run_dir = Path(cfg.run_dir)
-    if cfg.loop.resume:  # its checkpoints would be resumed: they must come from this config
-        check_same_run(cfg, run_dir, "checkpoints")
+    check_run_dir(cfg, run_dir)  # resumed checkpoints come from this config; none when not resuming
     train_ds, test_ds = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "test")
     c, h, _ = train_ds.image_shape
     with seeded(cfg.loop.seed):  # the recipe's seed fixes the initial weights

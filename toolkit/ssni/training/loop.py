@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint import clean_stale, latest_checkpoint, load_checkpoint, save_checkpoint
-from ..config import ConfigError, check_settings, setting
+from ..config import ConfigError, check_same_run, check_settings, setting
 from ..io import remove_stale_temps
 from ..seeding import epoch_seed, step_seed
 from .dist import DistContext
@@ -68,6 +68,25 @@ class LoopConfig:
     def check(self) -> None:
         """Raise a one-line ConfigError for a setting that cannot work (nothing is clamped)."""
         check_settings(self, "loop")
+
+
+def refuse_earlier_checkpoints(ckpt_root: str | Path) -> None:
+    """With loop.resume=false: refuse a checkpoints folder that already holds checkpoints (this run would
+    publish its own among them, and keep theirs as if they were its own)."""
+    root = Path(ckpt_root)
+    if root.is_dir() and (any(root.glob("step_*")) or (root / "latest.json").exists()):
+        raise ConfigError(f"{root} holds checkpoints of an earlier run; with loop.resume=false this run would "
+                          f"publish its own among them (and keep theirs): use a new run_dir, delete {root}, or "
+                          "set loop.resume=true to continue that run")
+
+
+def check_run_dir(cfg: Any, run_dir: str | Path) -> None:
+    """Before a training command writes anything into run_dir: with loop.resume, its checkpoints must
+    come from this config (check_same_run); without, there must be none."""
+    if cfg.loop.resume:
+        check_same_run(cfg, run_dir, "checkpoints")
+    else:
+        refuse_earlier_checkpoints(Path(run_dir) / "checkpoints")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -195,11 +214,8 @@ class Trainer:
         self.step = 0
         self.history: List[Dict[str, float]] = []
         self._writer = None
-        if not loop.resume and self.ckpt_root.is_dir() and (
-                any(self.ckpt_root.glob("step_*")) or (self.ckpt_root / "latest.json").exists()):
-            raise ConfigError(f"{self.ckpt_root} holds checkpoints of an earlier run; with loop.resume=false this "
-                              "run would publish its own among them (and keep theirs): use a new run_dir, delete "
-                              f"{self.ckpt_root}, or set loop.resume=true to continue that run")
+        if not loop.resume:
+            refuse_earlier_checkpoints(self.ckpt_root)
         if self.dist.is_main:  # what a killed run left: temp files, unfinished or half-pruned checkpoints
             clean_stale(self.ckpt_root)
             remove_stale_temps(self.run_dir)
