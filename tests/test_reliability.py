@@ -70,11 +70,11 @@ def _data():
     return TensorImageDataset(torch.rand(32, 1, 8, 8, generator=g), torch.zeros(32, dtype=torch.long), 1)
 
 
-def _trainer(run: Path, steps: int = 6, ckpt_every: int = 3) -> Trainer:
+def _trainer(run: Path, steps: int = 6, ckpt_every: int = 3, keep: int = 1) -> Trainer:
     with seeded(0):
         model = create_model("unet_tiny")
     loop = LoopConfig(steps=steps, batch_size=8, seed=3, ema_decay=0.9, ckpt_every=ckpt_every,
-                      log_every=100, progress=False, device="cpu", keep_checkpoints=1)
+                      log_every=100, progress=False, device="cpu", keep_checkpoints=keep)
     return Trainer(model, DSMLoss(), _data(), loop, OptimConfig(lr=2e-3, warmup_steps=2), run,
                    model_spec(model))
 
@@ -253,3 +253,54 @@ def test_a_run_dir_of_another_config_is_refused_not_resumed(tmp_path):
     # more steps of the same run: resumes
     assert main(args + ["loop.steps=3"]) == 0
     assert json.loads((run / "checkpoints" / "latest.json").read_text())["step"] == 3
+
+
+# -- 5. damaged runs: incomplete checkpoints, what killed runs left ----------------------------------
+@pytest.mark.parametrize("lost", ["optimizer.pt", "ema.safetensors"])
+def test_a_checkpoint_that_lost_a_file_is_skipped_with_a_message(tmp_path, lost):
+    ref = _trainer(tmp_path / "ref", steps=6, ckpt_every=2, keep=2)
+    ref.fit()
+    run = tmp_path / "run"
+    _trainer(run, steps=6, ckpt_every=2, keep=2).fit(stop_at=4)  # step_2 and step_4 kept
+    (run / "checkpoints" / "step_00000004" / lost).unlink()
+    rerun = _trainer(run, steps=6, ckpt_every=2, keep=2)
+    with pytest.warns(UserWarning, match=f"step_00000004, which lacks {lost}; resuming from the newest complete "
+                                         "checkpoint step_00000002"):
+        rerun.fit()
+    for w in ("model", "ema"):  # as if never damaged: the steps after step 2 ran again
+        assert _same(_weights(run, w), _weights(tmp_path / "ref", w)), w
+
+
+def test_resume_false_into_a_run_with_checkpoints_is_refused(tmp_path):
+    run = tmp_path / "run"
+    _trainer(run, steps=2, ckpt_every=1).fit()
+    trainer = _trainer(run, steps=2, ckpt_every=1)
+    trainer.loop.resume = False
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run; with loop.resume=false"):
+        Trainer(trainer.model, DSMLoss(), _data(), trainer.loop, trainer.optim_cfg, run, {})
+
+
+def _left_by_killed_writers(paths, monkeypatch) -> None:
+    """The temp files atomic writes of `paths` leave when their process is killed before the rename."""
+    import ssni.io
+
+    p = subprocess.Popen(["true"])
+    p.wait()  # its pid: a process that no longer runs
+    with monkeypatch.context() as m:
+        m.setattr(ssni.io.os, "getpid", lambda: p.pid)
+        m.setattr(ssni.io.os, "replace", lambda src, dst: None)  # killed just before the rename
+        for path in paths:
+            ssni.io.atomic_write_bytes(path, b"half")
+
+
+def test_a_rerun_removes_what_killed_runs_left(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    _trainer(run, steps=2, ckpt_every=1, keep=2).fit()
+    _left_by_killed_writers([run / "samples.png", run / "summary.json", run / "checkpoints" / "latest.json"],
+                            monkeypatch)
+    (run / "checkpoints" / "step_00000001" / "model.safetensors").unlink()  # a prune killed half-way
+    assert len(list(run.rglob(".*.tmp"))) == 3
+    _trainer(run, steps=4, ckpt_every=1, keep=2).fit()  # the rerun
+    assert not list(run.rglob(".*.tmp")) and not list(run.rglob(".tmp_step_*")) and not list(run.rglob(".old_*"))
+    steps = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    assert steps == ["step_00000003", "step_00000004"], steps
