@@ -304,3 +304,56 @@ def test_a_rerun_removes_what_killed_runs_left(tmp_path, monkeypatch):
     assert not list(run.rglob(".*.tmp")) and not list(run.rglob(".tmp_step_*")) and not list(run.rglob(".old_*"))
     steps = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
     assert steps == ["step_00000003", "step_00000004"], steps
+
+
+# -- 6. the evaluation state is keyed on the images, not on settings that change no result -----------
+def _image_folder(root: Path, seed: int) -> Path:
+    """root/{train,test}/{a,b}/*.png: 8x8 grey images, 2 per class and split."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(2):
+                Image.fromarray(rng.randint(0, 256, (8, 8), dtype=np.uint8), "L").save(root / split / c / f"{i}.png")
+    return root
+
+
+def _folder_eval(tmp_path: Path) -> list:
+    _eval_setup(tmp_path)
+    _save_classifier(tmp_path, seed=1)
+    (tmp_path / "defense.yaml").write_text(yaml.safe_dump({
+        "score_model": str(tmp_path / "score"), "calibration": str(tmp_path / "calibration.json"),
+        "score_norm": {"timesteps": 2}, "purifier": {"sampler": "ddpm", "steps": 1}, "reweight": {"name": "constant"},
+        "classifier": {"checkpoint": str(tmp_path / "clf")}, "mean": [0.0], "std": [1.0]}))
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump({
+        "data": {"name": "imagefolder", "root": str(tmp_path / "images"), "image_size": 8, "channels": 1},
+        "num_samples": 4, "batch_size": 2, "draws": 1, "progress": False, "device": "cpu",
+        "defense_recipe": str(tmp_path / "defense.yaml"),
+        "defenses": [{"name": "dbp", "reweight": {"name": "constant", "kwargs": {"t_base": 0.02}}}]}))
+    return ["evaluate", str(tmp_path / "eval.yaml"), f"run_dir={tmp_path / 'run'}"]
+
+
+def test_replaced_test_images_are_not_reused(tmp_path, capsys):
+    from ssni.cli import main
+
+    _image_folder(tmp_path / "images", seed=0)
+    argv = _folder_eval(tmp_path)
+    assert main(argv) == 0
+    _image_folder(tmp_path / "images", seed=1)  # the same file names, other pixels
+    assert main(argv) == 2
+    assert "changed: data" in capsys.readouterr().err
+
+
+def test_settings_that_change_no_result_do_not_block_a_resume(tmp_path, capsys):
+    from ssni.cli import main
+
+    _image_folder(tmp_path / "images", seed=0)
+    argv = _folder_eval(tmp_path)
+    assert main(argv) == 0
+    capsys.readouterr()
+    spelt = tmp_path / "images" / ".." / "defense.yaml"  # the same file, spelt otherwise
+    assert main(argv + ["progress=true", "device=auto", f"defense_recipe={spelt}"]) == 0
+    assert "reused 2 finished batches" in capsys.readouterr().out
