@@ -68,7 +68,7 @@ def clean_stale(root: str | os.PathLike) -> List[Path]:
     return removed
 
 
-def _missing(path: Path, need: Sequence[str] = ()) -> List[str]:
+def missing_files(path: Path, need: Sequence[str] = ()) -> List[str]:
     """Files a checkpoint directory lacks: the required ones, those its state.json says were written,
     and `need` (what the caller resumes from, e.g. the optimizer state)."""
     if not path.is_dir():
@@ -82,7 +82,7 @@ def _missing(path: Path, need: Sequence[str] = ()) -> List[str]:
 
 
 def _complete(path: Path, need: Sequence[str] = ()) -> bool:
-    return not _missing(path, need)
+    return not missing_files(path, need)
 
 
 def complete_checkpoints(root: str | os.PathLike, need: Sequence[str] = ()) -> List[Path]:
@@ -151,7 +151,7 @@ def latest_checkpoint(ckpt_root: str | os.PathLike, need: Sequence[str] = ()) ->
     if pointer.is_file():
         try:
             path = root / json.loads(pointer.read_text())["dir"]
-            missing = _missing(path, need)
+            missing = missing_files(path, need)
             if not missing:
                 # a kill between publishing step_N and rewriting latest.json leaves the pointer one
                 # checkpoint behind; the newer directory is complete (published by rename)
