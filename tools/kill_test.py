@@ -165,9 +165,9 @@ def make_eval_inputs(root: Path, score_run: Path) -> None:
 
 
 def trial(name: str, args_of, reference, duration: float, rng: random.Random, root: Path, i: int,
-          compare, moment: str = "") -> Tuple[bool, List[str], str]:
+          compare, moment: str = "") -> Tuple[bool, List[str], int, str]:
     """One kill (sometimes two; at `moment` if given) then a complete rerun; (matches, leftovers,
-    description)."""
+    kills that landed before the command finished, description)."""
     run = root / f"{name}_{i:03d}"
     if moment:
         killed = [kill_at(args_of(run), run, moment)]
@@ -180,11 +180,11 @@ def trial(name: str, args_of, reference, duration: float, rng: random.Random, ro
         desc = ", ".join(f"kill at {d:.2f}s{'' if k else ' (had finished)'}" for d, k in zip(delays, killed))
     code, _, err = run_to_end(args_of(run))
     if code != 0:
-        return False, [], f"rerun failed (exit {code}): {err.strip().splitlines()[-1] if err.strip() else ''}"
+        return False, [], sum(killed), f"rerun failed (exit {code}): " + (err.strip().splitlines() or [""])[-1]
     same = compare(run) == reference
     left = leftovers(run)
     shutil.rmtree(run, ignore_errors=True)
-    return same, left, desc
+    return same, left, sum(killed), desc
 
 
 def main(argv=None) -> int:
@@ -215,14 +215,16 @@ def main(argv=None) -> int:
         for name, args_of, ref, dur, cmp, moments in (
                 ("train-score", train_args, ref_w, t_train, weights, [""] * args.trials + targeted),
                 ("evaluate", lambda r: eval_args(r, root), ref_res, t_eval, results, [""] * args.trials)):
-            bad = left_n = 0
+            bad = left_n = landed = 0
             for i, moment in enumerate(moments):
-                ok, left, desc = trial(name, args_of, ref, dur, rng, root, i, cmp, moment)
+                ok, left, kills, desc = trial(name, args_of, ref, dur, rng, root, i, cmp, moment)
                 bad += not ok
                 left_n += len(left)
+                landed += kills
                 print(f"{name} trial {i + 1:2d}: {'same as uninterrupted' if ok else 'MISMATCH'}, "
                       f"{len(left)} left behind{f' {left}' if left else ''} ({desc})", flush=True)
-            print(f"{name}: {len(moments)} kill trials, {bad} mismatches, {left_n} leftovers", flush=True)
+            print(f"{name}: {len(moments)} kill trials ({landed} kills landed before the command finished), "
+                  f"{bad} mismatches, {left_n} leftovers", flush=True)
             failures += bad
             left_total += left_n
     finally:

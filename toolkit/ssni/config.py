@@ -76,7 +76,7 @@ RecipeLoader.add_implicit_resolver(
 def _safe_load(text: Any, what: str) -> Any:
     """Safe YAML loading (RecipeLoader) with a one-line ConfigError naming `what`."""
     try:
-        return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=RecipeLoader)  # a SafeLoader: plain values only, never Python objects
     except yaml.YAMLError as e:
         raise ConfigError(yaml_error_message(e, what)) from None
 
@@ -204,7 +204,7 @@ def _check_directory(value: Any, key: str) -> None:
 
 
 def check_settings(obj: Any, where: str = "config") -> None:
-    """Check every field of dataclass `obj` declared with `setting` (limits, non-empty); one-line
+    """Check every field of dataclass `obj` declared with `setting` (limits, directories); one-line
     ConfigError naming the key (prefixed by `where` unless it is the top level)."""
     for f in dataclasses.fields(obj):
         key = f.name if where == "config" else f"{where}.{f.name}"
