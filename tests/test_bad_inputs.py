@@ -175,3 +175,13 @@ def test_a_recipe_with_a_duplicated_key_names_it_and_both_lines(tmp_path, capsys
     recipe.write_text("base: &b {steps: 3}\nloop:\n  <<: *b\n  steps: 4\n")
     with pytest.raises(ConfigError, match="unknown config key 'base'"):
         load_config(ScoreTrainConfig, recipe)
+
+
+def test_colour_made_grey_is_a_logged_conversion(tmp_path):
+    from ssni.images import read_image
+
+    _png(tmp_path / "rgb.png", "RGB")
+    with pytest.warns(UserWarning, match=r"colour images converted to grey \(ITU-R 601 luma\)"):
+        grey = read_image(tmp_path / "rgb.png", 1)
+    rgb = np.asarray(Image.open(tmp_path / "rgb.png").convert("L"), dtype=np.float32) / 255.0
+    np.testing.assert_array_equal(grey[0].numpy(), rgb)

@@ -164,13 +164,17 @@ class Bound:
             means = f" ({self.means})" if self.means else ""
             return ConfigError(f"{key} must be {kind}{limits.lstrip() if not kind else limits}{means}, got {value!r}")
 
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not number or (self.integer and not (isinstance(value, int) or (
-                math.isfinite(value) and float(value).is_integer()))):
+        # numpy scalars and 0-d tensors count (the Python API gets them), text and booleans do not
+        number = not isinstance(value, (bool, str, bytes)) and hasattr(type(value), "__float__")
+        try:
+            v = float(value) if number else math.nan
+        except (TypeError, ValueError):  # e.g. a tensor of several values
+            number, v = False, math.nan
+        if not number or (self.integer and not (math.isfinite(v) and v.is_integer())):
             raise refuse("an integer" if self.integer else "a number")
-        if not math.isfinite(value):
+        if not math.isfinite(v):
             raise refuse("a finite number")
-        if not self.inside(value):
+        if not self.inside(v):
             raise refuse("")
         return value
 
