@@ -70,11 +70,11 @@ def _data():
     return TensorImageDataset(torch.rand(32, 1, 8, 8, generator=g), torch.zeros(32, dtype=torch.long), 1)
 
 
-def _trainer(run: Path, steps: int = 6, ckpt_every: int = 3) -> Trainer:
+def _trainer(run: Path, steps: int = 6, ckpt_every: int = 3, keep: int = 1) -> Trainer:
     with seeded(0):
         model = create_model("unet_tiny")
     loop = LoopConfig(steps=steps, batch_size=8, seed=3, ema_decay=0.9, ckpt_every=ckpt_every,
-                      log_every=100, progress=False, device="cpu", keep_checkpoints=1)
+                      log_every=100, progress=False, device="cpu", keep_checkpoints=keep)
     return Trainer(model, DSMLoss(), _data(), loop, OptimConfig(lr=2e-3, warmup_steps=2), run,
                    model_spec(model))
 
@@ -130,14 +130,19 @@ def test_a_save_killed_at_every_step_of_publishing_resumes_to_the_same_weights(t
         assert out["steps"] == 6, (name, k)
         for w in ("model", "ema"):
             assert _same(_weights(run, w), ref[w]), (name, k, w)
-        assert not list((run / "checkpoints").glob(".tmp_step_*")), (name, k)
+        # nothing the killed run left stays behind: temp dirs and files, half-pruned or unfinished steps
+        root = run / "checkpoints"
+        left = [p.name for p in root.iterdir() if p.name.startswith(".")]
+        left += [p.name for p in root.glob("step_*") if not (p / "optimizer.pt").is_file()]
+        assert not left, (name, k, left)
 
 
 def test_the_final_step_is_not_published_twice(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         calls = _counting(m)
         _trainer(tmp_path / "r", steps=6, ckpt_every=3).fit()
-    assert calls["rename"] == 2  # steps 3 and 6; the closing save finds step 6 published
+    # publishing steps 3 and 6, and moving step 3 aside to prune it; the closing save finds step 6 published
+    assert calls["rename"] == 3
 
 
 def test_stale_temporary_dirs_of_dead_processes_are_removed(tmp_path):
@@ -248,3 +253,107 @@ def test_a_run_dir_of_another_config_is_refused_not_resumed(tmp_path):
     # more steps of the same run: resumes
     assert main(args + ["loop.steps=3"]) == 0
     assert json.loads((run / "checkpoints" / "latest.json").read_text())["step"] == 3
+
+
+# -- 5. damaged runs: incomplete checkpoints, what killed runs left ----------------------------------
+@pytest.mark.parametrize("lost", ["optimizer.pt", "ema.safetensors"])
+def test_a_checkpoint_that_lost_a_file_is_skipped_with_a_message(tmp_path, lost):
+    ref = _trainer(tmp_path / "ref", steps=6, ckpt_every=2, keep=2)
+    ref.fit()
+    run = tmp_path / "run"
+    _trainer(run, steps=6, ckpt_every=2, keep=2).fit(stop_at=4)  # step_2 and step_4 kept
+    (run / "checkpoints" / "step_00000004" / lost).unlink()
+    rerun = _trainer(run, steps=6, ckpt_every=2, keep=2)
+    with pytest.warns(UserWarning, match=f"step_00000004, which lacks {lost}; resuming from the newest complete "
+                                         "checkpoint step_00000002"):
+        rerun.fit()
+    for w in ("model", "ema"):  # as if never damaged: the steps after step 2 ran again
+        assert _same(_weights(run, w), _weights(tmp_path / "ref", w)), w
+
+
+def test_resume_false_into_a_run_with_checkpoints_is_refused(tmp_path):
+    run = tmp_path / "run"
+    _trainer(run, steps=2, ckpt_every=1).fit()
+    trainer = _trainer(run, steps=2, ckpt_every=1)
+    trainer.loop.resume = False
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run; with loop.resume=false"):
+        Trainer(trainer.model, DSMLoss(), _data(), trainer.loop, trainer.optim_cfg, run, {})
+
+
+def _left_by_killed_writers(paths, monkeypatch) -> None:
+    """The temp files atomic writes of `paths` leave when their process is killed before the rename."""
+    import ssni.io
+
+    p = subprocess.Popen(["true"])
+    p.wait()  # its pid: a process that no longer runs
+    with monkeypatch.context() as m:
+        m.setattr(ssni.io.os, "getpid", lambda: p.pid)
+        m.setattr(ssni.io.os, "replace", lambda src, dst: None)  # killed just before the rename
+        for path in paths:
+            ssni.io.atomic_write_bytes(path, b"half")
+
+
+def test_a_rerun_removes_what_killed_runs_left(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    _trainer(run, steps=2, ckpt_every=1, keep=2).fit()
+    _left_by_killed_writers([run / "samples.png", run / "summary.json", run / "checkpoints" / "latest.json"],
+                            monkeypatch)
+    (run / "checkpoints" / "step_00000001" / "model.safetensors").unlink()  # a prune killed half-way
+    assert len(list(run.rglob(".*.tmp"))) == 3
+    _trainer(run, steps=4, ckpt_every=1, keep=2).fit()  # the rerun
+    assert not list(run.rglob(".*.tmp")) and not list(run.rglob(".tmp_step_*")) and not list(run.rglob(".old_*"))
+    steps = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    assert steps == ["step_00000003", "step_00000004"], steps
+
+
+# -- 6. the evaluation state is keyed on the images, not on settings that change no result -----------
+def _image_folder(root: Path, seed: int) -> Path:
+    """root/{train,test}/{a,b}/*.png: 8x8 grey images, 2 per class and split."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(2):
+                Image.fromarray(rng.randint(0, 256, (8, 8), dtype=np.uint8), "L").save(root / split / c / f"{i}.png")
+    return root
+
+
+def _folder_eval(tmp_path: Path) -> list:
+    _eval_setup(tmp_path)
+    _save_classifier(tmp_path, seed=1)
+    (tmp_path / "defense.yaml").write_text(yaml.safe_dump({
+        "score_model": str(tmp_path / "score"), "calibration": str(tmp_path / "calibration.json"),
+        "score_norm": {"timesteps": 2}, "purifier": {"sampler": "ddpm", "steps": 1}, "reweight": {"name": "constant"},
+        "classifier": {"checkpoint": str(tmp_path / "clf")}, "mean": [0.0], "std": [1.0]}))
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump({
+        "data": {"name": "imagefolder", "root": str(tmp_path / "images"), "image_size": 8, "channels": 1},
+        "num_samples": 4, "batch_size": 2, "draws": 1, "progress": False, "device": "cpu",
+        "defense_recipe": str(tmp_path / "defense.yaml"),
+        "defenses": [{"name": "dbp", "reweight": {"name": "constant", "kwargs": {"t_base": 0.02}}}]}))
+    return ["evaluate", str(tmp_path / "eval.yaml"), f"run_dir={tmp_path / 'run'}"]
+
+
+def test_replaced_test_images_are_not_reused(tmp_path, capsys):
+    from ssni.cli import main
+
+    _image_folder(tmp_path / "images", seed=0)
+    argv = _folder_eval(tmp_path)
+    assert main(argv) == 0
+    _image_folder(tmp_path / "images", seed=1)  # the same file names, other pixels
+    assert main(argv) == 2
+    assert "changed: data" in capsys.readouterr().err
+
+
+def test_settings_that_change_no_result_do_not_block_a_resume(tmp_path, capsys):
+    from ssni.cli import main
+
+    _image_folder(tmp_path / "images", seed=0)
+    argv = _folder_eval(tmp_path)
+    assert main(argv) == 0
+    capsys.readouterr()
+    spelt = tmp_path / "images" / ".." / "defense.yaml"  # the same file, spelt otherwise
+    assert main(argv + ["progress=true", "device=auto", f"defense_recipe={spelt}"]) == 0
+    assert "reused 2 finished batches" in capsys.readouterr().out

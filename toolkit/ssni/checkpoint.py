@@ -8,7 +8,11 @@ Publishing a checkpoint can be killed at any instant: a directory is written and
 temporary name, then renamed to step_N (so every step_N directory is complete), then latest.json
 is rewritten atomically. The directory that latest.json names is never deleted before a newer one
 is published; a step already published is not written again. If latest.json is missing or names
-something unreadable, the newest complete step_N directory is used, with a warning.
+something unreadable or incomplete, the newest complete step_N directory is used, with a warning.
+A step_N is complete when it holds every file its state.json lists (a checkpoint whose optimizer.pt
+or ema.safetensors was deleted is not). Old checkpoints are pruned by renaming them away before
+deleting them, and the next save (or run) removes what a killed one left: temporary and
+half-pruned directories, temp files, incomplete older steps.
 """
 from __future__ import annotations
 
@@ -17,12 +21,21 @@ import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
-from .io import atomic_save_safetensors, atomic_torch_save, atomic_write_json, fsync_dir, load_safetensors, safe_torch_load
+from .io import (
+    atomic_save_safetensors,
+    atomic_torch_save,
+    atomic_write_json,
+    fsync_dir,
+    load_safetensors,
+    pid_alive,
+    remove_stale_temps,
+    safe_torch_load,
+)
 
 _REQUIRED = ("model.safetensors", "model.json", "state.json")
 
@@ -31,39 +44,60 @@ class CheckpointError(RuntimeError):
     """A checkpoint that exists but cannot be used (unreadable, or for another model)."""
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # our own leftovers are stale too: we are not writing them now
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
 def clean_stale(root: str | os.PathLike) -> List[Path]:
-    """Remove temporary checkpoint directories left by processes that no longer run."""
+    """Remove what killed runs left under root: temporary checkpoint directories (.tmp_step_*) and
+    directories being pruned (.old_step_*) of processes that no longer run, temp files of atomic
+    writes (e.g. of latest.json), and incomplete step_N directories older than the newest complete
+    one (a prune killed half-way)."""
+    root = Path(root)
     removed = []
-    for p in Path(root).glob(".tmp_step_*"):
+    for p in [*root.glob(".tmp_step_*"), *root.glob(".old_step_*")]:
         try:
             pid = int(p.name.rsplit("_", 1)[1])
         except (IndexError, ValueError):
             pid = -1
-        if pid < 0 or not _pid_alive(pid):
+        if pid < 0 or not pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    removed += remove_stale_temps(root, depth=0)
+    found = complete_checkpoints(root)
+    for p in root.glob("step_*"):
+        if found and p.name < found[-1].name and not _complete(p):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
 
 
-def _complete(path: Path) -> bool:
-    return path.is_dir() and all((path / f).is_file() for f in _REQUIRED)
+def missing_files(path: Path, need: Sequence[str] = ()) -> List[str]:
+    """Files a checkpoint directory lacks: the required ones, those its state.json says were written,
+    and `need` (what the caller resumes from, e.g. the optimizer state)."""
+    if not path.is_dir():
+        return ["the directory"]
+    want = list(_REQUIRED) + list(need)
+    try:
+        want += json.loads((path / "state.json").read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        pass  # state.json missing or unreadable: reported as missing below when it is absent
+    return sorted({f for f in want if not (path / f).is_file()})
 
 
-def complete_checkpoints(root: str | os.PathLike) -> List[Path]:
-    """Complete step_N directories under root, oldest first."""
-    return sorted(p for p in Path(root).glob("step_*") if _complete(p))
+def _complete(path: Path, need: Sequence[str] = ()) -> bool:
+    return not missing_files(path, need)
+
+
+def complete_checkpoints(root: str | os.PathLike, need: Sequence[str] = ()) -> List[Path]:
+    """Complete step_N directories under root (holding `need` too), oldest first."""
+    return sorted(p for p in Path(root).glob("step_*") if _complete(p, need))
+
+
+def _prune(path: Path) -> None:
+    """Delete a checkpoint directory: renamed away first, so a kill never leaves a half-deleted step_N."""
+    doomed = path.with_name(f".old_{path.name}_{os.getpid()}")
+    try:
+        os.rename(path, doomed)
+    except OSError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def save_checkpoint(ckpt_root: str | os.PathLike, step: int, model: nn.Module,
@@ -86,7 +120,9 @@ def save_checkpoint(ckpt_root: str | os.PathLike, step: int, model: nn.Module,
         if optimizer is not None:
             atomic_torch_save(tmp / "optimizer.pt", optimizer.state_dict())
         atomic_write_json(tmp / "model.json", spec)
-        atomic_write_json(tmp / "state.json", {"step": step, **(state or {})})
+        files = [f for f, obj in (("ema.safetensors", ema), ("optimizer.pt", optimizer)) if obj is not None]
+        # the files it holds: a checkpoint that lost one (e.g. optimizer.pt deleted) is incomplete
+        atomic_write_json(tmp / "state.json", {"step": step, **(state or {}), "files": files})
         fsync_dir(tmp)
         if final.exists():  # an incomplete step_N (not made by this code): replace it
             shutil.rmtree(final)
@@ -95,29 +131,33 @@ def save_checkpoint(ckpt_root: str | os.PathLike, step: int, model: nn.Module,
     atomic_write_json(root / "latest.json", {"step": step, "dir": final.name})
     olds = [p for p in complete_checkpoints(root) if p != final and p.name < final.name]
     for p in olds[: max(0, len(olds) - (keep - 1))]:
-        shutil.rmtree(p, ignore_errors=True)
+        _prune(p)
     return final
 
 
-def latest_checkpoint(ckpt_root: str | os.PathLike) -> Path:
+def latest_checkpoint(ckpt_root: str | os.PathLike, need: Sequence[str] = ()) -> Path:
     """Directory of the newest complete checkpoint (FileNotFoundError if there is none at all).
 
-    Uses latest.json; if it is missing, unreadable or names an incomplete directory, falls back to
-    the newest complete step_N directory and warns. Checkpoints that exist but none complete are
-    an error, never a silent fresh start.
+    A checkpoint is complete when it holds its weights, model.json, state.json, the files its
+    state.json lists, and `need` (e.g. optimizer.pt, ema.safetensors for a resume). Uses
+    latest.json; if it is missing, unreadable or names an incomplete directory, falls back to the
+    newest complete step_N directory and warns. Checkpoints that exist but none complete are an
+    error, never a silent fresh start.
     """
     root = Path(ckpt_root)
     pointer = root / "latest.json"
     problem = None
-    found = complete_checkpoints(root)
+    found = complete_checkpoints(root, need)
     if pointer.is_file():
         try:
             path = root / json.loads(pointer.read_text())["dir"]
-            if _complete(path):
+            missing = missing_files(path, need)
+            if not missing:
                 # a kill between publishing step_N and rewriting latest.json leaves the pointer one
                 # checkpoint behind; the newer directory is complete (published by rename)
-                return max(path, found[-1], key=lambda p: p.name)
-            problem = f"latest.json names {path.name}, which is missing or incomplete"
+                return max([path, *found[-1:]], key=lambda p: p.name)
+            problem = f"latest.json names {path.name}, which " + (
+                "is missing" if not path.is_dir() else f"lacks {', '.join(missing)}")
         except (OSError, ValueError, KeyError, TypeError) as e:
             problem = f"latest.json is unreadable ({type(e).__name__}: {e})"
     if found:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Type, TypeVar
@@ -24,6 +26,8 @@ def yaml_error_message(e: yaml.YAMLError, what: str) -> str:
     problem = getattr(e, "problem", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
     mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    if isinstance(e, DuplicateKeyError):
+        return f"{what}: {problem}; give each key once (YAML would silently keep only the last)"
     if isinstance(e, yaml.constructor.ConstructorError) and "tag:yaml.org,2002:python/" in problem:
         tag = problem.split("tag:yaml.org,2002:", 1)[1].rstrip("'\" ")
         return (f"{what}: Python tags are not allowed in recipes (found !!{tag}{where}); recipes and "
@@ -32,10 +36,47 @@ def yaml_error_message(e: yaml.YAMLError, what: str) -> str:
     return f"{what} is not valid YAML: {f'{context}: ' if context else ''}{problem}{where}"
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping in YAML text that gives the same key twice."""
+
+
+def _line(mark: Any, other: Any) -> str:
+    """'line N' of a YAML mark, with the column when `other` is on the same line (a one-line override)."""
+    return f"line {mark.line + 1}" + (f", column {mark.column + 1}" if mark.line == other.line else "")
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader (plain values only) that reads numbers as people write them (2e-4, 1E-3,
+    -3e5: YAML 1.1 needs a dot and a signed exponent, so it reads these as strings) and refuses a
+    mapping that gives a key twice (else the last one silently wins)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Dict[Any, Any]:
+        seen: Dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` merges are meant to be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark)
+            except TypeError:  # an unhashable key: the base class says so
+                break
+            if first is not key_node.start_mark:
+                raise DuplicateKeyError(None, None, f"duplicate key {key!r} at {_line(key_node.start_mark, first)} "
+                                        f"(first at {_line(first, key_node.start_mark)})", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+# decimal numbers with an exponent, with or without a dot or an exponent sign (YAML 1.2's float)
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
 def _safe_load(text: Any, what: str) -> Any:
-    """yaml.safe_load with a one-line ConfigError naming `what`."""
+    """Safe YAML loading (RecipeLoader) with a one-line ConfigError naming `what`."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=RecipeLoader)  # a SafeLoader: plain values only, never Python objects
     except yaml.YAMLError as e:
         raise ConfigError(yaml_error_message(e, what)) from None
 
@@ -87,6 +128,104 @@ def _merge_list(items: List[Any], extra: Mapping[Any, Any], where: str) -> List[
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """The valid values of a numeric setting: a finite number (an integer if `integer`) inside an
+    interval whose ends may be open; `means` says what an edge value means (e.g. "0: no clipping")."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    means: str = ""
+
+    def text(self) -> str:
+        """The range in words, e.g. '>= 1', '> 0', 'in (0, 1)'."""
+        if self.low is not None and self.high is not None:
+            return (f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+                    f"{')' if self.high_open else ']'}")
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return "finite"
+
+    def inside(self, v: float) -> bool:
+        """Whether the finite number v lies in the interval."""
+        lo = self.low is None or (v > self.low if self.low_open else v >= self.low)
+        hi = self.high is None or (v < self.high if self.high_open else v <= self.high)
+        return lo and hi
+
+    def check(self, value: Any, key: str) -> Any:
+        """`value` unchanged when it is valid, else a one-line ConfigError naming `key` and the range."""
+        def refuse(kind: str) -> ConfigError:
+            limits = "" if self.text() == "finite" else " " + self.text()
+            means = f" ({self.means})" if self.means else ""
+            return ConfigError(f"{key} must be {kind}{limits.lstrip() if not kind else limits}{means}, got {value!r}")
+
+        # numpy scalars and 0-d tensors count (the Python API gets them), text and booleans do not
+        number = not isinstance(value, (bool, str, bytes)) and hasattr(type(value), "__float__")
+        try:
+            v = float(value) if number else math.nan
+        except (TypeError, ValueError):  # e.g. a tensor of several values
+            number, v = False, math.nan
+        if not number or (self.integer and not (math.isfinite(v) and v.is_integer())):
+            raise refuse("an integer" if self.integer else "a number")
+        if not math.isfinite(v):
+            raise refuse("a finite number")
+        if not self.inside(v):
+            raise refuse("")
+        return value
+
+
+def bound(ge: Optional[float] = None, gt: Optional[float] = None, le: Optional[float] = None,
+          lt: Optional[float] = None, integer: bool = False, means: str = "") -> Bound:
+    """A Bound from pydantic-style limits: ge / gt (low end), le / lt (high end)."""
+    return Bound(low=gt if gt is not None else ge, high=lt if lt is not None else le,
+                 low_open=gt is not None, high_open=lt is not None, integer=integer, means=means)
+
+
+def setting(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
+            directory: bool = False, **limits: Any) -> Any:
+    """A dataclass field whose value `from_dict` checks: numeric limits (see `bound`; applied to each
+    item of a list), or with `directory`, a path that is not empty and not an existing file."""
+    meta: Dict[str, Any] = {}
+    if limits:
+        meta["bound"] = bound(**limits)
+    if directory:
+        meta["directory"] = True
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
+
+
+def _check_directory(value: Any, key: str) -> None:
+    """An output directory setting: not empty (that would write into the current directory), not a file."""
+    if isinstance(value, str) and not value.strip():
+        raise ConfigError(f"{key} is empty; expected a directory path (e.g. {key}=runs/my-run)")
+    path = Path(str(value)).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{key}={value} is an existing file; expected a directory (a new or existing folder)")
+
+
+def check_settings(obj: Any, where: str = "config") -> None:
+    """Check every field of dataclass `obj` declared with `setting` (limits, directories); one-line
+    ConfigError naming the key (prefixed by `where` unless it is the top level)."""
+    for f in dataclasses.fields(obj):
+        key = f.name if where == "config" else f"{where}.{f.name}"
+        value = getattr(obj, f.name)
+        if value is None:
+            continue
+        if f.metadata.get("directory"):
+            _check_directory(value, key)
+        b = f.metadata.get("bound")
+        if b is not None:
+            items = value if isinstance(value, (list, tuple)) else [value]
+            for i, v in enumerate(items):
+                whole = isinstance(v, int) and not isinstance(v, bool)  # an int field: say "an integer"
+                (dataclasses.replace(b, integer=True) if whole else b).check(
+                    v, key if items is not value else f"{key}[{i}]")
+
+
 def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
@@ -106,13 +245,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         errors = []
-        for a in args:
-            if a is type(None):
-                continue
+        options = [a for a in args if a is not type(None)]
+        for a in options:
             try:
                 return _coerce(value, a, where)
             except ConfigError as e:
-                errors.append(str(e))
+                errors.append(e)
+        if len(options) == 1:  # Optional[X]: X's own error names the key that is wrong
+            raise errors[0]
         raise ConfigError(f"{where}: {value!r} fits none of {args}")
     if origin in (list, List, tuple, typing.Tuple, Sequence):
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
@@ -129,12 +269,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or int(value) != value:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return int(value)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # .inf / .nan: no setting means that
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if value is None:
@@ -162,9 +305,11 @@ def from_dict(cls: Type[T], data: Mapping[str, Any], where: str = "config") -> T
         if name in data:
             kwargs[name] = _coerce(data[name], hints[name], f"{where}.{name}" if where != "config" else name)
     try:
-        return cls(**kwargs)
+        obj = cls(**kwargs)
     except TypeError as e:  # a required field left out
         raise ConfigError(f"{where}: {e}") from e
+    check_settings(obj, where)
+    return obj
 
 
 def to_dict(cfg: Any) -> Dict[str, Any]:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from .config import from_dict, load_config, to_dict
+from .config import from_dict, load_config, setting, to_dict
 from .device import resolve_device
 from .images import check_images
 from .models import create_classifier, load_model, load_pretrained
@@ -420,8 +420,8 @@ class ClassifierRef:
     checkpoint: Optional[str] = None  # run dir or checkpoint dir (train-classifier) or weights file
     weights: str = "auto"  # for run/checkpoint dirs: auto (EMA when present) | ema | model
     pretrained: bool = False
-    in_chans: Optional[int] = None  # default: the score model's channels
-    num_classes: int = 10
+    in_chans: Optional[int] = setting(None, ge=1)  # default: the score model's channels
+    num_classes: int = setting(10, ge=2)
     kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -439,10 +439,10 @@ class DefenseConfig:
     attack_purifier: Optional[PurifierConfig] = None  # None: the defense purifier
     purifier_grad: Optional[str] = None  # grad mode of the defense purifier's forward
     classifier: ClassifierRef = field(default_factory=ClassifierRef)
-    input_size: Optional[int] = None
+    input_size: Optional[int] = setting(None, ge=1)
     mean: Optional[List[float]] = None  # null: timm's data config
-    std: Optional[List[float]] = None
-    ensemble: int = 1
+    std: Optional[List[float]] = setting(None, gt=0)
+    ensemble: int = setting(1, ge=1)
     vote: str = "mean_prob"
     precision: str = "fp32"  # score network in fp32 | bf16 | fp16 autocast (eps returned in float32)
     channels_last: bool = False  # score network in channels_last memory format (GPUs)
@@ -463,7 +463,18 @@ def load_score_model(spec: Union[str, os.PathLike, Dict[str, Any], nn.Module],
             raise ValueError(f"score_model {spec} must name format and path (e.g. {{format: score_sde, "
                              f"path: checkpoint_8.pth}}), or be an ssni checkpoint directory")
         return load_pretrained(opts.pop("path"), opts.pop("format"), **opts)
-    return load_model(spec, weights=weights)
+    model = load_model(spec, weights=weights)
+    if not hasattr(model, "diffusion"):  # e.g. a classifier or denoiser run given by mistake
+        raise ValueError(f"score_model {spec} holds {_what(model)}, not a score network; expected a "
+                         "`ssni train-score` run or checkpoint directory, or a public checkpoint {format: ..., path: ...}")
+    return model
+
+
+def _what(model: nn.Module) -> str:
+    """A loaded network in a few words, e.g. "a classifier (resnet10t)" or "a score network (unet_tiny)"."""
+    kind = ("a score network" if hasattr(model, "diffusion") else
+            "a classifier" if "num_classes" in (getattr(model, "config", None) or {}) else "a network")
+    return f"{kind} ({getattr(model, 'model_name', None) or getattr(model, 'name', None) or type(model).__name__})"
 
 
 def load_classifier(ref: ClassifierRef, in_chans: int, image_size: int) -> nn.Module:
@@ -474,7 +485,11 @@ def load_classifier(ref: ClassifierRef, in_chans: int, image_size: int) -> nn.Mo
         raise ValueError(f"classifier.source must be timm or robustbench, got {ref.source!r}")
     ckpt = Path(ref.checkpoint) if ref.checkpoint else None
     if ckpt is not None and ckpt.is_dir():
-        return load_model(ckpt, weights=ref.weights)
+        model = load_model(ckpt, weights=ref.weights)
+        if hasattr(model, "diffusion") or "num_classes" not in (getattr(model, "config", None) or {}):
+            raise ValueError(f"classifier.checkpoint {ckpt} holds {_what(model)}, not a classifier; expected a "
+                             "`ssni train-classifier` run or checkpoint directory, or a weights file of classifier.name")
+        return model
     return create_classifier(ref.name, in_chans=ref.in_chans or in_chans,
                              num_classes=ref.num_classes, image_size=image_size,
                              pretrained=ref.pretrained,

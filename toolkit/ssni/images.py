@@ -102,6 +102,29 @@ def _to_unit_range(arr: np.ndarray, path: Path) -> np.ndarray:
     raise ImageReadError(f"{path}: unsupported pixel type {arr.dtype}")
 
 
+def _plain(im, path: Path, channels: int):
+    """An 8-bit PIL image as "L" (channels 1) or "RGB" (3). Alpha carries no pixel values: an opaque
+    one is dropped (nothing is lost), transparent pixels are an error (they need a background
+    first); colour made grey is a documented conversion (ITU-R 601 luma), with a warning."""
+    has_alpha = "A" in im.getbands() or (im.mode == "P" and "transparency" in im.info)
+    if has_alpha:
+        alpha = np.asarray(im.convert("RGBA").getchannel("A"))
+        if alpha.min(initial=255) < 255:
+            raise ImageReadError(
+                f"{path}: {im.mode} image with transparent pixels (alpha down to {int(alpha.min())} of 255); "
+                f"the network takes {channels}-channel images without alpha: flatten it onto a background "
+                "first (e.g. PIL's Image.alpha_composite) or save it without transparency")
+        im = im.convert("RGB" if im.mode != "LA" else "L")
+    if channels == 3:
+        return im.convert("RGB")
+    if im.mode not in ("L", "1"):
+        rgb = np.asarray(im.convert("RGB"))
+        if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])):
+            warnings.warn("colour images converted to grey (ITU-R 601 luma) for a 1-channel network or "
+                          "data.channels=1", stacklevel=4)
+    return im.convert("L")
+
+
 def read_image(path: str | os.PathLike, channels: int) -> Tensor:
     """One image file as float [C,H,W] in [0, 1] with 1 (grey) or 3 (RGB) channels."""
     from PIL import Image, UnidentifiedImageError
@@ -119,7 +142,7 @@ def read_image(path: str | os.PathLike, channels: int) -> Tensor:
                 if channels == 3 and arr.ndim == 2:
                     arr = np.repeat(arr[..., None], 3, axis=2)
             else:
-                arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
+                arr = np.asarray(_plain(im, path, channels), dtype=np.float32) / 255.0
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ImageReadError(f"{path} is not a readable image file ({e})") from None
     t = torch.from_numpy(np.ascontiguousarray(arr))

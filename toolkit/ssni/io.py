@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, List
 
 import torch
 
@@ -31,7 +32,8 @@ def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Write via `write(tmp)` into a temp file beside `path`, fsync it, and rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # the writer's pid in the name: a later run removes what a killed one left (remove_stale_temps)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -45,6 +47,39 @@ def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         raise
     fsync_dir(path.parent)
     return path
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs now (our own pid counts as dead: we are not writing its leftovers)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process: alive
+        return True
+    return True
+
+
+_TEMP = re.compile(r"^\..+\.(\d+)\.[A-Za-z0-9_]+\.tmp$")  # what _atomic makes: .<name>.<pid>.<random>.tmp
+
+
+def remove_stale_temps(root: str | os.PathLike, depth: int = 2) -> List[Path]:
+    """Remove the temp files of atomic writes under root (and `depth` levels of folders below) whose
+    writer no longer runs (killed mid-write); returns what was removed."""
+    removed: List[Path] = []
+    root = Path(root)
+    if not root.is_dir():
+        return removed
+    for entry in root.iterdir():
+        m = _TEMP.match(entry.name)
+        if m and entry.is_file() and not pid_alive(int(m.group(1))):
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+        elif depth > 0 and entry.is_dir() and not entry.is_symlink():
+            removed += remove_stale_temps(entry, depth - 1)
+    return removed
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -7,7 +7,8 @@ from typing import List, Optional
 import torch
 from torch import Tensor, nn
 
-from .base import ATTACKS, Attack
+from ..config import bound
+from .base import ATTACKS, Attack, check_steps
 from .geometry import project, random_start, steepest_step
 
 
@@ -31,7 +32,9 @@ class APGD(Attack):
                  steps: int = 100, loss: str = "ce", rho: float = 0.75, momentum: float = 0.75,
                  random_start: bool = True, targeted: bool = False, seed: Optional[int] = None):
         super().__init__(eps, norm, loss, model=model, targeted=targeted, seed=seed)
-        self.steps, self.rho, self.momentum, self.random_start = int(steps), rho, momentum, random_start
+        bound(gt=0, lt=1).check(rho, "rho")
+        bound(ge=0, le=1).check(momentum, "momentum")
+        self.steps, self.rho, self.momentum, self.random_start = check_steps(steps), rho, momentum, random_start
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, generator) -> Tensor:
         """Adaptive-step iterations over the eps-ball; x [B,C,H,W] -> x_adv."""

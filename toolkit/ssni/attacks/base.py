@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import bound
 from ..registry import Registry
 from .geometry import check_norm, project
 
@@ -95,7 +96,13 @@ def resolve_step_size(step_size: Optional[float], alpha: Optional[float], defaul
     if step_size is not None and alpha is not None and float(step_size) != float(alpha):
         raise ValueError(f"step_size={step_size} and alpha={alpha} disagree; alpha is an alias of step_size")
     value = step_size if step_size is not None else alpha
-    return float(default if value is None else value)
+    # a negative step would descend the loss, a zero one never move
+    return float(bound(gt=0).check(default if value is None else value, "step_size"))
+
+
+def check_steps(steps: Any) -> int:
+    """An attack's iteration count as an int >= 1, or a one-line error (nothing is clamped)."""
+    return int(bound(ge=1, integer=True).check(steps, "steps"))
 
 
 class Attack:
@@ -115,8 +122,7 @@ class Attack:
 
     def __init__(self, eps: float = 8 / 255, norm: str = "linf", loss: str = "ce",
                  model: Optional[nn.Module] = None, targeted: bool = False, seed: Optional[int] = None):
-        if eps < 0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
+        bound(ge=0, means="the perturbation budget").check(eps, "eps")
         # torchattacks spells norms "Linf" / "L2"
         self.eps, self.norm = float(eps), check_norm(norm.lower() if isinstance(norm, str) else norm)
         self.loss_name = loss

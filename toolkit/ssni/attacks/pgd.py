@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import ATTACKS, Attack, resolve_step_size
+from .base import ATTACKS, Attack, check_steps, resolve_step_size
 from .geometry import project, project_delta, random_in_ball, random_start, steepest_step
 
 
@@ -40,7 +40,7 @@ class PGD(Attack):
                  random_start: bool = True, targeted: bool = False, alpha: Optional[float] = None,
                  seed: Optional[int] = None):
         super().__init__(eps, norm, loss, model=model, targeted=targeted, seed=seed)
-        self.steps, self.random_start = int(steps), random_start
+        self.steps, self.random_start = check_steps(steps), random_start
         self.step_size = resolve_step_size(step_size, alpha, 0.007)
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, generator) -> Tensor:

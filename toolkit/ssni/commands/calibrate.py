@@ -11,9 +11,10 @@ from typing import Any, Dict, List, Union
 
 import torch
 
-from ..config import save_config
+from ..config import save_config, setting
 from ..data import DataConfig, build_dataset
 from ..defense import load_score_model
+from ..io import remove_stale_temps
 from ..scoring import ScoreNorm, ScoreNormConfig, build_reweight, compute_norms, histogram, plot_reweight
 from ..scoring.calibration import calibration_from_norms, join_shards
 from ..training.dist import DistContext
@@ -24,20 +25,21 @@ from .registry import command
 class CalibrateConfig:
     """Everything `ssni calibrate` needs."""
 
-    output: str = "runs/calibration-digits"  # directory: calibration.json, score_norms.png
+    # directory: calibration.json, score_norms.png
+    output: str = setting("runs/calibration-digits", directory=True)
     # checkpoint or run directory, or a public checkpoint {format: ..., path: ..., options}
     score_model: Union[str, Dict[str, Any]] = "runs/score-digits"
     score_weights: str = "auto"  # auto (EMA when present) | ema | model
     data: DataConfig = field(default_factory=DataConfig)
     split: str = "train"
-    count: int = 5000  # clean images (all if fewer)
+    count: int = setting(5000, ge=1)  # clean images (all if fewer)
     score_norm: ScoreNormConfig = field(default_factory=ScoreNormConfig)
-    batch_size: int = 256
+    batch_size: int = setting(256, ge=1)
     seed: int = 0
-    bins: int = 50
+    bins: int = setting(50, ge=1)
     # Gaussian-noise copies, only for the plot's "perturbed" histograms (cheap, no classifier)
-    plot_noise_std: List[float] = field(default_factory=lambda: [0.05, 0.1])
-    plot_t_base: float = 0.1  # t_base of the constant / linear / sigmoid curves drawn in the plot
+    plot_noise_std: List[float] = setting(default_factory=lambda: [0.05, 0.1], gt=0)
+    plot_t_base: float = setting(0.1, ge=0, le=1)  # t_base of the constant / linear / sigmoid curves drawn in the plot
     device: str = "auto"
     progress: bool = True
 
@@ -81,6 +83,7 @@ def run_calibrate(cfg: CalibrateConfig) -> Dict[str, Any]:
     path, png = out / "calibration.json", out / "score_norms.png"
     if dist.is_main:  # every rank holds the same norms; one writes
         out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out, depth=0)  # what a killed run's unfinished writes left
         save_config(cfg, out)
         cal.save(path)
         curves = {name: build_reweight(name, cal, t_base=cfg.plot_t_base)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
-from ..config import check_same_run, load_config, save_config
+from ..config import check_same_run, load_config, save_config, setting
 from ..defense import DefenseConfig
 from ..evaluate.runner import EvaluateConfig, expand_attacks
 from ..io import atomic_write_json, atomic_write_text
@@ -32,7 +32,7 @@ from .train_score import ScoreTrainConfig, train_score
 class DemoConfig:
     """Recipes of every stage plus overrides; paths between stages are filled in by the demo."""
 
-    run_dir: str = "runs/demo"
+    run_dir: str = setting("runs/demo", directory=True)
     score_recipe: str = "recipes/score/digits.yaml"
     score_overrides: List[str] = field(default_factory=list)
     classifier_recipe: str = "recipes/classifier/digits_resnet18.yaml"

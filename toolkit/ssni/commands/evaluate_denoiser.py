@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List
 
-from ..config import save_config
+from ..config import save_config, setting
 from ..data import DataConfig, build_dataset
 from ..denoise.evaluate import AttackConfig, default_attacks, evaluate_models, write_outputs
 from ..device import resolve_device
@@ -18,19 +18,20 @@ from .registry import command
 class DenoiserEvalConfig:
     """Everything `ssni evaluate-denoiser` needs. models: label -> checkpoint (run or ckpt dir)."""
 
-    run_dir: str = "runs/denoiser-eval"
+    run_dir: str = setting("runs/denoiser-eval", directory=True)
     models: Dict[str, str] = field(default_factory=dict)
     weights: str = "ema"  # ema | model
     data: DataConfig = field(default_factory=lambda: DataConfig(name="photos", image_size=128,
                                                                 channels=1))
-    sigma: float = 0.0  # noise std on the 0..255 scale; 0: the models' training sigma
+    sigma: float = setting(0.0, ge=0, means="0: the models' training sigma")  # noise std on the 0..255 scale
     attacks: List[AttackConfig] = field(default_factory=default_attacks)
     transfer_attack: str = ""  # label of the attack for the transfer matrix; "": the last one
-    typical_tol: float = 0.0  # 0: 2*tol = 4 std of the Gaussian statistic (sqrt(2/d) each)
-    max_images: int = 0  # 0: all test images
-    batch_size: int = 4
+    # 0: 2*tol = 4 std of the Gaussian statistic (sqrt(2/d) each)
+    typical_tol: float = setting(0.0, ge=0, means="0: automatic")
+    max_images: int = setting(0, ge=0, means="0: all test images")
+    batch_size: int = setting(4, ge=1)
     seed: int = 0
-    example_index: int = 0
+    example_index: int = setting(0, ge=0)
     device: str = "auto"
     progress: bool = True
 

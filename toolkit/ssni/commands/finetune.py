@@ -13,13 +13,13 @@ from typing import Any, Dict, List
 import torch
 import yaml
 
-from ..config import check_same_run, load_config, save_config, to_dict
+from ..config import load_config, save_config, setting, to_dict
 from ..data import DataConfig, TensorImageDataset, build_dataset
 from ..defense import DefenseConfig, build_defense
 from ..io import atomic_write_json, atomic_write_text
 from ..models import classifier_spec
 from ..training.finetune import PreprocessedCE, bare_accuracy, defense_accuracy, purify_at_calibrated_t
-from ..training.loop import LoopConfig, OptimConfig, Trainer, finished_run
+from ..training.loop import LoopConfig, OptimConfig, Trainer, check_run_dir, finished_run
 from .registry import command
 
 
@@ -27,19 +27,19 @@ from .registry import command
 class FinetuneConfig:
     """Everything `ssni finetune-classifier` needs."""
 
-    run_dir: str = "runs/classifier-digits-finetuned"
+    run_dir: str = setting("runs/classifier-digits-finetuned", directory=True)
     defense_recipe: str = "recipes/defense/digits.yaml"
     defense_overrides: List[str] = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)
-    copies: int = 2  # purified copies of each training image, each with its own seeds
+    copies: int = setting(2, ge=1)  # purified copies of each training image, each with its own seeds
     include_clean: bool = True  # keep the clean images in the mix (clean accuracy without SSNI)
-    augment_shift: int = 1
+    augment_shift: int = setting(1, ge=0, means="0: off")
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(
         steps=400, batch_size=64, ema_decay=0.99, ckpt_every=200, log_every=25))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         lr=2e-4, weight_decay=0.01, warmup_steps=20, schedule="cosine"))
-    eval_count: int = 360  # test images for the before/after defense accuracy
-    batch_size: int = 256
+    eval_count: int = setting(360, ge=1)  # test images for the before/after defense accuracy
+    batch_size: int = setting(256, ge=1)
     seed: int = 0
     device: str = "auto"
     progress: bool = True
@@ -70,8 +70,7 @@ def run_finetune(cfg: FinetuneConfig) -> Dict[str, Any]:
 
     student = copy.deepcopy(defense.classifier).train().requires_grad_(True)
     run_dir = Path(cfg.run_dir)
-    if cfg.loop.resume:  # its checkpoints would be resumed: they must come from this config
-        check_same_run(cfg, run_dir, "checkpoints")
+    check_run_dir(cfg, run_dir)  # resumed checkpoints come from this config; none when not resuming
     if cfg.loop.resume and (done := finished_run(run_dir, cfg.loop.steps, "finetune-classifier")) is not None:
         return done
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..config import ConfigError, from_dict, load_config, read_run_config, save_config, to_dict
+from ..config import ConfigError, from_dict, load_config, read_run_config, save_config, setting, to_dict
 from ..data import DataConfig, build_dataset
 from ..defense import DefenseConfig, RobustClassifier
 from ..evaluate.metrics import draw_accuracy
@@ -56,8 +56,15 @@ from ..evaluate.specs import (
     check_attacks,
     make_attack,
 )
-from ..evaluate.state import config_fingerprint, slug
-from ..io import atomic_save_safetensors, atomic_write_json, atomic_write_text, load_safetensors, read_json
+from ..evaluate.state import config_fingerprint, slug, tensor_fingerprint, without
+from ..io import (
+    atomic_save_safetensors,
+    atomic_write_json,
+    atomic_write_text,
+    load_safetensors,
+    read_json,
+    remove_stale_temps,
+)
 from ..models import weights_fingerprint
 from ..scoring import (
     LearnedReweight,
@@ -94,7 +101,7 @@ def _default_compare() -> List[DefenseSpec]:
 class FitReweightConfig:
     """Everything `ssni fit-reweight` needs."""
 
-    output: str = "runs/reweight-digits"
+    output: str = setting("runs/reweight-digits", directory=True)
     defense_recipe: str = "recipes/defense/digits.yaml"
     defense_overrides: List[str] = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)
@@ -102,22 +109,24 @@ class FitReweightConfig:
     # training (data.reserve); on their own training images the networks are surer than on unseen
     # ones, most at small t*, which pulls the fitted t* down
     split: str = "train"
-    count: int = 128  # clean training images: the first count - holdout are fitted, the rest held out
-    holdout: int = 32
+    count: int = setting(128, ge=2)  # clean training images: the first count - holdout are fitted, the rest held out
+    holdout: int = setting(32, ge=0)
     # the threat model, as in `ssni evaluate` (purifier: defense = the defense's own purifier)
     attacks: List[AttackSpec] = field(default_factory=_default_attacks)
     # round 0: DBP at these t*; None: every t_grid point the curve can reach (what `cap` needs)
-    start_t: Optional[List[float]] = None
+    start_t: Optional[List[float]] = setting(None, ge=0, le=1)
     # credit an attacked copy at t at most what the attack crafted against t leaves there (module doc)
     cap: bool = True
-    alternations: int = 1  # rounds that attack the current curve and refit
-    t_grid: List[float] = field(default_factory=lambda: [0.0, 0.02, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3])
-    draws: int = 2  # purifications per (image, grid t) in the accuracy tables
-    noise_std: float = 0.1  # noisy copies of the fit images: the plot's histogram only
+    alternations: int = setting(1, ge=0)  # rounds that attack the current curve and refit
+    t_grid: List[float] = setting(default_factory=lambda: [0.0, 0.02, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3],
+                                  ge=0, le=1)
+    draws: int = setting(2, ge=1)  # purifications per (image, grid t) in the accuracy tables
+    noise_std: float = setting(0.1, gt=0)  # noisy copies of the fit images: the plot's histogram only
     fit: RobustFitConfig = field(default_factory=RobustFitConfig)
     compare: List[DefenseSpec] = field(default_factory=_default_compare)  # beside the learned curve
-    verify_draws: int = 4  # held-out check: draws per attacked image (0 skips it)
-    batch_size: int = 64
+    # held-out check: draws per attacked image
+    verify_draws: int = setting(4, ge=0, means="0 skips the held-out check")
+    batch_size: int = setting(64, ge=1)
     seed: int = 0
     device: str = "auto"
     progress: bool = True
@@ -260,6 +269,8 @@ class Fit:
     def __init__(self, cfg: FitReweightConfig, dist: DistContext):
         self.cfg, self.dist = cfg, dist
         self.out = Path(cfg.output)
+        if dist.is_main:  # temp files of writes a killed run did not finish (only dead writers')
+            remove_stale_temps(self.out)
         self.defense = RobustClassifier.from_recipe(cfg.defense_recipe, cfg.defense_overrides, device=dist.device)
         self.images, self.labels = training_images(cfg, dist.device)
         n_fit = cfg.count - cfg.holdout
@@ -272,7 +283,9 @@ class Fit:
         self.inputs = {"score_model": weights_fingerprint(d.score_model),
                        "classifier": weights_fingerprint(d.classifier),
                        "calibration": None if d.calibration is None else config_fingerprint(d.calibration.to_dict()),
-                       "purifier": repr(d.purifier)}
+                       "purifier": repr(d.purifier),
+                       # the images' content: the same file names with other pixels are other inputs
+                       "images": tensor_fingerprint(self.images, self.labels)}
 
     # -- pieces ------------------------------------------------------------------------------
     def _sample_seeds(self, tag: str, first: int, b: int) -> Tensor:
@@ -302,6 +315,7 @@ class Fit:
         """Fingerprint of everything a saved set depends on."""
         c = to_dict(self.cfg)
         keep = {k: c[k] for k in ("data", "split", "count", "holdout", "t_grid", "draws", "batch_size", "seed")}
+        keep = without(keep, ["data.root"])  # where the images are: their fingerprint is in the inputs
         return config_fingerprint({"what": what, "inputs": self.inputs, "cfg": keep, "extra": extra})
 
     def sharded(self, fn: Callable[[int, int], Dict[str, Tensor]], n: int) -> Dict[str, Tensor]:

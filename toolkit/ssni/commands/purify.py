@@ -22,12 +22,12 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
-from ..config import save_config, to_dict
+from ..config import save_config, setting, to_dict
 from ..data import resize
 from ..defense import load_score_model
 from ..device import resolve_device
 from ..images import IMAGE_EXTENSIONS, list_images, non_images, read_image, write_png
-from ..io import atomic_write_json
+from ..io import atomic_write_json, remove_stale_temps
 from ..purify import PurifierConfig, build_purifier
 from ..scoring import Calibration, ReweightConfig, ScoreNorm, ScoreNormConfig, build_reweight
 from ..seeding import draw_seeds, mix_seeds
@@ -42,13 +42,13 @@ class PurifyCommandConfig:
     checkpoint: Union[str, Dict[str, Any]] = "runs/demo/score"
     weights: str = "auto"                  # auto (ema if present, else model) | ema | model
     input: str = ""                        # an image file or a folder of images
-    output: str = "purified"               # output folder for the PNGs
-    t_star: float = 0.1                    # noise level for every image, in [0, 1]
+    output: str = setting("purified", directory=True)  # output folder for the PNGs
+    t_star: float = setting(0.1, ge=0, le=1)  # noise level for every image, in [0, 1]
     calibration: Optional[str] = None      # calibration.json: per-image t* from score norms
     score_norm: ScoreNormConfig = field(default_factory=ScoreNormConfig)
     reweight: ReweightConfig = field(default_factory=ReweightConfig)  # with a calibration
     seed: int = 0                          # per-image seeds are drawn from this
-    batch_size: int = 64
+    batch_size: int = setting(64, ge=1)
     device: str = "auto"                   # auto | cpu | cuda | cuda:N
     resize: bool = True                    # resize images to the network's size
     progress: bool = True
@@ -113,6 +113,7 @@ def purify_images(cfg: PurifyCommandConfig) -> Dict[str, Any]:
         raise ValueError(f"input files share the stems {dupes}; outputs are named <stem>.png")
     out_dir = Path(cfg.output)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_dir, depth=0)  # what a killed run's unfinished writes left
     # one seed per image, fixed by cfg.seed and the image's place in the sorted list
     seeds = draw_seeds(len(files), torch.Generator().manual_seed(cfg.seed))
     skipped = [str(f) for f in non_images(cfg.input)]

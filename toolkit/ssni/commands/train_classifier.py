@@ -5,14 +5,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from ..config import check_same_run, save_config
+from ..config import save_config, setting
 from ..data import DataConfig, build_dataset
 from ..io import atomic_write_json
 from ..models import check_input_size, classifier_spec, create_classifier
 from ..seeding import seeded
 from ..training.classifier import AugmentedCE, accuracy
 from ..training.dist import DistContext
-from ..training.loop import LoopConfig, OptimConfig, Trainer, finished_run
+from ..training.loop import LoopConfig, OptimConfig, Trainer, check_run_dir, finished_run
 from .registry import command
 
 
@@ -30,14 +30,14 @@ class ClassifierConfig:
 class ClassifierTrainConfig:
     """Everything `ssni train-classifier` needs."""
 
-    run_dir: str = "runs/classifier-digits"
+    run_dir: str = setting("runs/classifier-digits", directory=True)
     data: DataConfig = field(default_factory=DataConfig)
     model: ClassifierConfig = field(default_factory=ClassifierConfig)
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=1500, ema_decay=0.99))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         lr=1e-3, weight_decay=0.05, warmup_steps=50, schedule="cosine"))
-    augment_shift: int = 1  # random translation in pixels (0: off)
-    label_smoothing: float = 0.0
+    augment_shift: int = setting(1, ge=0)  # random translation in pixels (0: off)
+    label_smoothing: float = setting(0.0, ge=0, lt=1)
 
 
 @command("train-classifier", ClassifierTrainConfig, "train a timm classifier")
@@ -45,11 +45,13 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Dict[str, Any]:
     """Train a timm classifier per `cfg`; returns test accuracy and paths."""
     dist = DistContext.from_env(cfg.loop.device)
     run_dir = Path(cfg.run_dir)
-    if cfg.loop.resume:  # its checkpoints would be resumed: they must come from this config
-        check_same_run(cfg, run_dir, "checkpoints")
+    check_run_dir(cfg, run_dir)  # resumed checkpoints come from this config; none when not resuming
     if cfg.loop.resume and (done := finished_run(run_dir, cfg.loop.steps, "train-classifier")) is not None:
         return done
     train_ds, test_ds = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "test")
+    if train_ds.num_classes < 2:  # the cross-entropy of one class is 0 whatever the weights
+        raise ValueError(f"the {cfg.data.name!r} training data has {train_ds.num_classes} class; a classifier "
+                         "needs at least 2 (imagefolder: one sub-folder per class)")
     c, h, _ = train_ds.image_shape
     with seeded(cfg.loop.seed):  # the recipe's seed fixes the initial weights
         model = create_classifier(cfg.model.name, in_chans=c, num_classes=train_ds.num_classes,

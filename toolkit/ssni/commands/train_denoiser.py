@@ -11,7 +11,7 @@ from typing import Any, Dict
 
 import torch
 
-from ..config import check_same_run, save_config
+from ..config import save_config, setting
 from ..data import DataConfig, build_dataset
 from ..denoise.metrics import psnr
 from ..denoise.patches import RandomPatches
@@ -21,7 +21,7 @@ from ..models import ModelConfig, model_spec
 from ..noise import NoiseConfig, build_noise
 from ..seeding import seeded
 from ..training.dist import DistContext
-from ..training.loop import LoopConfig, OptimConfig, Trainer, finished_run
+from ..training.loop import LoopConfig, OptimConfig, Trainer, check_run_dir, finished_run
 from .registry import command
 
 
@@ -34,19 +34,20 @@ def photo_data_config() -> DataConfig:
 class DenoiserTrainConfig:
     """Everything `ssni train-denoiser` needs. `sigma` is the noise std on the 0..255 scale."""
 
-    run_dir: str = "runs/denoiser-dncnn-s25"
+    run_dir: str = setting("runs/denoiser-dncnn-s25", directory=True)
     data: DataConfig = field(default_factory=photo_data_config)
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name="dncnn_small"))
     noise: NoiseConfig = field(default_factory=NoiseConfig)  # gaussian | typical_set
-    sigma: float = 25.0
-    patch_size: int = 40
-    num_patches: int = 0  # 0: loop.steps * loop.batch_size, so no patch repeats
+    sigma: float = setting(25.0, gt=0)
+    patch_size: int = setting(40, ge=1)
+    # 0: loop.steps * loop.batch_size, so no patch repeats
+    num_patches: int = setting(0, ge=0, means="0: loop.steps * loop.batch_size")
     augment: bool = True  # the 8 flips / rotations
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(
         steps=2000, batch_size=32, ema_decay=0.995, log_every=50, ckpt_every=500))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=50))
     eval_seed: int = 0  # fixed test noise
-    eval_batch: int = 4
+    eval_batch: int = setting(4, ge=1)
 
 
 @command("train-denoiser", DenoiserTrainConfig,
@@ -55,8 +56,7 @@ def train_denoiser(cfg: DenoiserTrainConfig) -> Dict[str, Any]:
     """Train a denoiser per `cfg`; returns a summary (test PSNR/SSIM before and after, paths)."""
     dist = DistContext.from_env(cfg.loop.device)
     run_dir = Path(cfg.run_dir)
-    if cfg.loop.resume:  # its checkpoints would be resumed: they must come from this config
-        check_same_run(cfg, run_dir, "checkpoints")
+    check_run_dir(cfg, run_dir)  # resumed checkpoints come from this config; none when not resuming
     if cfg.loop.resume and (done := finished_run(run_dir, cfg.loop.steps, "train-denoiser")) is not None:
         return done
     train_ds, test_ds = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "test")

@@ -7,7 +7,7 @@ from typing import Any, Dict
 
 import torch
 
-from ..config import check_same_run, save_config
+from ..config import save_config, setting
 from ..data import DataConfig, build_dataset
 from ..images import save_grid_png
 from ..io import atomic_write_json
@@ -16,7 +16,7 @@ from ..noise import NoiseConfig, build_noise
 from ..sampling import generate
 from ..seeding import seeded
 from ..training.dist import DistContext
-from ..training.loop import LoopConfig, OptimConfig, Trainer, finished_run
+from ..training.loop import LoopConfig, OptimConfig, Trainer, check_run_dir, finished_run
 from ..training.losses import DSMLoss, heldout_dsm_loss
 from .registry import command
 
@@ -25,16 +25,16 @@ from .registry import command
 class ScoreTrainConfig:
     """Everything `ssni train-score` needs."""
 
-    run_dir: str = "runs/score-digits"
+    run_dir: str = setting("runs/score-digits", directory=True)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    t_eps: float = 1e-3
-    eval_draws: int = 4  # noise draws per held-out image for the DSM loss
-    sample_count: int = 64
-    sample_steps: int = 250
+    t_eps: float = setting(1e-3, gt=0, lt=1, means="the smallest diffusion time trained on")
+    eval_draws: int = setting(4, ge=1)  # noise draws per held-out image for the DSM loss
+    sample_count: int = setting(64, ge=1)
+    sample_steps: int = setting(250, ge=1)
 
 
 @command("train-score", ScoreTrainConfig, "train a score network (DSM) on clean images")
@@ -42,8 +42,7 @@ def train_score(cfg: ScoreTrainConfig) -> Dict[str, Any]:
     """Train a score network per `cfg`; returns a summary (losses, paths)."""
     dist = DistContext.from_env(cfg.loop.device)
     run_dir = Path(cfg.run_dir)
-    if cfg.loop.resume:  # its checkpoints would be resumed: they must come from this config
-        check_same_run(cfg, run_dir, "checkpoints")
+    check_run_dir(cfg, run_dir)  # resumed checkpoints come from this config; none when not resuming
     if cfg.loop.resume and (done := finished_run(run_dir, cfg.loop.steps, "train-score")) is not None:
         return done
     train_ds, test_ds = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "test")

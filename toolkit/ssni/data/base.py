@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..config import setting
 from ..registry import Registry
 
 DATASETS = Registry("dataset")
@@ -22,14 +23,14 @@ class DataConfig:
 
     name: str = "digits"
     root: Optional[str] = None
-    image_size: int = 16
-    channels: Optional[int] = None  # imagefolder: 1 (grayscale) or 3; others fixed
+    image_size: int = setting(16, ge=1)
+    channels: Optional[int] = setting(None, ge=1, le=4)  # imagefolder: 1 (grayscale) or 3; others fixed
     download: bool = False
-    test_fraction: float = 0.2
+    test_fraction: float = setting(0.2, gt=0, lt=1)
     split_seed: int = 0
     # training images held back from training networks: split "train" leaves them out, split
     # "reserve" is them (e.g. to fit a reweight on images the classifier never saw)
-    reserve: int = 0
+    reserve: int = setting(0, ge=0)
 
     def __post_init__(self) -> None:
         if self.name not in DATASETS:  # when the recipe loads, not when the data set is read
@@ -101,6 +102,15 @@ def require_dir(root: Optional[str], what: str) -> Path:
     return path
 
 
+def _honours_channels(ds: TensorImageDataset, cfg: DataConfig) -> TensorImageDataset:
+    """ds, unless data.channels asks for channels its images do not have (a loader that cannot honour it)."""
+    have = ds.image_shape[0]
+    if cfg.channels is not None and cfg.channels != have:
+        raise ValueError(f"data.channels={cfg.channels}, but the {cfg.name!r} data set has {have}-channel images "
+                         f"and cannot convert them; set data.channels={have} or leave it out")
+    return ds
+
+
 def build_dataset(cfg: DataConfig, split: str) -> TensorImageDataset:
     """Load the configured data set's split: 'test', 'train' (less the `reserve` images) or 'reserve'."""
     if split not in SPLITS:
@@ -109,8 +119,8 @@ def build_dataset(cfg: DataConfig, split: str) -> TensorImageDataset:
         raise ValueError("split 'reserve' needs data.reserve >= 1 (training images held back from "
                          f"training networks), got data.reserve={cfg.reserve}")
     if split == "test" or (cfg.reserve == 0 and split == "train"):
-        return DATASETS.get(cfg.name)(split, cfg)
-    full = DATASETS.get(cfg.name)("train", cfg)
+        return _honours_channels(DATASETS.get(cfg.name)(split, cfg), cfg)
+    full = _honours_channels(DATASETS.get(cfg.name)("train", cfg), cfg)
     held = reserved_indices(len(full), cfg.reserve, cfg.split_seed)
     keep = held if split == "reserve" else np.setdiff1d(np.arange(len(full)), held)
     idx = torch.from_numpy(keep)

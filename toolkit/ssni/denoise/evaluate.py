@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..attacks.denoiser import DENOISER_ATTACKS, RandomPerturbation
 from ..attacks.geometry import delta_norm, random_on_sphere
+from ..config import setting
 from ..io import atomic_save_safetensors, atomic_write_json, atomic_write_text, load_safetensors
 from ..models import weights_fingerprint
 from ..seeding import derive_seed
@@ -37,9 +38,9 @@ class AttackConfig:
 
     method: str = "pgd"  # a DENOISER_ATTACKS name
     norm: str = "linf"  # linf | l2
-    eps: float = 4.0
-    steps: int = 10
-    step_size: float = 0.0  # 0: 2.5 * eps / steps
+    eps: float = setting(4.0, ge=0)
+    steps: int = setting(10, ge=1)
+    step_size: float = setting(0.0, ge=0, means="0: 2.5 * eps / steps")  # 0: 2.5 * eps / steps
     zero_mean: bool = False
     random_start: bool = True
     label: str = ""  # default: "<norm>-<eps>" (+ "-zm" for zero mean)

@@ -10,11 +10,11 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from ..config import ConfigError, load_config, to_dict
+from ..config import ConfigError, load_config, setting, to_dict
 from ..data import DataConfig, build_dataset
 from ..defense import DefenseConfig, build_defense, fixed_view
 from ..device import resolve_device
-from ..io import atomic_save_safetensors, atomic_write_json, atomic_write_text
+from ..io import atomic_save_safetensors, atomic_write_json, atomic_write_text, remove_stale_temps
 from ..models import weights_fingerprint
 from ..scoring import build_reweight
 from ..seeding import derive_seed
@@ -34,8 +34,11 @@ from .specs import (
     make_attack,
     purifier_label,
 )
-from .state import EvalState, config_fingerprint, slug
+from .state import EvalState, config_fingerprint, slug, tensor_fingerprint, without
 
+# settings that change no result (left out of the state's key, so changing them does not block a resume)
+NO_RESULT_KEYS = ("run_dir", "progress", "device", "defense", "defense_recipe", "defense_overrides", "data.root")
+DEFENSE_NO_RESULT_KEYS = ("device", "score_model.path", "calibration", "classifier.checkpoint")
 # with more draws than this, rows also give worst-of-this-many (over the first draws) beside worst-of-all
 WORST_OF_FEW = 4
 # re-exported: recipes' and tools' names for these stay ssni.evaluate.runner.*
@@ -49,9 +52,9 @@ class SweepConfig:
 
     attack: Optional[str] = None  # label of an entry of `attacks`; null: no sweep
     defenses: List[str] = field(default_factory=list)
-    eps: List[float] = field(default_factory=list)
-    num_samples: int = 32
-    huge_eps: Optional[float] = None
+    eps: List[float] = setting(default_factory=list, ge=0)
+    num_samples: int = setting(32, ge=1)
+    huge_eps: Optional[float] = setting(None, gt=0)
     # the attack's step size scales with eps (step * eps / the attack's own eps), so every
     # sweep point can reach the edge of its ball in the same number of steps
     scale_step: bool = True
@@ -61,13 +64,13 @@ class SweepConfig:
 class EvaluateConfig:
     """Everything `ssni evaluate` needs."""
 
-    run_dir: str = "runs/eval-digits"
+    run_dir: str = setting("runs/eval-digits", directory=True)
     data: DataConfig = field(default_factory=DataConfig)
     split: str = "test"
-    num_samples: int = 128
-    batch_size: int = 64
+    num_samples: int = setting(128, ge=1)
+    batch_size: int = setting(64, ge=1)
     seed: int = 0
-    draws: int = 4  # defense draws per sample: expected accuracy and worst-of-N
+    draws: int = setting(4, ge=1)  # defense draws per sample: expected accuracy and worst-of-N
     defense: DefenseConfig = field(default_factory=DefenseConfig)  # shared by every defense
     defense_recipe: Optional[str] = None  # or: a defense recipe (replaces `defense`) ...
     defense_overrides: List[str] = field(default_factory=list)  # ... with key=value overrides
@@ -105,7 +108,6 @@ def check_config(cfg: EvaluateConfig) -> None:
             raise ConfigError(f"attacks[{i}] ({a.name!r}): the label {a.name!r} is reserved for "
                               f"{'clean accuracy' if a.name == 'clean' else 'the worst over attacks'}; "
                               "rename the attack")
-    check_attacks(attacks)
     sw = cfg.sweep
     if sw.attack is not None:
         if sw.attack not in labels:
@@ -117,6 +119,7 @@ def check_config(cfg: EvaluateConfig) -> None:
             raise ConfigError(f"sweep.num_samples must be in [1, num_samples={cfg.num_samples}], got "
                               f"{sw.num_samples}")
     check_attack_options(attacks)
+    check_attacks(attacks)  # last: it builds every attack from its settings
 
 
 def _same_eps(spec: AttackSpec, eps: float) -> bool:
@@ -209,6 +212,8 @@ class Evaluation:
         self.x, self.y = ds.images[:n].to(self.device), ds.labels[:n].to(self.device)
         self.num_classes = ds.num_classes
         self.run_dir = Path(cfg.run_dir)
+        if self.dist.is_main:  # temp files of writes a killed run did not finish (only dead writers')
+            remove_stale_temps(self.run_dir)
         self.state = EvalState(self.run_dir, self.input_fingerprints(base_cfg))
         self.stop_after = stop_after_batches
         self._batches_done = 0
@@ -216,12 +221,19 @@ class Evaluation:
 
     def input_fingerprints(self, base_cfg: DefenseConfig) -> Dict[str, str]:
         """Fingerprints of everything the results depend on: the config (with the resolved
-        defense recipe), the weights it loads, the calibration and each defense's reweight."""
+        defense recipe), the images and labels, the weights it loads, the calibration and each
+        defense's reweight."""
         b = self.base
         reweights = {name: None if m is None else {"name": type(m.reweight).__name__,
                                                    **m.reweight.config()}
                      for name, m in self.defenses.items()}
-        cfg = to_dict(self.cfg)
+        # the resolved defense stands for `defense` / `defense_recipe` / `defense_overrides`; paths of files
+        # whose content is fingerprinted below, and how the run is shown or where it runs, change no result
+        cfg = without(to_dict(self.cfg), NO_RESULT_KEYS)
+        cfg["defenses"] = [without(d, ["reweight.kwargs.path"]) for d in cfg.get("defenses", [])]
+        resolved = without(to_dict(base_cfg), DEFENSE_NO_RESULT_KEYS)
+        if isinstance(resolved.get("score_model"), str):  # a path (a public checkpoint: its format stays)
+            resolved.pop("score_model")
         # options added later are left out at their defaults, so older run directories still resume
         for key in ("save_adversarial", "eot_across_ranks"):
             if not cfg.get(key):
@@ -230,7 +242,8 @@ class Evaluation:
             for k, v in NEW_ATTACK_FIELDS.items():
                 if a.get(k, v) == v:
                     a.pop(k, None)
-        return {"config": config_fingerprint({**cfg, "resolved_defense": to_dict(base_cfg)}),
+        return {"config": config_fingerprint({**cfg, "resolved_defense": resolved}),
+                "data": tensor_fingerprint(self.x, self.y),
                 "score_model": weights_fingerprint(b.score_model),
                 "classifier": weights_fingerprint(b.classifier),
                 "calibration": config_fingerprint(None if b.calibration is None

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional
 from torch import nn
 
 from ..attacks import ATTACKS, EOT, per_step
-from ..config import ConfigError
+from ..config import ConfigError, setting
 from ..defense import VIEWS
 from ..registry import UnknownNameError
 from ..scoring import ReweightConfig
@@ -29,7 +29,7 @@ class AttackSpec:
     name: str = "pgd-eot"
     attack: str = "pgd"
     kwargs: Dict[str, Any] = field(default_factory=dict)
-    eot: int = 1
+    eot: int = setting(1, ge=1, means="gradient samples per step")
     view: str = "full"  # full | adaptive | bpda | bare (transfer)
     # attack the defense itself (its own purifier, full gradients) with the seeds it uses for draw 0
     fixed_seeds: bool = False
@@ -93,6 +93,11 @@ def check_attacks(attacks: List[AttackSpec], where: str = "attacks") -> None:
         if a.purifier not in ATTACK_PURIFIERS:
             raise ConfigError(f"{at}: purifier must be one of {', '.join(ATTACK_PURIFIERS)} (the defense's "
                               f"own, or the defense recipe's attack_purifier), got {a.purifier!r}")
+        if a.preset is None:  # its settings (eps, steps, step size, names) fail here, before any work
+            try:
+                make_attack(a)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"{at}: {e}") from None
 
 
 def check_attack_options(attacks: List[AttackSpec], where: str = "attacks") -> None:
@@ -109,7 +114,7 @@ def make_attack(spec: AttackSpec, eps: Optional[float] = None, scale_step: bool 
     kwargs = dict(spec.kwargs)
     if eps is not None:
         own = kwargs.get("eps")
-        if scale_step and own and "step_size" in kwargs:
+        if scale_step and own and "step_size" in kwargs and float(eps) > 0:  # at eps 0 no step moves
             kwargs["step_size"] = float(kwargs["step_size"]) * float(eps) / float(own)
         kwargs["eps"] = eps
     if spec.attack == "transfer":

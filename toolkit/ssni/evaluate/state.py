@@ -1,7 +1,10 @@
 """Resumable evaluation state: one small JSON file per finished batch, written atomically.
 
 The state is keyed on everything the results depend on: the resolved config and the fingerprints
-of the weights (score network, classifier), the calibration and every defense's reweight. A killed
+of the weights (score network, classifier), the calibration, every defense's reweight and the images
+and labels evaluated (their content: replacing the files under the same names is a change). Settings
+that cannot change a result (progress, device, how the path of a fingerprinted file is spelled) are
+left out, so changing them does not block a resume. A killed
 evaluation, started again with the same inputs, reloads the finished batches and continues with the
 first missing one; if any input changed, the old batches are refused with a message that says what
 changed, instead of being reused.
@@ -24,6 +27,29 @@ class StaleStateError(ValueError):
 def config_fingerprint(cfg: Any) -> str:
     """Stable hash of JSON-able data (a config, a calibration, reweight parameters)."""
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def tensor_fingerprint(*tensors: Any) -> str:
+    """Stable hash of tensors' dtypes, shapes and values (e.g. the images and labels a run reads)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{list(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def without(d: Dict[str, Any], keys: Any) -> Dict[str, Any]:
+    """A copy of nested mapping d without the dotted `keys` (e.g. "data.root"); absent keys are skipped."""
+    out = json.loads(json.dumps(d, default=str))
+    for key in keys:
+        *parents, last = key.split(".")
+        node = out
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return out
 
 
 def slug(name: str) -> str:

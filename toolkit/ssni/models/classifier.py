@@ -24,8 +24,12 @@ def create_classifier(name: str, in_chans: int, num_classes: int, image_size: in
         close = [m for m in timm.list_models() if name.split("_")[0] in m][:10]
         raise ValueError(f"unknown timm model {name!r}; similar names: {', '.join(close) or '-'} "
                          f"(see timm.list_models())")
-    model = timm.create_model(name, pretrained=pretrained, in_chans=in_chans,
-                              num_classes=num_classes, **kwargs)
+    try:
+        model = timm.create_model(name, pretrained=pretrained, in_chans=in_chans,
+                                  num_classes=num_classes, **kwargs)
+    except TypeError as e:  # a keyword the model does not take
+        raise ValueError(f"timm model {name!r} does not take the keyword arguments {sorted(kwargs)} ({e}); "
+                         "remove or rename them in the classifier's kwargs") from None
     if checkpoint:
         path = Path(checkpoint)
         if not path.is_file():
@@ -33,7 +37,8 @@ def create_classifier(name: str, in_chans: int, num_classes: int, image_size: in
         state = load_safetensors(path) if path.suffix == ".safetensors" else safe_torch_load(path)
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
-        model.load_state_dict(state)
+        config = {"name": name, "in_chans": in_chans, "num_classes": num_classes, **kwargs}
+        load_state_checked(model, state, "timm", config, path)  # another model's keys: one line
     model.model_name = name
     model.config = dict(name=name, in_chans=in_chans, num_classes=num_classes,
                         image_size=image_size, **kwargs)

@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Optional
 
 from torch import nn
 
+from ..config import setting
 from .purifier import Purifier
 from .samplers import SAMPLERS
 
@@ -23,11 +24,11 @@ class PurifierConfig:
     grad: str = "full"                       # default gradient mode: full | bpda
     checkpoint: bool = True                  # full gradients: checkpoint every reverse step
     # -- sampler options ----------------------------------------------------------------------
-    dt: Optional[float] = None               # diffpure/vpode: SDE/ODE step size (default 1e-3: t* 0.1 = 100 steps)
-    steps: Optional[int] = None              # ddpm/ddim/gdmp: reverse steps per sample (default: every step)
+    dt: Optional[float] = setting(None, gt=0, le=1)  # diffpure/vpode: SDE/ODE step size (default 1e-3: t* 0.1 = 100 steps)
+    steps: Optional[int] = setting(None, ge=1)       # ddpm/ddim/gdmp: reverse steps per sample (default: every step)
     clip: Optional[bool] = None              # ddpm/ddim/gdmp: clip x0 predictions to [-1, 1] (default true)
-    guidance_scale: Optional[float] = None   # gdmp: pull of each step towards the input (default 10)
-    stages: Optional[List[float]] = None     # gns: multiples of t* (default [0.5, 1.0])
+    guidance_scale: Optional[float] = setting(None, ge=0)  # gdmp: pull of each step towards the input (default 10)
+    stages: Optional[List[float]] = setting(None, gt=0)  # gns: multiples of t* (default [0.5, 1.0])
     inner: Optional[str] = None              # gns: the sampler run in each stage (default ddpm)
 
     def __post_init__(self) -> None:

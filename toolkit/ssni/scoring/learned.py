@@ -37,6 +37,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..config import setting
 from ..seeding import draw_seeds_of
 from .reweight import LearnedReweight
 
@@ -89,17 +90,17 @@ def oracle_t_star(purify: Callable[..., Tensor], classify: Callable[[Tensor], Te
 class RobustFitConfig:
     """How the monotone curve is fitted to accuracy tables (the objective's trade-off included)."""
 
-    knots: int = 12
+    knots: int = setting(12, ge=2)
     # one point of clean accuracy is worth this many points of robust accuracy (the trade-off)
-    clean_weight: float = 2.0
+    clean_weight: float = setting(2.0, ge=0)
     # temperature of the soft minimum over attacks, in accuracy units (0: the hard minimum)
-    softmin: float = 0.05
-    steps: int = 400
-    lr: float = 0.1
-    restarts: int = 4  # random initialisations besides the warm start; the best objective wins
-    t_min: float = 0.0
-    t_max: float = 0.3
-    smooth_width: float = 0.05
+    softmin: float = setting(0.05, ge=0, means="0: the hard minimum")
+    steps: int = setting(400, ge=1)
+    lr: float = setting(0.1, gt=0)
+    restarts: int = setting(4, ge=0)  # random initialisations besides the warm start; the best objective wins
+    t_min: float = setting(0.0, ge=0, le=1)
+    t_max: float = setting(0.3, ge=0, le=1)
+    smooth_width: float = setting(0.05, gt=0)
     # "per_attack": the worst attack's mean accuracy; "worst_copy": each image's worst set (module doc)
     robust: str = "per_attack"
 

@@ -96,10 +96,32 @@ class Reweight(nn.Module):
         self.smooth_width = float(smooth_width)
 
     sample_specific: bool = True  # whether t* depends on the sample (False: plain DBP)
+    knobs: tuple = ()  # the parameters that set the curve's range (named when it leaves [0, t_max])
 
     def curve(self, s: Tensor, smooth: bool) -> Tensor:
         """The unclamped reweighting curve; s [B] -> [B] (subclasses implement)."""
         raise NotImplementedError
+
+    def curve_range(self) -> tuple:
+        """(lowest, highest) value of the unclamped curve over all score norms."""
+        return self.t_min, self.t_max
+
+    def check_curve(self) -> None:
+        """Refuse settings whose curve leaves [0, t_max] or never reaches t_min: the clamp would then
+        give every image (or a part of them) a t* the settings do not describe, without a word."""
+        knobs, (lo, hi) = self.knobs, self.curve_range()
+        tol = 1e-9
+        if lo >= -tol and hi <= self.t_max + tol and hi >= self.t_min - tol:
+            return
+        if hi <= tol or lo >= self.t_max - tol or hi < self.t_min:
+            what = f"every image would get t* = {min(max(hi if hi <= tol else lo, self.t_min), self.t_max):g}"
+        else:
+            what = "t* would be clamped for part of the images"
+        name = next((n for n in REWEIGHTS.names() if REWEIGHTS.get(n) is type(self)), type(self).__name__)
+        given = ", ".join(f"{k}={getattr(self, k):g}" for k in knobs)
+        raise ValueError(f"{name} reweight ({given}): its t* curve spans [{lo:g}, {hi:g}], which must lie inside "
+                         f"[0, t_max={self.t_max:g}] and reach t_min={self.t_min:g}; {what}. Change "
+                         f"{' / '.join(knobs)} (or t_min / t_max)")
 
     def forward(self, s: Tensor, smooth: bool = False) -> Tensor:
         """t*(s): s [B] -> [B], clamped to [t_min, t_max]; rounded to the grid unless smooth."""
@@ -132,6 +154,7 @@ class ConstantReweight(Reweight):
     """Plain DBP: the same t* (= t_base) for every sample."""
 
     sample_specific = False
+    knobs = ("t_base",)
 
     def __init__(self, t_base: float = 0.1, **kw: Any):
         super().__init__(**kw)
@@ -140,6 +163,9 @@ class ConstantReweight(Reweight):
     def curve(self, s: Tensor, smooth: bool) -> Tensor:
         """t_base for all; s [B] -> [B]."""
         return torch.full_like(s, self.t_base)
+
+    def curve_range(self) -> tuple:
+        return self.t_base, self.t_base
 
     def config(self) -> Dict[str, Any]:
         return {**super().config(), "t_base": self.t_base}
@@ -151,6 +177,8 @@ class LinearReweight(Reweight):
 
     s_low / s_high are calibrated clean quantiles (levels q_low / q_high), never batch statistics.
     """
+
+    knobs = ("t_base", "b")
 
     def __init__(self, t_base: float = 0.1, b: float = 0.005, q_low: float = 0.0,
                  q_high: float = 1.0, s_low: Optional[float] = None,
@@ -169,6 +197,9 @@ class LinearReweight(Reweight):
         r = soft_ramp(u, self.smooth_width) if smooth else hard_ramp(u)
         return self.b + self.t_base * r
 
+    def curve_range(self) -> tuple:
+        return self.b, self.b + self.t_base  # the ramp spans [0, 1]
+
     def config(self) -> Dict[str, Any]:
         return {**super().config(), "t_base": self.t_base, "b": self.b, "q_low": self.q_low,
                 "q_high": self.q_high, "s_low": self.s_low, "s_high": self.s_high}
@@ -178,6 +209,8 @@ class LinearReweight(Reweight):
 class SigmoidReweight(Reweight):
     """SSNI-N: t = sigmoid((s - mu) / tau) * (t_base + b); mu (and tau by default) from the
     calibration's clean mean (std)."""
+
+    knobs = ("t_base", "b")
 
     def __init__(self, t_base: float = 0.1, b: float = 0.005, tau: Optional[float] = None,
                  mu: Optional[float] = None, **kw: Any):
@@ -191,6 +224,10 @@ class SigmoidReweight(Reweight):
     def curve(self, s: Tensor, smooth: bool) -> Tensor:
         """sigmoid((s - mu) / tau) * (t_base + b); s [B] -> [B]."""
         return torch.sigmoid((s - self.mu) / self.tau) * (self.t_base + self.b)
+
+    def curve_range(self) -> tuple:
+        top = self.t_base + self.b  # the sigmoid spans (0, 1)
+        return min(0.0, top), max(0.0, top)
 
     def config(self) -> Dict[str, Any]:
         return {**super().config(), "t_base": self.t_base, "b": self.b, "mu": self.mu,
@@ -294,7 +331,9 @@ def build_reweight(name: str, calibration: Optional[Calibration] = None,
         hint = " (renamed t_base: the base noise level)" if unknown[0] == "t_star" else ""
         raise ValueError(f"reweight {name!r} has no option {unknown[0]!r}{hint}; its options: "
                          f"{', '.join(allowed)}")
-    return cls(calibration=calibration, **kwargs)
+    rw = cls(calibration=calibration, **kwargs)
+    rw.check_curve()
+    return rw
 
 
 def list_reweights() -> List[str]:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
+from ..config import setting
 from ..diffusion import per_sample, to_model_space
 from ..images import check_images
 
@@ -26,10 +27,10 @@ from ..images import check_images
 class ScoreNormConfig:
     """Settings of the score-norm statistic (saved with every calibration)."""
 
-    timesteps: int = 20  # T': the steps 1..T' of 1000 (20 for small images, 50 for ImageNet)
-    draws: int = 1  # noise draws per time step
-    num_steps: int = 1000  # the grid the steps live on: t_k = k / num_steps
-    max_batch: int = 512  # rows (sample x time x draw) per network call
+    timesteps: int = setting(20, ge=1)  # T': the steps 1..T' of 1000 (20 for small images, 50 for ImageNet)
+    draws: int = setting(1, ge=1)  # noise draws per time step
+    num_steps: int = setting(1000, ge=1)  # the grid the steps live on: t_k = k / num_steps
+    max_batch: int = setting(512, ge=1)  # rows (sample x time x draw) per network call
     checkpoint: bool = False  # recompute chunks in backward so attack memory stays flat
 
 

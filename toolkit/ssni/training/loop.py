@@ -4,18 +4,20 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from ..config import ConfigError
+from ..checkpoint import clean_stale, latest_checkpoint, load_checkpoint, save_checkpoint
+from ..config import ConfigError, check_same_run, check_settings, setting
+from ..io import remove_stale_temps
 from ..seeding import epoch_seed, step_seed
 from .dist import DistContext
 
+RESUME_FILES = ("ema.safetensors", "optimizer.pt")  # besides the weights: what a resume needs
 SCHEDULES = ("constant", "cosine")  # learning-rate schedules after warm-up
 
 
@@ -23,48 +25,41 @@ SCHEDULES = ("constant", "cosine")  # learning-rate schedules after warm-up
 class OptimConfig:
     """AdamW and its learning-rate schedule."""
 
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_steps: int = 100
+    lr: float = setting(2e-4, gt=0)
+    weight_decay: float = setting(0.0, ge=0)
+    betas: List[float] = setting(default_factory=lambda: [0.9, 0.999], ge=0, lt=1)
+    warmup_steps: int = setting(100, ge=0)
     schedule: str = "constant"  # constant | cosine (after warm-up)
-    grad_clip: float = 1.0  # 0: no clipping
+    grad_clip: float = setting(1.0, ge=0, means="0: no clipping")
 
     def __post_init__(self) -> None:
         self.check()
 
     def check(self) -> None:
         """Raise a one-line ConfigError for a setting that cannot work (nothing is clamped)."""
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"optim.lr must be a positive number, got {self.lr}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        check_settings(self, "optim")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown lr schedule optim.schedule={self.schedule!r}; valid choices: "
                               f"{', '.join(SCHEDULES)}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+        if len(self.betas) != 2:
             raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
-        if not self.grad_clip >= 0:
-            raise ConfigError(f"optim.grad_clip must be >= 0 (0: no clipping), got {self.grad_clip}")
 
 
 @dataclass
 class LoopConfig:
     """How long to train and how often to log, sample and save."""
 
-    steps: int = 1000
-    batch_size: int = 64
+    steps: int = setting(1000, ge=1)
+    batch_size: int = setting(64, ge=1)
     seed: int = 0
-    ema_decay: float = 0.999
-    log_every: int = 25
-    sample_every: int = 0  # 0: only at the end
-    ckpt_every: int = 500  # 0: only at the end
-    keep_checkpoints: int = 2
+    ema_decay: float = setting(0.999, ge=0, le=1)
+    log_every: int = setting(25, ge=1)
+    sample_every: int = setting(0, ge=0, means="0: only at the end")
+    ckpt_every: int = setting(500, ge=0, means="0: only at the end")
+    keep_checkpoints: int = setting(2, ge=1)
     device: str = "auto"
     bf16: bool = True  # autocast in bf16 on CUDA; ignored on CPU
-    resume: bool = True  # continue from <run_dir>/checkpoints/latest.json when present
+    resume: bool = True  # continue from <run_dir>/checkpoints when present (false: refused if there are any)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -72,15 +67,26 @@ class LoopConfig:
 
     def check(self) -> None:
         """Raise a one-line ConfigError for a setting that cannot work (nothing is clamped)."""
-        for name, low, what in (("steps", 1, ""), ("batch_size", 1, ""), ("log_every", 1, ""),
-                                ("ckpt_every", 0, " (0: only at the end)"),
-                                ("sample_every", 0, " (0: only at the end)"),
-                                ("keep_checkpoints", 1, "")):
-            value = getattr(self, name)
-            if value < low:
-                raise ConfigError(f"loop.{name} must be >= {low}{what}, got {value}")
-        if not 0 <= self.ema_decay <= 1:
-            raise ConfigError(f"loop.ema_decay must be in [0, 1], got {self.ema_decay}")
+        check_settings(self, "loop")
+
+
+def refuse_earlier_checkpoints(ckpt_root: str | Path) -> None:
+    """With loop.resume=false: refuse a checkpoints folder that already holds checkpoints (this run would
+    publish its own among them, and keep theirs as if they were its own)."""
+    root = Path(ckpt_root)
+    if root.is_dir() and (any(root.glob("step_*")) or (root / "latest.json").exists()):
+        raise ConfigError(f"{root} holds checkpoints of an earlier run; with loop.resume=false this run would "
+                          f"publish its own among them (and keep theirs): use a new run_dir, delete {root}, or "
+                          "set loop.resume=true to continue that run")
+
+
+def check_run_dir(cfg: Any, run_dir: str | Path) -> None:
+    """Before a training command writes anything into run_dir: with loop.resume, its checkpoints must
+    come from this config (check_same_run); without, there must be none."""
+    if cfg.loop.resume:
+        check_same_run(cfg, run_dir, "checkpoints")
+    else:
+        refuse_earlier_checkpoints(Path(run_dir) / "checkpoints")
 
 
 def finished_run(run_dir: str | Path, steps: int, command: str) -> Optional[Dict[str, Any]]:
@@ -228,6 +234,11 @@ class Trainer:
         self.step = 0
         self.history: List[Dict[str, float]] = []
         self._writer = None
+        if not loop.resume:
+            refuse_earlier_checkpoints(self.ckpt_root)
+        if self.dist.is_main:  # what a killed run left: temp files, unfinished or half-pruned checkpoints
+            clean_stale(self.ckpt_root)
+            remove_stale_temps(self.run_dir)
 
     # -- pieces ----------------------------------------------------------------------------
     @property
@@ -297,8 +308,8 @@ class Trainer:
 
     def try_resume(self) -> bool:
         """Load the newest checkpoint of this run directory if there is one."""
-        try:
-            path = latest_checkpoint(self.ckpt_root)
+        try:  # a checkpoint without its EMA or optimizer state would resume to other weights
+            path = latest_checkpoint(self.ckpt_root, need=RESUME_FILES)
         except FileNotFoundError:
             return False
         state = load_checkpoint(path, self.model, self.ema, self.optimizer)

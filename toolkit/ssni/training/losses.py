@@ -6,6 +6,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..config import bound
 from ..diffusion import VPDiffusion, to_model_space
 from ..noise import GaussianNoise
 
@@ -19,7 +20,7 @@ class DSMLoss:
     def __init__(self, diffusion: VPDiffusion | None = None, t_eps: float = 1e-3,
                  noise: Callable | None = None):
         self.diffusion = diffusion
-        self.t_eps = t_eps
+        self.t_eps = bound(gt=0, lt=1, means="the smallest diffusion time trained on").check(t_eps, "t_eps")
         self.noise = noise or GaussianNoise()
 
     def __call__(self, net: nn.Module, batch: Tuple[Tensor, ...],
