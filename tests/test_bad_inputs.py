@@ -156,12 +156,15 @@ NUMBERS = [("2e-4", 2e-4), ("1e-4", 1e-4), ("1E-3", 1e-3), ("1.5e3", 1500.0),
 def test_numbers_as_people_write_them(text, value, tmp_path):
     """In a recipe and in an override, an exponent needs no dot and no sign (YAML 1.1 reads 2e-4 as text)."""
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"noise:\n  kwargs: {{x: {text}}}\n" + (f"optim:\n  lr: {text}\n" if value > 0 else ""))
+    recipe.write_text(f"noise:\n  name: typical_set\n  kwargs: {{off_shell_fraction: {text}}}\n"
+                      + (f"optim:\n  lr: {text}\n" if value > 0 else ""))
     cfg = load_config(ScoreTrainConfig, recipe)
-    assert cfg.noise.kwargs["x"] == value and isinstance(cfg.noise.kwargs["x"], float)
+    got = cfg.noise.kwargs["off_shell_fraction"]
+    assert got == value and isinstance(got, float)
     assert cfg.optim.lr == (value if value > 0 else 2e-4)
-    over = load_config(ScoreTrainConfig, None, [f"noise.kwargs.x={text}", f"model.kwargs={{y: [{text}]}}"])
-    assert over.noise.kwargs["x"] == value and over.model.kwargs["y"] == [value]
+    over = load_config(ScoreTrainConfig, None, ["noise.name=typical_set", f"noise.kwargs.off_shell_fraction={text}",
+                                                f"model.kwargs={{attn_resolutions: [{text}]}}"])
+    assert over.noise.kwargs["off_shell_fraction"] == value and over.model.kwargs["attn_resolutions"] == [value]
 
 
 def test_a_recipe_with_a_duplicated_key_names_it_and_both_lines(tmp_path, capsys):

@@ -47,7 +47,7 @@ def test_demo_runs_every_stage_then_reuses_its_cache(tmp_path, capsys):
     # a second run reuses every stage (the fit its attacked sets) and the evaluation state
     assert main(args) == 0
     summary = json.loads((tmp_path / "demo/demo_summary.json").read_text())
-    assert all(s.get("cached") for s in summary["stages"].values())  # the evaluation's batches too
+    assert all(s.get("cached") for s in summary["stages"].values()), summary  # the evaluation's batches too
     # the report keeps the seconds each stage took when it was computed, and says it was reused
     assert all(s["seconds"] == first[k]["seconds"] for k, s in summary["stages"].items())
     report = (tmp_path / "demo/report.md").read_text()

@@ -41,6 +41,9 @@ def test_every_readme_command_builds_its_config(line, monkeypatch):
     monkeypatch.chdir(ROOT)
     words = shlex.split(line)[1:]
     name = words[0]
+    if name == "options":  # lists registered parts: it runs as written
+        assert main(words) == 0
+        return
     assert name in COMMANDS.names(), f"README names an unknown command: {line}"
     recipe = words[1] if len(words) > 1 and not _looks_like_override(words[1]) else None
     overrides = words[2:] if recipe else words[1:]

@@ -78,7 +78,8 @@ class Registry:
         """({option: default}, whether the builder still takes any keyword) of entry `name`."""
         import inspect
 
-        target = self._meta[name].get("builder_obj", self.get(name))
+        obj = self.get(name)  # an unknown name: UnknownNameError listing the choices
+        target = self._meta[name].get("builder_obj", obj)
         chain = [k.__init__ for k in inspect.getmro(target) if "__init__" in vars(k)] if inspect.isclass(target) \
             else [target]
         found: Dict[str, Any] = {}

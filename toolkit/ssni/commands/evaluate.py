@@ -21,4 +21,5 @@ def run_evaluate(cfg: EvaluateConfig) -> Dict[str, Any]:
         for f in result["flags"]:
             print(f"FLAG: {f}")
     evaluation.dist.close()
-    return {"report": result["report"], "results": result["results"], "flags": result["flags"]}
+    return {"report": result["report"], "results": result["results"], "flags": result["flags"],
+            "computed_batches": result["computed_batches"], "reused_batches": result["reused_batches"]}
