@@ -51,7 +51,7 @@ def read_idx(path: Path) -> np.ndarray:
     if len(data) - header != count:
         raise IDXFormatError(f"{path}: truncated or padded IDX file: header says {'x'.join(map(str, dims))} "
                              f"= {count} bytes of data, the file holds {len(data) - header}")
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims).copy()  # writable, owns its data
 
 
 def _candidates(stem: str, dirs: List[Path]) -> List[Path]:
