@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Run a command inside the project's virtual environment (.venv), creating and filling it first
 # when needed. Usage: bash tools/venv.sh ssni demo   |   bash tools/venv.sh python -m pytest -q
+# Optional extras besides `test`: SSNI_EXTRAS="robustbench" (comma-separated) bash tools/venv.sh ...
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
 py="${PYTHON:-python3}"
 stamp="$venv/.ssni-installed"
-want="$(cat "$root/setup.py" | sha256sum | cut -c1-16)"
+extras="${SSNI_EXTRAS:-}"
+extras="${extras// /}"
+want="$( (cat "$root/setup.py"; echo "extras=$extras") | sha256sum | cut -c1-16)"
 if [ ! -x "$venv/bin/python" ]; then
   echo "[ssni] creating virtual environment in $venv" >&2
   "$py" -m venv "$venv"
@@ -23,7 +26,17 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # The standard torch + torchvision pair from the package index (the CUDA build runs on CPU too).
   "$venv/bin/python" -m pip install --quiet torch torchvision 2>&1 | grep -v '^WARNING: Location' >&2 || true
   "$venv/bin/python" -m pip install --quiet -e "$root[test]" 2>&1 | grep -v '^WARNING: Location' >&2 || true
+  if [ -n "$extras" ]; then
+    # a second step, so that the extras' files are written last: torchattacks (in `test`) installs an old
+    # copy of robustbench's modules into robustbench's own folder
+    echo "[ssni] installing the extras: $extras" >&2
+    "$venv/bin/python" -m pip install --quiet -e "$root[test,$extras]" 2>&1 | grep -v '^WARNING: Location' >&2 || true
+  fi
   "$venv/bin/python" -c "import ssni, torch, torchvision, timm" || { echo "[ssni] install failed (see pip's message above)" >&2; exit 1; }
+  if [[ ",$extras," == *",robustbench,"* ]]; then
+    "$venv/bin/python" -c "from ssni.models.robustbench_zoo import import_robustbench; import_robustbench()" \
+      || { echo "[ssni] the robustbench extra does not import (see above)" >&2; exit 1; }
+  fi
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"
