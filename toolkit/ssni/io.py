@@ -119,9 +119,7 @@ def _numpy_scalar_globals() -> List[Any]:
         import numpy as np
     except ImportError:  # no numpy, no numpy scalars in what we could read
         return []
-    core = getattr(np, "_core", None)
-    multiarray = core.multiarray if core is not None else np.core.multiarray
-    scalar = multiarray.scalar
+    scalar = np.float64(0).__reduce__()[0]  # numpy's own scalar constructor, whichever module holds it
     found: List[Any] = [np.dtype, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar")]
     for code in np.typecodes["All"]:
         if code not in "OV":
@@ -162,7 +160,8 @@ def refused_global(error: BaseException) -> str:
     for pattern in _REFUSED:
         found = pattern.search(text)
         if found:
-            return found.group(1).rstrip(".,")
+            name = found.group(1).rstrip(".,")
+            return name if "." in name else f"builtins.{name}"  # torch drops the `builtins.` of builtins
     return "an object it cannot read without running code"
 
 
