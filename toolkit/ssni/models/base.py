@@ -44,7 +44,8 @@ class EpsModel(nn.Module):
     Samplers, the score norm and the defense see only this. A model owns its VP process
     (`diffusion`; discrete step i is t = (i + 1) / N) and its conventions: `time_input` names how
     continuous t becomes the network's time input (TIME_INPUTS: our U-Nets and score_sde take
-    t x 999, guided-diffusion and diffusers the step index). Public backbones sit behind
+    t x 999, guided-diffusion and diffusers the step index t N - 1, or floor(t N) as DiffPure's SDE
+    runner feeds guided-diffusion). Public backbones sit behind
     `VPBackbone`, which also keeps the eps channels of a learn_sigma output. Subclasses set
     `in_channels`, `image_size` and `config` (the keyword arguments that rebuild them).
     """
