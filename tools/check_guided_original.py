@@ -29,6 +29,12 @@ CONFIGS = {
                  class_cond=False, attention_resolutions="16", num_heads=4, num_head_channels=16,
                  num_heads_upsample=-1, use_scale_shift_norm=True, dropout=0.0, resblock_updown=True,
                  use_new_attention_order=False),
+    # the 256x256 model's structure at 64x64 with a quarter of its width (fp16 convolutions on a CPU are
+    # hundreds of times slower than fp32: the full model in fp16 needs a GPU)
+    "medium": dict(image_size=64, num_channels=64, num_res_blocks=2, channel_mult="", learn_sigma=True,
+                   class_cond=False, attention_resolutions="32,16,8", num_heads=4, num_head_channels=64,
+                   num_heads_upsample=-1, use_scale_shift_norm=True, dropout=0.0, resblock_updown=True,
+                   use_new_attention_order=False),
     # DiffPure's ImageNet config: the 256x256 unconditional model (552.8M parameters)
     "imagenet256": dict(image_size=256, num_channels=256, num_res_blocks=2, channel_mult="", learn_sigma=True,
                         class_cond=False, attention_resolutions="32,16,8", num_heads=4, num_head_channels=64,
@@ -45,6 +51,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--original", required=True, help="a checkout of openai/guided-diffusion")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda for the imagenet256 config in fp16")
     ap.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -62,32 +69,34 @@ def main() -> None:
             p.copy_(torch.randn_like(p) * 0.05 + (1.0 if p.dim() == 1 and name.endswith("weight") else 0.0))
     g = torch.Generator().manual_seed(args.seed + 1)
     size, n = flags["image_size"], 1000
-    x = torch.rand(args.batch, 3, size, size, generator=g) * 2 - 1
-    steps = torch.randint(0, n, (args.batch,), generator=g)
+    dev = torch.device(args.device)
+    x = (torch.rand(args.batch, 3, size, size, generator=g) * 2 - 1).to(dev)
+    steps = torch.randint(0, n, (args.batch,), generator=g).to(dev)
     t = (steps + 1).float() / n  # ssni's grid: step i at t = (i + 1) / N
-    t_any = torch.rand(args.batch, generator=g) * 0.5  # continuous times, as the SDE runner sees them
+    t_any = (torch.rand(args.batch, generator=g) * 0.5).to(dev)  # continuous times, as the SDE runner sees them
     diffpure = (t_any.float() * n).long()  # DiffPure's RevVPSDE._scale_timesteps
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         path = Path(tmp) / "model.pt"
         torch.save(orig.state_dict(), path)  # as guided-diffusion's TrainLoop.save writes a model
+        orig.to(dev)
         ref32, ref_sde = orig(x, steps)[:, :3], orig(x, diffpure)[:, :3]
         del orig  # one network of this size in memory at a time
         orig16 = create_model(**flags, use_checkpoint=False, use_fp16=True).eval()
         orig16.load_state_dict(torch.load(path, weights_only=True))
-        orig16.convert_to_fp16()  # what DiffPure's runners do when use_fp16 is set
+        orig16.to(dev).convert_to_fp16()  # what DiffPure's runners do when use_fp16 is set
         ref16 = orig16(x, steps)[:, :3]
         del orig16
-        ours = load_pretrained(path, "guided_diffusion", **flags)
+        ours = load_pretrained(path, "guided_diffusion", **flags).to(dev)
         out32, out32_any = ours(x, t), ours(x, t_any)
         ours.time_input = "step_floor"  # what time_input="step_floor" sets
         out_floor = ours(x, t_any)
         del ours
-        out16 = load_pretrained(path, "guided_diffusion", precision="fp16", **flags)(x, t)
+        out16 = load_pretrained(path, "guided_diffusion", precision="fp16", **flags).to(dev)(x, t)
     rows = [("fp32", rel(out32, ref32)), ("fp16", rel(out16, ref16)), ("fp16-vs-fp32", rel(out32, ref16)),
             ("step_floor", rel(out_floor, ref_sde)),
             ("step_index-vs-diffpure-sde", rel(out32_any, ref_sde))]
-    print(f"config {args.config}, batch {args.batch}, CPU, {time.time() - start:.0f} s")
+    print(f"config {args.config}, batch {args.batch}, {args.device}, {time.time() - start:.0f} s")
     for name, err in rows:
         print(f"  {name:28s} relative L2 error {err:.3g}")
 

@@ -16,8 +16,9 @@ Two conventions differ between the programs that run it, and are options here:
   floor(t N) (time_input="step_floor"), one step later on the grid.
 - precision: use_fp16=True makes the original run its torso in float16 (`convert_to_fp16`: the torso's
   convolutions in fp16, norms and softmax in fp32); DiffPure's ImageNet config sets it. precision="fp16"
-  does the same here; the default "fp32" runs the (fp32-stored) weights in float32, which differs from
-  the fp16 original by about 2e-3 relative L2. use_fp16 itself switches nothing here.
+  does the same here (0 difference to the original in fp16, tools/check_guided_original.py); the default
+  "fp32" runs the (fp32-stored) weights in float32, about 3e-3 relative L2 from the fp16 original.
+  use_fp16 itself switches nothing here.
 
 Flags use guided-diffusion's names and accept its string forms, e.g.
     load_pretrained("256x256_diffusion_uncond.pt", "guided_diffusion")            # the defaults
