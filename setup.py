@@ -29,8 +29,9 @@ setup(
         "bench": ["torchsde>=0.2.6"],  # tools/bench_reference.py: the DiffPure-style reference (Apache-2.0)
         "diffusers": ["diffusers>=0.20"],  # the "diffusers" pretrained format (UNet2DModel folders)
         "autoattack": ["pyautoattack>=0.2"],  # the `autoattack` attack: AutoAttack on a defense view (MIT)
-        # RobustBench is not on PyPI
-        "robustbench": ["robustbench @ git+https://github.com/RobustBench/robustbench.git"],
+        # robustbench 1.1.1 from the package index (it pins timm==1.0.9 and pulls pyautoattack, pandas, gdown, ...); it
+        # imports pkg_resources, gone from setuptools 81 on (ssni works around its `autoattack` import: robustbench_zoo.py)
+        "robustbench": ["robustbench>=1.1.1,<1.2", "setuptools<81"],
     },
     entry_points={"console_scripts": ["ssni=ssni.cli:main"]},
 )

@@ -1,5 +1,7 @@
 """Shared fixtures: small data made by the tests themselves, CPU only, few threads."""
 import os
+import pickle
+import types
 
 import pytest
 import torch
@@ -42,3 +44,29 @@ def need_extra(module: str, name: str):
 def extra():
     """extra(module, name): need_extra as a fixture."""
     return need_extra
+
+
+class _Numpy1Pickler(pickle._Pickler):
+    """Pickles as numpy 1.x does: numpy 2.x's `numpy._core` modules are written as `numpy.core`.
+
+    Public checkpoints (score_sde's checkpoint_8.pth) were written with numpy 1.x, whose scalars
+    pickle as numpy.core.multiarray.scalar; numpy 2.x writes numpy._core.multiarray.scalar.
+    tests/fixtures/score_sde_numpy1_state.pt, written by numpy 1.26, checks that this writer matches.
+    """
+
+    def save_global(self, obj, name=None):
+        module = getattr(obj, "__module__", None) or ""
+        if module == "numpy._core" or module.startswith("numpy._core."):
+            qualname = name or obj.__qualname__
+            self.write(pickle.GLOBAL + ("numpy.core" + module[len("numpy._core"):]).encode() + b"\n"
+                       + qualname.encode() + b"\n")
+            self.memoize(obj)
+            return
+        super().save_global(obj, name)
+
+
+@pytest.fixture
+def numpy1_pickle():
+    """A pickle module for torch.save(..., pickle_module=...) that writes numpy scalars as numpy 1.x does."""
+    return types.SimpleNamespace(Pickler=_Numpy1Pickler, Unpickler=pickle.Unpickler, load=pickle.load,
+                                 dump=pickle.dump, __name__="pickle")

@@ -254,10 +254,10 @@ def test_pickled_optimizer_state_is_refused_in_one_line(tmp_path, score_run, cap
     shutil.copytree(score_run, run)
     opt = run / "checkpoints" / "step_00000002" / "optimizer.pt"
     torch.save({"state": argparse.Namespace(cmd="echo hi")}, opt)
-    with pytest.raises(UnsafeCheckpointError, match="refusing to load .*pickled Python objects"):
+    with pytest.raises(UnsafeCheckpointError, match="refusing to load .*: it holds the Python object argparse.Namespace"):
         safe_torch_load(opt)
     cli_error(capsys, ["train-score", SCORE_RECIPE, f"run_dir={run}", "loop.steps=4", *TINY_TRAIN],
-              f"refusing to load {opt}", "pickled Python objects")
+              f"refusing to load {opt}", "the Python object argparse.Namespace, not tensors")
 
 
 # -- 9. t_base outside [0, 1] ------------------------------------------------------------------------

@@ -78,6 +78,57 @@ def test_learn_sigma_output_is_cut_to_eps(tmp_path):
     assert not torch.allclose(raw[0], flipped[0])  # the step index matters
 
 
+def test_time_input_of_diffpure_sde_runner_is_an_option(tmp_path):
+    """step_index (guided-diffusion's sampler): t N - 1; step_floor (DiffPure's SDE runner): (t * N).long()."""
+    path, fix, _ = _write_checkpoint(tmp_path, TINY)
+    own = load_pretrained(path, "guided_diffusion", **fix["flags"])
+    sde = load_pretrained(path, "guided_diffusion", time_input="step_floor", **fix["flags"])
+    assert (own.time_input, sde.time_input, sde.config["time_input"]) == ("step_index", "step_floor", "step_floor")
+    t = torch.tensor([0.0, 0.0004, 0.1, 0.1005, 0.25, 0.999, 1.0])
+    diffpure = (t.float() * 1000).long()  # DiffPure's RevVPSDE._scale_timesteps
+    torch.testing.assert_close(sde.network_time(t), diffpure.float(), rtol=0, atol=0)
+    grid = torch.tensor([1, 100, 1000]) / 1000  # steps 0, 99, 999 at t = (i + 1) / N
+    torch.testing.assert_close(own.network_time(grid), torch.tensor([0.0, 99.0, 999.0]), rtol=0, atol=1e-4)
+    torch.testing.assert_close(sde.network_time(grid), torch.tensor([1.0, 100.0, 1000.0]), rtol=0, atol=0)
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    t3 = torch.tensor([0.1, 0.1005, 0.5])
+    with torch.no_grad():
+        torch.testing.assert_close(sde(x, t3), sde.backbone(x, (t3 * 1000).long())[:, :3], rtol=0, atol=0)
+        assert not torch.allclose(sde(x, t3), own(x, t3), atol=1e-4)  # one step apart
+    with pytest.raises(ValueError, match=r"time_input='t999'; choose one of \['step_index', 'step_floor'\]"):
+        load_pretrained(path, "guided_diffusion", time_input="t999", **fix["flags"])
+
+
+@pytest.mark.parametrize("name", [TINY, TINY_CONV])
+def test_fp16_runs_the_torso_in_half_as_the_original(tmp_path, name):
+    """precision="fp16" is guided-diffusion's convert_to_fp16: the torso's convolutions in float16; time
+    embedding, linear layers, norm parameters and the output head stay float32; eps comes back float32."""
+    path, fix, _ = _write_checkpoint(tmp_path, name)
+    m32 = load_pretrained(path, "guided_diffusion", **fix["flags"])
+    m16 = load_pretrained(path, "guided_diffusion", precision="fp16", **fix["flags"])
+    assert m16.config["precision"] == "fp16" and m32.config["precision"] == "fp32"
+    net = m16.backbone
+    for part in (net.input_blocks, net.middle_block, net.output_blocks):
+        for module in part.modules():
+            if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d)):
+                assert module.weight.dtype == torch.float16 and module.bias.dtype == torch.float16
+            elif isinstance(module, (torch.nn.Linear, torch.nn.GroupNorm)):
+                assert module.weight.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in [*net.time_embed.parameters(), *net.out.parameters()])
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    t = torch.tensor([0.05, 0.6])
+    with torch.no_grad():
+        eps16, eps32 = m16(x, t), m32(x, t)
+    assert eps16.dtype == torch.float32 and torch.isfinite(eps16).all()
+    rel = ((eps16 - eps32).norm() / eps32.norm()).item()
+    assert 1e-6 < rel < 2e-2, rel  # half precision, not another function
+    x.requires_grad_(True)  # gradients reach the input through the fp16 torso
+    m16(x, t).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"precision='bf16'; choose one of \['fp32', 'fp16'\]"):
+        load_pretrained(path, "guided_diffusion", precision="bf16", **fix["flags"])
+
+
 def test_full_imagenet_layout_on_meta_device():
     """The default flags build the 256x256 unconditional model: 552.8M parameters in 566 entries."""
     fix = _fixture("guided_256_uncond_keys.json")
@@ -127,36 +178,46 @@ def test_bad_flags_are_clear(tmp_path, flags, match):
         load_pretrained(tmp_path / "never_read.pt", "guided_diffusion", **flags)
 
 
-def _one_line_error(path, fix, exc=ValueError):
+def _error(path, fix, exc=ValueError, **extra):
+    """The error of loading path: the file and what does not fit on a short first line."""
     with pytest.raises(exc) as info:
-        load_pretrained(path, "guided_diffusion", **fix["flags"])
+        load_pretrained(path, "guided_diffusion", **{**fix["flags"], **extra})
     message = str(info.value)
-    assert "\n" not in message and str(path) in message
+    first = message.splitlines()[0]
+    assert str(path) in first and len(first) - len(str(path)) <= 300, first
     return message
 
 
-def test_wrong_key_is_one_clear_line(tmp_path):
+def _one_line_error(path, fix, exc=ValueError):
+    message = _error(path, fix, exc)
+    assert "\n" not in message
+    return message
+
+
+def test_wrong_key_comes_first_then_the_flags(tmp_path):
     def rename(state):
         state["out.2.weight_typo"] = state.pop("out.2.weight")
 
     path, fix, _ = _write_checkpoint(tmp_path, TINY, rename)
-    message = _one_line_error(path, fix)
-    assert "missing ['out.2.weight']" in message and "unexpected ['out.2.weight_typo']" in message
+    first, rest = _error(path, fix).split("\n", 1)
+    assert "missing ['out.2.weight']" in first and "unexpected ['out.2.weight_typo']" in first
+    assert "'guided_diffusion'" in rest and "'num_channels': 32" in rest
 
 
-def test_wrong_shape_is_one_clear_line(tmp_path):
+def test_wrong_shape_is_on_the_first_line(tmp_path):
     def widen(state):
         state["time_embed.0.weight"] = torch.zeros(128, 64)
 
     path, fix, _ = _write_checkpoint(tmp_path, TINY, widen)
-    message = _one_line_error(path, fix)
-    assert "shape mismatches" in message and "time_embed.0.weight (128, 64) vs (128, 32)" in message
+    first = _error(path, fix).splitlines()[0]
+    assert "shape mismatches" in first and "time_embed.0.weight (128, 64) vs (128, 32)" in first
 
 
 def test_flags_that_do_not_fit_the_file_are_clear(tmp_path):
     path, fix, _ = _write_checkpoint(tmp_path, TINY)
-    with pytest.raises(ValueError, match="does not fit format 'guided_diffusion'.*out.2.weight"):
-        load_pretrained(path, "guided_diffusion", **{**fix["flags"], "learn_sigma": False})
+    message = _error(path, fix, learn_sigma=False)
+    assert "does not fit the guided_diffusion model" in message and "out.2.weight" in message.splitlines()[0]
+    assert "'learn_sigma': False" in message.splitlines()[1]
 
 
 def test_pickled_object_is_refused(tmp_path):
@@ -164,7 +225,7 @@ def test_pickled_object_is_refused(tmp_path):
     torch.save({"time_embed.0.weight": torch.zeros(1), "payload": _Payload()}, path)
     with pytest.raises(RuntimeError, match="refusing to load") as info:
         load_pretrained(path, "guided_diffusion", **_fixture(TINY)["flags"])
-    assert "\n" not in str(info.value)
+    assert "\n" not in str(info.value) and "the Python object test_pretrained_guided._Payload" in str(info.value)
 
 
 def test_wrapped_state_dict_is_clear(tmp_path):

@@ -3,11 +3,15 @@
 The fixtures hold the parameter names and shapes of the original's state dicts (written from the
 original model, not from ours): a tiny configuration and the deep CIFAR-10 model. Random weights in
 those shapes, saved in the original checkpoint layout (optimizer / model with `module.` names / ema
-with shadow_params in parameters() order / step), stand in for the real files.
+with shadow_params in parameters() order / step), stand in for the real files. Checkpoints written the
+way score_sde's training writes them (a real Adam step with its numpy warmup learning rate, numpy 1.x's
+pickle names as in the released checkpoint_8.pth) check the weights-only reading of what they hold.
 """
+import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -74,6 +78,7 @@ def test_checkpoint_loads_strictly_with_ema_weights(tmp_path, fixture):
     assert all(torch.equal(own[k], ema[k]) for k in ema if k != "sigmas")  # EMA parameters ...
     assert torch.equal(own["sigmas"], raw["sigmas"]) and own["sigmas"].dtype == torch.float64  # ... buffers from model
     assert model.input_shape == (3, 16, 16) and model.time_input == "t999" and model.config["weights"] == "ema"
+    assert load_pretrained(path, "score_sde", weights="model", **fix["config"]).config["weights"] == "model"
 
 
 def test_weights_model_picks_the_raw_weights(tmp_path):
@@ -88,14 +93,21 @@ def test_weights_model_picks_the_raw_weights(tmp_path):
         assert not torch.allclose(ema_model(x, t), raw_model(x, t), atol=1e-3)
 
 
-def test_plain_state_dict_loads(tmp_path):
+def test_plain_state_dict_loads_and_says_so(tmp_path):
     fix = _fixture(TINY)
     state = _random_state(fix["shapes"], 3)
     for i, prefix in enumerate(("", "module.")):
         path = tmp_path / f"plain{i}.pt"
         torch.save({prefix + k: v for k, v in state.items()}, path)
-        own = load_pretrained(path, "score_sde", **fix["config"]).backbone.state_dict()
-        assert all(torch.equal(own[k], state[k]) for k in state)
+        for weights in ("auto", "state_dict"):
+            model = load_pretrained(path, "score_sde", weights=weights, **fix["config"])
+            own = model.backbone.state_dict()
+            assert all(torch.equal(own[k], state[k]) for k in state)
+            assert model.config["weights"] == "state_dict"  # what it is, not "ema"
+    for weights in ("ema", "model"):  # a plain state dict has neither entry
+        assert "plain state dict" in _one_line_error(path, fix, weights=weights)
+    checkpoint, _, _, _ = _write(tmp_path)
+    assert "is score_sde's checkpoint" in _one_line_error(checkpoint, fix, weights="state_dict")
 
 
 def test_time_input_is_t_times_999(tmp_path):
@@ -163,49 +175,73 @@ def test_options_accept_string_forms_and_round_trip():
     (dict(image_size=20), r"image_size=20 must be divisible by 2\^3"),
     (dict(conditional="maybe"), r"conditional: cannot read 'maybe' as a boolean"),
     (dict(num_channels=1, in_channels=3), r"disagree"),
-    (dict(weights="best"), r"weights='best'; choose one of \['ema', 'model'\]"),
+    (dict(weights="best"), r"weights='best'; choose one of \['auto', 'ema', 'model', 'state_dict'\]"),
 ])
 def test_bad_options_are_clear(tmp_path, options, match):
     with pytest.raises(ValueError, match=match):
         load_pretrained(tmp_path / "never_read.pth", "score_sde", **options)
 
 
-def _one_line_error(path, fix, exc=ValueError, **extra):
+def _error(path, fix, exc=ValueError, **extra):
+    """The error of loading path: the file and what does not fit on a short first line."""
     with pytest.raises(exc) as info:
         load_pretrained(path, "score_sde", **fix["config"], **extra)
     message = str(info.value)
-    assert "\n" not in message and str(path) in message
+    first = message.splitlines()[0]
+    assert str(path) in first and len(first) - len(str(path)) <= 300, first
+    return message
+
+
+def _one_line_error(path, fix, exc=ValueError, **extra):
+    message = _error(path, fix, exc, **extra)
+    assert "\n" not in message
     return message
 
 
 @pytest.mark.parametrize("weights", ["ema", "model"])
-def test_wrong_key_is_one_clear_line(tmp_path, weights):
+def test_wrong_key_comes_first_then_the_options(tmp_path, weights):
     def rename(ckpt):
         ckpt["model"]["module.all_modules.2.weight_typo"] = ckpt["model"].pop("module.all_modules.2.weight")
 
     path, fix, _, _ = _write(tmp_path, rename)
-    message = _one_line_error(path, fix, weights=weights)
-    assert "does not fit format 'score_sde'" in message and "unexpected ['all_modules.2.weight_typo']" in message
+    first, rest = _error(path, fix, weights=weights).split("\n", 1)
+    assert "does not fit the score_sde model" in first and "unexpected ['all_modules.2.weight_typo']" in first
     if weights == "model":  # the EMA list fills every parameter name, so only the raw weights miss one
-        assert "missing ['all_modules.2.weight']" in message
+        assert "missing ['all_modules.2.weight']" in first
+    assert "'score_sde'" in rest and "'nf': 16" in rest  # the assumed format and options after
 
 
-def test_wrong_shape_is_one_clear_line(tmp_path):
+@pytest.mark.parametrize("weights", ["ema", "model"])
+def test_wrong_shape_in_model_is_refused_with_either_weights(tmp_path, weights):
+    """score_sde's restore_checkpoint loads `model` (strict=False) before the EMA: a wrong shape stops it."""
     def widen(ckpt):
         ckpt["model"]["module.all_modules.0.weight"] = torch.zeros(64, 32)
 
     path, fix, _, _ = _write(tmp_path, widen)
-    message = _one_line_error(path, fix, weights="model")
-    assert "shape mismatches" in message and "all_modules.0.weight (64, 32) vs (64, 16)" in message
+    first = _error(path, fix, weights=weights).splitlines()[0]
+    assert "shape mismatches" in first and "all_modules.0.weight (64, 32) vs (64, 16)" in first
+    if weights == "ema":
+        assert "'model' entry does not fit" in first
+
+
+def test_keys_first_even_with_long_names(tmp_path):
+    """Many long mismatching names: the first line stays short, listing fewer of them."""
+    def rename_all(ckpt):
+        ckpt["model"] = {k + "_of_a_much_longer_parameter_name_than_usual": v for k, v in ckpt["model"].items()}
+
+    path, fix, _, _ = _write(tmp_path, rename_all)
+    first = _error(path, fix, weights="model").splitlines()[0]
+    assert "missing [" in first and "unexpected [" in first and "(155)" in first
 
 
 def test_options_that_do_not_fit_the_file_are_clear(tmp_path):
     path, fix, _, _ = _write(tmp_path)
     wider = {"config": {**fix["config"], "nf": 32}}  # as many parameters, other shapes
-    message = _one_line_error(path, wider)
-    assert "shape mismatches" in message and "'nf': 32" in message
-    deeper = {"config": {**fix["config"], "num_res_blocks": 2}}  # more parameters than the EMA list
-    assert "EMA holds 154 parameters, the network built from the options has" in _one_line_error(path, deeper)
+    message = _error(path, wider)
+    assert "shape mismatches" in message.splitlines()[0] and "'nf': 32" in message
+    deeper = {"config": {**fix["config"], "num_res_blocks": 2}}  # more parameters, shifted names
+    message = _error(path, deeper, weights="ema")  # the `model` entry stops it, as in restore_checkpoint
+    assert "'model' entry does not fit" in message.splitlines()[0] and "'num_res_blocks': 2" in message
 
 
 def test_ema_of_another_model_is_clear(tmp_path):
@@ -219,13 +255,106 @@ def test_pickled_object_is_refused(tmp_path):
     torch.save({"model": {"module.sigmas": torch.zeros(1)}, "payload": _Payload()}, path)
     with pytest.raises(RuntimeError, match="refusing to load") as info:
         load_pretrained(path, "score_sde", **_fixture(TINY)["config"])
-    assert "\n" not in str(info.value)
+    assert "\n" not in str(info.value) and "the Python object test_pretrained_score_sde._Payload" in str(info.value)
+
+
+# -- checkpoints as score_sde's training writes them -------------------------------------------------
+
+
+def _training_checkpoint(path, pickle_module=None, step=1, warmup=5000, lr=2e-4):
+    """A checkpoint as score_sde's run_lib.train writes it after `step` steps (utils.save_checkpoint).
+
+    Adam as losses.get_optimizer builds it, one real step through losses.optimization_manager's
+    optimize_fn (the learning rate set to lr * np.minimum(step / warmup, 1.0), a numpy float64, and
+    gradients clipped at 1), the EMA updated as models/ema.py does, the model under DataParallel's
+    `module.` names. pickle_module: e.g. the numpy1_pickle fixture, to write numpy 1.x's names.
+    Returns (path, raw weights, EMA weights) with the names of the network.
+    """
+    fix = _fixture(TINY)
+    net = build_ddpmpp(score_sde_config(**fix["config"]))
+    net.load_state_dict(_random_state(fix["shapes"], 0))
+    shadow = [p.detach().clone() for p in net.parameters()]
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0)
+    g = torch.Generator().manual_seed(5)
+    x, labels = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1, torch.rand(2, generator=g) * 999
+    net(x, labels).pow(2).mean().backward()
+    for group in optimizer.param_groups:
+        group["lr"] = lr * np.minimum(step / warmup, 1.0)
+    torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm=1.0)
+    optimizer.step()
+    num_updates = 1
+    decay = min(0.9999, (1 + num_updates) / (10 + num_updates))
+    with torch.no_grad():
+        for s, p in zip(shadow, net.parameters()):
+            s.sub_((1 - decay) * (s - p))
+    raw = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    ckpt = {"optimizer": optimizer.state_dict(), "model": {"module." + k: v for k, v in raw.items()},
+            "ema": {"decay": 0.9999, "num_updates": num_updates, "shadow_params": shadow}, "step": step}
+    assert isinstance(ckpt["optimizer"]["param_groups"][0]["lr"], np.float64)
+    torch.save(ckpt, path, **({"pickle_module": pickle_module} if pickle_module else {}))
+    names = [n for n, _ in net.named_parameters()]
+    return path, raw, {**raw, **dict(zip(names, shadow))}
+
+
+@pytest.mark.parametrize("numpy1", [False, True], ids=["numpy2-names", "numpy1-names"])
+@pytest.mark.parametrize("weights", ["ema", "model"])
+def test_a_checkpoint_written_by_score_sde_training_loads(tmp_path, numpy1_pickle, numpy1, weights):
+    path, raw, ema = _training_checkpoint(tmp_path / "checkpoint_1.pth", numpy1_pickle if numpy1 else None)
+    scalar = "numpy.core.multiarray.scalar" if numpy1 else "numpy._core.multiarray.scalar"
+    assert scalar in torch.serialization.get_unsafe_globals_in_checkpoint(path)  # numpy scalars inside
+    with pytest.raises(Exception, match="scalar"):  # which plain weights_only loading refuses
+        torch.load(path, weights_only=True)
+    model = load_pretrained(path, "score_sde", weights=weights, **_fixture(TINY)["config"])
+    own, want = model.backbone.state_dict(), (ema if weights == "ema" else raw)
+    assert all(torch.equal(own[k], want[k]) for k in want) and model.config["weights"] == weights
+    with pytest.raises(Exception, match="scalar"):  # the allowlist was for that load only
+        torch.load(path, weights_only=True)
+
+
+def test_a_file_written_by_numpy1_is_read():
+    """tests/fixtures/score_sde_numpy1_state.pt was written by numpy 1.26 and torch as score_sde's training
+    writes its checkpoint (Adam after one step with lr 2e-4 * np.minimum(1 / 5000, 1.0), EMA, step) for
+    a Linear(3, 2); our numpy1_pickle writer produces the same globals."""
+    from ssni.io import safe_torch_load
+
+    path = FIXTURES / "score_sde_numpy1_state.pt"
+    assert sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path)) == [
+        "numpy.core.multiarray.scalar", "numpy.dtype"]
+    ckpt = safe_torch_load(path)
+    lr = ckpt["optimizer"]["param_groups"][0]["lr"]
+    assert isinstance(lr, np.float64) and lr == 2e-4 * np.minimum(1 / 5000, 1.0)
+    assert ckpt["step"] == 1 and ckpt["model"]["module.weight"].shape == (2, 3)
+    assert len(ckpt["ema"]["shadow_params"]) == 2 and set(ckpt["optimizer"]["state"]) == {0, 1}
+
+
+def test_numpy1_writer_writes_what_numpy1_writes(tmp_path, numpy1_pickle):
+    path = tmp_path / "mine.pt"
+    torch.save({"lr": 2e-4 * np.minimum(1 / 5000, 1.0), "w": torch.ones(1)}, path, pickle_module=numpy1_pickle)
+    assert sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path)) == sorted(
+        torch.serialization.get_unsafe_globals_in_checkpoint(FIXTURES / "score_sde_numpy1_state.pt"))
+
+
+@pytest.mark.parametrize("numpy1", [False, True], ids=["numpy2-names", "numpy1-names"])
+@pytest.mark.parametrize("payload, named", [
+    (argparse.Namespace(lr=0.1), "argparse.Namespace"),
+    (np.zeros(3), "multiarray._reconstruct"),  # numpy arrays are not scalars: refused
+    (_Payload(), "test_pretrained_score_sde._Payload"),
+])
+def test_any_other_global_beside_numpy_scalars_is_refused_and_named(tmp_path, numpy1_pickle, numpy1, payload, named):
+    path, _, _ = _training_checkpoint(tmp_path / "ckpt.pth")
+    ckpt = torch.load(path, weights_only=False)  # our own file: add the foreign object to it
+    ckpt["config"] = payload
+    torch.save(ckpt, path, **({"pickle_module": numpy1_pickle} if numpy1 else {}))
+    for weights in ("ema", "model"):
+        message = _one_line_error(path, _fixture(TINY), RuntimeError, weights=weights)
+        assert message.startswith(f"refusing to load {path}: it holds the Python object ") and named in message
+        assert "not tensors" in message
 
 
 @pytest.mark.parametrize("content, match", [
     ({"state": {"w": torch.zeros(1)}, "step": 3}, r"expected score_sde's checkpoint .* the file holds a dict with keys"),
     ({"model": {"module.sigmas": torch.zeros(1)}, "step": 3}, r"no 'ema' entry .* pass weights=\"model\""),
-    ({"model": {"module.sigmas": torch.zeros(1)}, "ema": {"decay": 0.9}}, r"'ema' entry has no list of tensors"),
+    ({"model": {"module.other": torch.zeros(1)}, "ema": {"decay": 0.9}}, r"'ema' entry has no list of tensors"),
     ({"model": [1, 2], "ema": {}}, r"'model' entry is not a state dict"),
     ([torch.zeros(1)], r"the file holds list"),
 ])

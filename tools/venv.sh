@@ -32,8 +32,18 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$venv/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
   # The standard torch + torchvision pair from the package index (the CUDA build runs on CPU too).
   "$venv/bin/python" -m pip install --quiet torch torchvision 2>&1 | grep -v '^WARNING: Location' >&2 || true
-  "$venv/bin/python" -m pip install --quiet -e "$root[$extras]" 2>&1 | grep -v '^WARNING: Location' >&2 || true
+  "$venv/bin/python" -m pip install --quiet -e "$root[test]" 2>&1 | grep -v '^WARNING: Location' >&2 || true
+  if [ "$extras" != "test" ]; then
+    # a second step, so that the extras' files are written last: torchattacks (in `test`) installs an old
+    # copy of robustbench's modules into robustbench's own folder
+    echo "[ssni] installing the extras: ${extras#test,}" >&2
+    "$venv/bin/python" -m pip install --quiet -e "$root[$extras]" 2>&1 | grep -v '^WARNING: Location' >&2 || true
+  fi
   "$venv/bin/python" -c "import ssni, torch, torchvision, timm" || { echo "[ssni] install failed (see pip's message above)" >&2; exit 1; }
+  if [[ ",$extras," == *",robustbench,"* ]]; then
+    "$venv/bin/python" -c "from ssni.models.robustbench_zoo import import_robustbench; import_robustbench()" \
+      || { echo "[ssni] the robustbench extra does not import (see above)" >&2; exit 1; }
+  fi
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"

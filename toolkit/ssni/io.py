@@ -1,12 +1,13 @@
 """Atomic file writes and safe tensor loading (safetensors / weights_only)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, Iterator, List
 
 import torch
 
@@ -136,22 +137,87 @@ def atomic_save_safetensors(path: str | os.PathLike, tensors: Dict[str, torch.Te
 
 
 class UnsafeCheckpointError(RuntimeError):
-    """A checkpoint file holds pickled objects beyond plain tensors and containers."""
+    """A checkpoint file holds pickled objects beyond tensors, containers and numpy scalars."""
+
+
+def _numpy_scalar_globals() -> List[Any]:
+    """What a pickled numpy scalar or dtype needs, for torch's weights-only unpickler.
+
+    A numpy scalar pickles as `scalar(dtype, bytes)` and a dtype as `dtype(code, ...)` plus a
+    BUILD of its state, so the allowlist is numpy's `scalar` (under numpy 1.x's name
+    numpy.core.multiarray.scalar and 2.x's numpy._core.multiarray.scalar: public checkpoints such as
+    score_sde's were written with numpy 1.x), `numpy.dtype`, and the dtype classes of the fixed-size
+    types (not object or void). Nothing here can call code: the values are data.
+    """
+    try:
+        import numpy as np
+    except ImportError:  # no numpy, no numpy scalars in what we could read
+        return []
+    scalar = np.float64(0).__reduce__()[0]  # numpy's own scalar constructor, whichever module holds it
+    found: List[Any] = [np.dtype, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar")]
+    for code in np.typecodes["All"]:
+        if code not in "OV":
+            cls = type(np.dtype(code))
+            if cls not in found:
+                found.append(cls)
+    return found
+
+
+@contextlib.contextmanager
+def _allow_numpy_scalars() -> Iterator[None]:
+    """numpy scalars and dtypes allowlisted for torch.load(weights_only=True), for this block only.
+
+    Globals the caller had already allowlisted are left alone (torch's context manager removes
+    what it added on exit, so only the missing ones go through it).
+    """
+    serialization = torch.serialization
+    if not hasattr(serialization, "safe_globals"):  # torch < 2.5: weights_only knows no allowlist
+        yield
+        return
+    present = list(serialization.get_safe_globals())
+    missing = [g for g in _numpy_scalar_globals() if g not in present]
+    with serialization.safe_globals(missing):
+        yield
+
+
+_REFUSED = (  # how torch's weights-only unpickler names what it refused
+    re.compile(r"GLOBAL (\S+) was not an allowed global"),
+    re.compile(r"unsupported GLOBAL (\S+) whose module"),
+    re.compile(r"but got <class '([^']+)'>"),
+    re.compile(r"unrecognized function <?(?:built-in function |function )?([\w.]+)"),
+)
+
+
+def refused_global(error: BaseException) -> str:
+    """The Python object a weights-only load refused, from torch's message ("an object" if unnamed)."""
+    text = str(error)
+    for pattern in _REFUSED:
+        found = pattern.search(text)
+        if found:
+            name = found.group(1).rstrip(".,")
+            return name if "." in name else f"builtins.{name}"  # torch drops the `builtins.` of builtins
+    return "an object it cannot read without running code"
 
 
 def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
-    """torch.load with weights_only=True; pickled code is refused, a corrupt file is a ValueError."""
+    """torch.load with weights_only=True; pickled code is refused, a corrupt file is a ValueError.
+
+    Tensors, containers, plain Python values and numpy scalars / dtypes (what public checkpoints'
+    optimizer states hold, e.g. score_sde's numpy learning rate) are read; any other pickled object
+    is refused with an UnsafeCheckpointError that names it.
+    """
     if not Path(path).is_file():
         raise FileNotFoundError(f"torch file not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with _allow_numpy_scalars():
+            return torch.load(path, map_location=map_location, weights_only=True)
     except OSError:
         raise
     except Exception as e:  # torch raises UnpicklingError (wrapped) for disallowed globals
         if "weights_only" in str(e) or "Unpickl" in type(e).__name__ or "GLOBAL" in str(e):
             raise UnsafeCheckpointError(
-                f"refusing to load {path}: it holds pickled Python objects, not only tensors "
-                f"(only weights_only-safe files are accepted)"
+                f"refusing to load {path}: it holds the Python object {refused_global(e)}, not tensors "
+                f"(weights-only reading takes tensors, containers and numpy scalars; other objects could run code)"
             ) from e
         first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:160]  # torch adds paragraphs
         why = f"{type(e).__name__}: {first}" if first else type(e).__name__

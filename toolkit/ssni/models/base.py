@@ -28,13 +28,24 @@ def time_step_index(t: Tensor, num_steps: int) -> Tensor:
     return t * num_steps - 1.0
 
 
+@TIME_INPUTS.register("step_floor")
+def time_step_floor(t: Tensor, num_steps: int) -> Tensor:
+    """DiffPure's SDE runner for guided-diffusion: `(t.float() * N).long()`, i.e. floor(t N); t [B] -> [B].
+
+    On the grid t = (i + 1) / N it gives i + 1 where step_index gives i (and N at t = 1, one past the
+    trained steps, as DiffPure feeds it); piecewise constant, so no gradient flows through t.
+    """
+    return (t.float() * num_steps).long().to(t.dtype)
+
+
 class EpsModel(nn.Module):
     """The score-model contract: forward(x [B,C,H,W] in [-1,1], t [B] in [0,1]) -> eps [B,C,H,W].
 
     Samplers, the score norm and the defense see only this. A model owns its VP process
     (`diffusion`; discrete step i is t = (i + 1) / N) and its conventions: `time_input` names how
     continuous t becomes the network's time input (TIME_INPUTS: our U-Nets and score_sde take
-    t x 999, guided-diffusion and diffusers the step index). Public backbones sit behind
+    t x 999, guided-diffusion and diffusers the step index t N - 1, or floor(t N) as DiffPure's SDE
+    runner feeds guided-diffusion). Public backbones sit behind
     `VPBackbone`, which also keeps the eps channels of a learn_sigma output. Subclasses set
     `in_channels`, `image_size` and `config` (the keyword arguments that rebuild them).
     """

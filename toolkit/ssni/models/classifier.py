@@ -9,6 +9,7 @@ from torch import nn
 from ..io import load_safetensors, safe_torch_load
 from .factory import CHECKPOINT_FORMATS, weights_file
 from .pretrained import load_state_checked
+from .robustbench_zoo import robustbench_classifier  # noqa: F401  (re-exported: defense imports it from here)
 
 
 def create_classifier(name: str, in_chans: int, num_classes: int, image_size: int,
@@ -76,37 +77,4 @@ def _load_timm(path: Path, spec: Dict[str, Any], weights: str = "model") -> nn.M
     file = weights_file(path, weights)
     load_state_checked(model, load_safetensors(file), "timm", spec, file)
     model.loaded_weights = file.stem
-    return model
-
-
-def robustbench_classifier(name: str, model_dir: str, dataset: str = "cifar10",
-                           threat_model: str = "Linf") -> nn.Module:
-    """A RobustBench model built by robustbench, weights read from model_dir (weights_only).
-
-    The file RobustBench's own `load_model` would use, <model_dir>/<dataset>/<threat_model>/
-    <name>.pt, must already be there (fetch it once with robustbench); nothing is downloaded here.
-    RobustBench models take images in [0, 1] and normalise themselves.
-    """
-    try:
-        from robustbench.model_zoo import models as rb_models
-        from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
-    except ImportError:
-        raise ImportError("RobustBench classifiers need the optional extra: pip install 'ssni[robustbench]'") from None
-    table = rb_models.model_dicts[BenchmarkDataset(dataset)][ThreatModel(threat_model)]
-    if name not in table:
-        raise ValueError(f"unknown RobustBench {dataset}/{threat_model} model {name!r}; e.g. "
-                         f"{', '.join(sorted(table)[:8])}")
-    path = Path(model_dir) / dataset / threat_model / f"{name}.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"RobustBench weights not found: {path} (download them once with "
-                                f"robustbench.utils.load_model(model_name={name!r}, model_dir=..., "
-                                f"dataset={dataset!r}, threat_model={threat_model!r}))")
-    state = safe_torch_load(path)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    model = table[name]["model"]()
-    load_state_checked(model, state, "robustbench", {"name": name, "dataset": dataset,
-                                                     "threat_model": threat_model}, path)
-    model.model_name = name
     return model

@@ -5,7 +5,9 @@ holds optimizer / model / ema / step: `model` is the state dict with DataParalle
 entries: 956 parameters and a float64 `sigmas` buffer, 106.6M parameters), `ema` holds `decay`,
 `num_updates` and `shadow_params`, the EMA weights as a list in `model.parameters()` order. `DDPMpp` has
 the same parameter names, shapes and order, so both load with strict=True; the forward pass computes the
-same function (checked against the original at relative L2 <= 1e-4 in float32).
+same function (checked against the original at relative L2 <= 1e-4 in float32). Its `optimizer` entry
+holds numpy scalars (score_sde's training sets the learning rate to `lr * np.minimum(step / warmup, 1.0)`,
+pickled by numpy 1.x as numpy.core.multiarray.scalar): the weights-only reader accepts them as data.
 
 Conventions of that model: input in [-1, 1] (centered data); continuous VP time t enters as t x 999
 through a sinusoidal embedding cat[sin, cos] with frequencies 10000^(-k / (half - 1)); with
@@ -16,6 +18,7 @@ Options use score_sde's config names (model.* and data.*), e.g.
     load_pretrained("checkpoint_8.pth", "score_sde")                          # deep CIFAR-10, EMA weights
     load_pretrained(path, "score_sde", num_res_blocks=4)                      # the non-deep DDPM++
     load_pretrained(path, "score_sde", weights="model")                       # the raw (non-EMA) weights
+    load_pretrained("ema_weights.pt", "score_sde")                            # a plain state dict (weights="state_dict")
 Only the VP DDPM++ variant is built (BigGAN residual blocks with nearest / average resampling, positional
 embedding, no progressive growing, no FIR kernels); other values of those options raise an error.
 """
@@ -31,7 +34,7 @@ from torch import Tensor, nn
 
 from ..diffusion import VPDiffusion
 from .layers import level_sizes, resample
-from .pretrained import PRETRAINED_FORMATS, VPBackbone, load_state_checked, torch_file
+from .pretrained import PRETRAINED_FORMATS, VPBackbone, load_state_checked, mismatch_summary, torch_file
 
 # -- building blocks -------------------------------------------------------------------------------
 
@@ -366,7 +369,9 @@ def build_ddpmpp(cfg: Dict[str, Any]) -> DDPMpp:
 
 # -- the checkpoint --------------------------------------------------------------------------------------
 
-WEIGHTS = ("ema", "model")
+# auto: the EMA weights of score_sde's checkpoint (what DiffPure runs), or a plain state dict as it is;
+# ema / model: that entry of score_sde's checkpoint; state_dict: the file must be a plain state dict
+WEIGHTS = ("auto", "ema", "model", "state_dict")
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -398,39 +403,56 @@ def _ema_state(ema: Any, raw: Dict[str, Tensor], net: nn.Module, path: str | os.
     return {**raw, **dict(zip(names, shadow))}
 
 
-def score_sde_state(obj: Any, net: nn.Module, weights: str, path: str | os.PathLike) -> Dict[str, Tensor]:
-    """The state dict to load from a score_sde checkpoint (EMA or raw weights) or a plain state dict file."""
+def score_sde_state(obj: Any, net: nn.Module, weights: str, path: str | os.PathLike,
+                    options: Dict[str, Any] | None = None) -> Tuple[Dict[str, Tensor], str]:
+    """(the state dict to load, which weights it is: "ema" | "model" | "state_dict") from a score_sde
+    checkpoint (optimizer / model / ema / step) or a plain state dict file."""
     if _is_state_dict(obj):
-        return _strip_prefix(obj)
+        if weights in ("ema", "model"):
+            raise ValueError(f"{path}: weights={weights!r}, but the file is a plain state dict (one set of weights, "
+                             f"not score_sde's checkpoint with 'model' and 'ema'); pass weights=\"auto\" or \"state_dict\"")
+        return _strip_prefix(obj), "state_dict"
     if not (isinstance(obj, dict) and "model" in obj):
         raise ValueError(f"{path}: expected score_sde's checkpoint (keys optimizer / model / ema / step) or a plain "
                          f"state dict (parameter name -> tensor); the file holds {_describe(obj)}")
+    if weights == "state_dict":
+        raise ValueError(f"{path}: weights=\"state_dict\", but the file is score_sde's checkpoint (keys {list(obj)[:5]}); "
+                         f"pass weights=\"ema\", \"model\" or \"auto\"")
     if not _is_state_dict(obj["model"]):
         raise ValueError(f"{path}: the checkpoint's 'model' entry is not a state dict (it holds {_describe(obj['model'])})")
     raw = _strip_prefix(obj["model"])
     if weights == "model":
-        return raw
+        return raw, "model"
     if "ema" not in obj:
         raise ValueError(f"{path}: the checkpoint has no 'ema' entry (keys {list(obj)}); pass weights=\"model\"")
-    return _ema_state(obj["ema"], raw, net, path)
+    # score_sde's restore_checkpoint loads `model` (strict=False: other names pass, other shapes stop it)
+    # before the EMA; a `model` entry of another shape is refused here too
+    wrong = mismatch_summary(net.state_dict(), raw, shapes_only=True)
+    if wrong:
+        raise ValueError(f"{path}: the checkpoint's 'model' entry does not fit the score_sde model: {wrong}\n"
+                         f"(score_sde's restore_checkpoint loads it before the EMA and stops here too; the checkpoint "
+                         f"read as format 'score_sde' with options {options})")
+    return _ema_state(obj["ema"], raw, net, path), "ema"
 
 
 @PRETRAINED_FORMATS.register("score_sde")
-def load_score_sde(path: str | os.PathLike, weights: str = "ema", **options: Any) -> VPBackbone:
+def load_score_sde(path: str | os.PathLike, weights: str = "auto", **options: Any) -> VPBackbone:
     """score_sde's VP DDPM++ checkpoint (e.g. checkpoint_8.pth) as an EpsModel [B,C,H,W] (time input t x 999).
 
-    weights: "ema" (the default, what DiffPure runs) or "model" (the raw training weights). options:
-    score_sde's config names (see SCORE_SDE_DEFAULTS; defaults = the deep CIFAR-10 model).
+    weights: "auto" (the default: the checkpoint's EMA weights, what DiffPure runs; a plain state
+    dict as it is), "ema", "model" (the raw training weights) or "state_dict" (the file must be a
+    plain state dict). config["weights"] records which was loaded. options: score_sde's config names
+    (see SCORE_SDE_DEFAULTS; defaults = the deep CIFAR-10 model).
     """
     if weights not in WEIGHTS:
         raise ValueError(f"score_sde: weights={weights!r}; choose one of {list(WEIGHTS)}")
     cfg = score_sde_config(**options)
     net = build_ddpmpp(cfg)
-    state = score_sde_state(torch_file(path), net, weights, path)
+    state, loaded = score_sde_state(torch_file(path), net, weights, path, cfg)
     load_state_checked(net, state, "score_sde", cfg, path)
     diffusion = VPDiffusion(cfg["beta_min"], cfg["beta_max"], 1000)  # the t x 999 time input assumes N = 1000
     return VPBackbone(net, in_channels=cfg["in_channels"], image_size=cfg["image_size"], time_input="t999",
-                      diffusion=diffusion, config={**cfg, "weights": weights})
+                      diffusion=diffusion, config={**cfg, "weights": loaded})
 
 
 __all__ = ["DDPMpp", "ResnetBlockBigGANpp", "AttnBlockpp", "NIN", "ddpmpp_timestep_embedding", "SCORE_SDE_DEFAULTS",

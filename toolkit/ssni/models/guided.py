@@ -10,13 +10,23 @@ fractional); the sinusoidal time embedding is cat[cos, sin] with frequencies 100
 learn_sigma the output has 6 channels, eps first. Its linear schedule (betas 0.1/N .. 20/N) is our
 VPDiffusion(0.1, 20, N).
 
+Two conventions differ between the programs that run it, and are options here:
+- time input: guided-diffusion's own sampler (and DiffPure's DDPM runner) feeds step i at t = (i + 1) / N,
+  i.e. t N - 1 (time_input="step_index", the default); DiffPure's SDE runner feeds `(t * N).long()`,
+  floor(t N) (time_input="step_floor"), one step later on the grid.
+- precision: use_fp16=True makes the original run its torso in float16 (`convert_to_fp16`: the torso's
+  convolutions in fp16, norms and softmax in fp32); DiffPure's ImageNet config sets it. precision="fp16"
+  does the same here (0 difference to the original in fp16, tools/check_guided_original.py); the default
+  "fp32" runs the (fp32-stored) weights in float32, about 3e-3 relative L2 from the fp16 original.
+  use_fp16 itself switches nothing here.
+
 Flags use guided-diffusion's names and accept its string forms, e.g.
     load_pretrained("256x256_diffusion_uncond.pt", "guided_diffusion")            # the defaults
     load_pretrained(path, "guided_diffusion", attention_resolutions="32,16,8", channel_mult="")
+    load_pretrained(path, "guided_diffusion", time_input="step_floor", precision="fp16")  # as DiffPure's SDE runner
 attention_resolutions are image resolutions (32 = the 32x32 level), as on guided-diffusion's
-command line. use_fp16 and use_checkpoint only change how the original runs (fp16 torso, its own
-gradient checkpointing): weights are stored in fp32 and we run them in fp32 (callers may autocast);
-our purifier and score norm checkpoint on their own.
+command line. use_checkpoint only changes how the original runs (its own gradient checkpointing); our
+purifier and score norm checkpoint on their own.
 """
 from __future__ import annotations
 
@@ -134,11 +144,32 @@ class GuidedAttention(nn.Module):
         b, c, hgt, wid = x.shape
         flat = x.reshape(b, c, hgt * wid)
         qkv = self.qkv(self.norm(flat))
-        layout = "b (three nh c) t" if self.new_order else "b (nh three c) t"
-        q, k, v = rearrange(qkv, f"{layout} -> three b nh t c", three=3, nh=self.num_heads)
-        # softmax(q k^T / sqrt(c)) v, the same function as the original's two c^(-1/4) scalings
-        out = rearrange(F.scaled_dot_product_attention(q, k, v), "b nh t c -> b (nh c) t")
+        if qkv.dtype == torch.float16:
+            out = self._attention_fp16(qkv)
+        else:
+            layout = "b (three nh c) t" if self.new_order else "b (nh three c) t"
+            q, k, v = rearrange(qkv, f"{layout} -> three b nh t c", three=3, nh=self.num_heads)
+            # softmax(q k^T / sqrt(c)) v, the same function as the original's two c^(-1/4) scalings
+            out = rearrange(F.scaled_dot_product_attention(q, k, v), "b nh t c -> b (nh c) t")
         return (flat + self.proj_out(out)).reshape(b, c, hgt, wid)
+
+    def _attention_fp16(self, qkv: Tensor) -> Tensor:
+        """qkv [B, 3C, T] in float16 -> [B, C, T] with the original's own arithmetic and shapes (q and k
+        scaled by c^(-1/4) in fp16, the softmax in float32), as guided-diffusion's fp16 torso computes it."""
+        bs, width, length = qkv.shape
+        heads = self.num_heads
+        ch = width // (3 * heads)
+        scale = 1 / math.sqrt(math.sqrt(ch))
+        if self.new_order:  # QKVAttention
+            q, k, v = qkv.chunk(3, dim=1)
+            weight = torch.einsum("bct,bcs->bts", (q * scale).view(bs * heads, ch, length),
+                                  (k * scale).view(bs * heads, ch, length))
+            v = v.reshape(bs * heads, ch, length)
+        else:  # QKVAttentionLegacy
+            q, k, v = qkv.reshape(bs * heads, ch * 3, length).split(ch, dim=1)
+            weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)
+        weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
+        return torch.einsum("bts,bcs->bct", weight, v).reshape(bs, -1, length)
 
 
 class ConvDownsample(nn.Module):
@@ -236,6 +267,21 @@ class GuidedUNet(nn.Module):
                     ds //= 2
                 self.output_blocks.append(EmbedStage(layers))
         self.out = nn.Sequential(GroupNormF32(ch), nn.SiLU(), _zeroed(nn.Conv2d(widths[0], out_channels, 3, padding=1)))
+        self.torso_dtype: Optional[torch.dtype] = None  # torch.float16 after convert_to_fp16()
+
+    def convert_to_fp16(self) -> "GuidedUNet":
+        """guided-diffusion's convert_to_fp16 (what its use_fp16=True runs): the convolutions of the
+        torso (input_blocks, middle_block, output_blocks) in float16; the time embedding, the linear
+        layers, the norms (computed in float32), the attention softmax and the output head stay float32.
+        forward then runs the torso on float16 activations and returns float32, as the original does."""
+        for part in (self.input_blocks, self.middle_block, self.output_blocks):
+            for module in part.modules():
+                if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                    module.weight.data = module.weight.data.half()
+                    if module.bias is not None:
+                        module.bias.data = module.bias.data.half()
+        self.torso_dtype = torch.float16
+        return self
 
     def forward(self, x: Tensor, steps: Tensor, y: Optional[Tensor] = None) -> Tensor:
         """x [B,C,H,W] in [-1, 1], steps [B] (step indices, may be fractional), y [B] classes -> [B,out,H,W]."""
@@ -245,14 +291,14 @@ class GuidedUNet(nn.Module):
         emb = self.time_embed(guided_timestep_embedding(steps, self.model_channels))
         if y is not None:
             emb = emb + self.label_emb(y)
-        h, skips = x, []
+        h, skips = (x if self.torso_dtype is None else x.to(self.torso_dtype)), []
         for stage in self.input_blocks:
             h = stage(h, emb)
             skips.append(h)
         h = self.middle_block(h, emb)
         for stage in self.output_blocks:
             h = stage(torch.cat([h, skips.pop()], dim=1), emb)
-        return self.out(h)
+        return self.out(h.to(x.dtype))
 
 
 # -- flags (guided-diffusion's names and string forms) -----------------------------------------------
@@ -263,6 +309,8 @@ GUIDED_DEFAULTS: Dict[str, Any] = dict(
     attention_resolutions="32,16,8", num_heads=4, num_head_channels=64, num_heads_upsample=-1,
     use_scale_shift_norm=True, dropout=0.0, resblock_updown=True, use_fp16=True, use_new_attention_order=False,
     use_checkpoint=False,
+    # ssni's options (not guided-diffusion flags): how continuous t becomes the step input, and the precision
+    time_input="step_index", precision="fp32",
     # diffusion flags: accepted so that a full guided-diffusion / DiffPure model config can be passed
     diffusion_steps=1000, noise_schedule="linear", timestep_respacing="", use_kl=False, predict_xstart=False,
     rescale_timesteps=False, rescale_learned_sigmas=False,
@@ -276,6 +324,10 @@ _BOOL_FLAGS = ("learn_sigma", "class_cond", "use_scale_shift_norm", "resblock_up
 _INT_FLAGS = ("image_size", "num_channels", "num_res_blocks", "num_heads", "num_head_channels",
               "num_heads_upsample", "diffusion_steps")
 NUM_CLASSES = 1000  # ImageNet, for class_cond models
+# step_index: t N - 1 (guided-diffusion's p_sample loop, DiffPure's DDPM runner); step_floor: floor(t N)
+# (DiffPure's SDE runner, `(t * N).long()`). On the grid t = (i + 1) / N they give i and i + 1.
+GUIDED_TIME_INPUTS = ("step_index", "step_floor")
+PRECISIONS = ("fp32", "fp16")  # fp16: guided-diffusion's convert_to_fp16 (the torso's convolutions in float16)
 
 
 def _as_bool(name: str, value: Any) -> bool:
@@ -365,6 +417,14 @@ def guided_flags(**flags: Any) -> Dict[str, Any]:
         cfg["dropout"] = float(cfg["dropout"])
     except (TypeError, ValueError):
         raise ValueError(f"guided_diffusion flag dropout: expected a number, got {cfg['dropout']!r}") from None
+    cfg["time_input"], cfg["precision"] = str(cfg["time_input"]), str(cfg["precision"])
+    if cfg["time_input"] not in GUIDED_TIME_INPUTS:
+        raise ValueError(f"guided_diffusion option time_input={cfg['time_input']!r}; choose one of "
+                         f"{list(GUIDED_TIME_INPUTS)} (step_index: guided-diffusion's own sampler, t N - 1; "
+                         f"step_floor: DiffPure's SDE runner, floor(t N))")
+    if cfg["precision"] not in PRECISIONS:
+        raise ValueError(f"guided_diffusion option precision={cfg['precision']!r}; choose one of {list(PRECISIONS)} "
+                         f"(fp16: the torso in float16 as guided-diffusion's use_fp16=True runs it)")
     cfg["noise_schedule"] = str(cfg["noise_schedule"])
     cfg["timestep_respacing"] = str(cfg["timestep_respacing"])  # sampling only: the network sees original steps
     cfg["channel_mult"] = _channel_mult(cfg["channel_mult"], cfg["image_size"])
@@ -403,7 +463,11 @@ def load_guided_diffusion(path: str | os.PathLike, **flags: Any) -> VPBackbone:
     """guided-diffusion's UNetModel checkpoint (e.g. 256x256_diffusion_uncond.pt) as an EpsModel [B,3,H,W].
 
     flags: guided-diffusion's (see GUIDED_DEFAULTS; defaults = the 256x256 unconditional ImageNet
-    model). Time input: the step index t N - 1; a learn_sigma model's variance channels are dropped.
+    model), and two of ssni's: time_input "step_index" (the default: t N - 1, as guided-diffusion's own
+    sampler and DiffPure's DDPM runner) or "step_floor" (floor(t N), as DiffPure's SDE runner), and
+    precision "fp32" (the default: float32 throughout) or "fp16" (the torso in float16 as guided-diffusion's
+    convert_to_fp16 runs it, what use_fp16=True does there; use_fp16 itself switches nothing here).
+    A learn_sigma model's variance channels are dropped.
     """
     cfg = guided_flags(**flags)
     if cfg["class_cond"]:
@@ -413,11 +477,14 @@ def load_guided_diffusion(path: str | os.PathLike, **flags: Any) -> VPBackbone:
     net = build_guided_unet(cfg)
     state = _plain_state(torch_file(path), path)
     load_state_checked(net, state, "guided_diffusion", cfg, path)
+    if cfg["precision"] == "fp16":
+        net.convert_to_fp16()
     # guided-diffusion's linear schedule, betas (1000 / N) * [1e-4 .. 0.02], is VPDiffusion(0.1, 20, N)
     diffusion = VPDiffusion(0.1, 20.0, cfg["diffusion_steps"])
-    return VPBackbone(net, in_channels=3, image_size=cfg["image_size"], time_input="step_index",
+    return VPBackbone(net, in_channels=3, image_size=cfg["image_size"], time_input=cfg["time_input"],
                       diffusion=diffusion, config=cfg)
 
 
 __all__ = ["GuidedUNet", "GuidedResBlock", "GuidedAttention", "GroupNormF32", "guided_timestep_embedding",
-           "GUIDED_DEFAULTS", "guided_flags", "build_guided_unet", "load_guided_diffusion"]
+           "GUIDED_DEFAULTS", "GUIDED_TIME_INPUTS", "PRECISIONS", "guided_flags", "build_guided_unet",
+           "load_guided_diffusion"]

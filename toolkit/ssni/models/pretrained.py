@@ -13,7 +13,7 @@ returns eps and a variance; the first `in_channels` are eps). Loaders of public 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from torch import Tensor, nn
 
@@ -63,33 +63,61 @@ def load_pretrained(path: str | os.PathLike, format: str, **config: Any) -> EpsM
     return model
 
 
-def describe_mismatch(model: nn.Module, state: Dict[str, Tensor], fmt: str,
-                      config: Dict[str, Any]) -> Optional[str]:
-    """One line naming the first missing / unexpected keys and shape mismatches, or None."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
+FIRST_LINE = 260  # characters for the keys and shapes of a mismatch message (the path comes before them)
+
+
+def _listed(names: List[str], n: int) -> str:
+    """The first n of names and how many there are, e.g. "['a', 'b'] ... (7)"."""
+    return f"{names[:n]}{' ...' if len(names) > n else ''} ({len(names)})"
+
+
+def mismatch_summary(own: Dict[str, Tensor], state: Dict[str, Tensor], shapes_only: bool = False) -> Optional[str]:
+    """Missing / unexpected keys and shape mismatches of `state` against `own` (name -> tensor), or None.
+
+    A short line (about FIRST_LINE characters: fewer names when they are long); shapes_only
+    compares the shapes of the names both have and nothing else.
+    """
+    missing = [] if shapes_only else [k for k in own if k not in state]
+    unexpected = [] if shapes_only else [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
               if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if not (missing or unexpected or shapes):
         return None
-    parts = []
-    if missing:
-        parts.append(f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''} ({len(missing)})")
-    if unexpected:
-        parts.append(f"unexpected {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''} "
-                     f"({len(unexpected)})")
-    if shapes:
-        parts.append(f"shape mismatches (checkpoint vs model) {shapes[:3]}")
-    return (f"checkpoint does not fit format {fmt!r} with config {config}: " + "; ".join(parts))
+    line = ""
+    for n in (3, 2, 1):
+        parts = []
+        if missing:
+            parts.append(f"missing {_listed(missing, n)}")
+        if unexpected:
+            parts.append(f"unexpected {_listed(unexpected, n)}")
+        if shapes:
+            parts.append(f"shape mismatches (checkpoint vs model) {_listed(shapes, n)}")
+        line = "; ".join(parts)
+        if len(line) <= FIRST_LINE:
+            break
+    return line
+
+
+def describe_mismatch(model: nn.Module, state: Dict[str, Tensor], fmt: str,
+                      config: Dict[str, Any]) -> Optional[str]:
+    """What does not fit, or None: the keys and shapes first (one short line), then the assumed
+    format and options on a second line."""
+    line = mismatch_summary(model.state_dict(), state)
+    if line is None:
+        return None
+    return f"{line}\n(the checkpoint read as format {fmt!r} with options {config})"
 
 
 def load_state_checked(model: nn.Module, state: Dict[str, Tensor], fmt: str, config: Dict[str, Any],
                        path: str | os.PathLike) -> None:
-    """load_state_dict(strict) with a one-line error naming what does not fit, and the file."""
+    """load_state_dict(strict) with an error naming what does not fit first, and the file.
+
+    First line: the file, then its first missing and unexpected keys and shape mismatches; the
+    assumed format and options follow on the next line.
+    """
     problem = describe_mismatch(model, state, fmt, config)
     if problem:
-        raise ValueError(f"{path}: {problem}")
+        raise ValueError(f"{path} does not fit the {fmt} model: {problem}")
     model.load_state_dict(state)
 
 
@@ -103,4 +131,4 @@ def torch_file(path: str | os.PathLike) -> Any:
 
 
 __all__ = ["TIME_INPUTS", "PRETRAINED_FORMATS", "VPBackbone", "load_pretrained", "describe_mismatch",
-           "load_state_checked", "torch_file", "time_t999", "time_step_index"]
+           "load_state_checked", "mismatch_summary", "torch_file", "time_t999", "time_step_index"]
