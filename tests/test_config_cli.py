@@ -220,3 +220,17 @@ def test_a_classifier_too_deep_for_the_image_size_fails_in_one_line(tmp_path, ca
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
     assert "classifier convnext_atto does not take 16x16 images" in err and "data.image_size" in err
     assert not (tmp_path / "c" / "checkpoints").exists()
+
+
+def test_a_missing_optional_extra_is_one_line_not_a_traceback(capsys, monkeypatch):
+    """The robustbench source without the package printed 22 lines of traceback around a clear message."""
+    from ssni.commands import COMMANDS
+
+    def needs_extra(cfg):
+        raise ImportError("the robustbench classifier source needs the optional extra: pip install 'ssni[robustbench]'")
+
+    monkeypatch.setitem(COMMANDS._items, "evaluate", needs_extra)
+    assert main(["evaluate", "recipes/eval/digits.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("ssni evaluate: error: the robustbench classifier source needs the optional extra: "
+                           "pip install 'ssni[robustbench]'")

@@ -24,9 +24,11 @@ from .registry import UnknownNameError
 from .training.loop import NonFiniteLossError
 
 # Errors that mean "the input is wrong" (all with one-line messages): shown without a traceback.
-# OSError covers files that cannot be read or written (missing, a directory, no permission).
+# OSError covers files that cannot be read or written (missing, a directory, no permission);
+# ImportError an optional extra that is missing (the message names it) or installed but broken (the
+# message is its own import error).
 INPUT_ERRORS = (ConfigError, UnknownNameError, ValueError, OSError, CheckpointError,
-                UnsafeCheckpointError, NonFiniteLossError)
+                UnsafeCheckpointError, NonFiniteLossError, ImportError)
 
 
 def _busy_cores(interval: float = 0.2, windows: int = 3) -> int:
