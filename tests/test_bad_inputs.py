@@ -133,7 +133,7 @@ BAD = [
      "holds a score network (unet_tiny), not a classifier"),
     ("another model's weights", ["evaluate", "{eval}", "run_dir={tmp}/e",
                                  "defense.classifier.checkpoint={score_weights}"],
-     "checkpoint does not fit format 'timm'"),
+     "does not fit the timm model: missing"),
 ]
 
 

@@ -98,6 +98,8 @@ def check_attacks(attacks: List[AttackSpec], where: str = "attacks") -> None:
                 make_attack(a)
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"{at}: {e}") from None
+            except ImportError as e:  # an optional extra missing (one line naming it), or broken (its error)
+                raise ConfigError(f"{at}: {e}") from e
 
 
 def check_attack_options(attacks: List[AttackSpec], where: str = "attacks") -> None:
