@@ -101,9 +101,8 @@ class Registry:
         """Raise a one-line UnknownOptionError when `given` (a mapping of options) holds one that entry
         `name` does not take, listing those it does with their defaults; an unknown name raises
         UnknownNameError. `internal`: options the toolkit fills in itself (not listed)."""
-        self.get(name)
-        options, open_ended = self._signature_options(name)
-        options = {**options, **self._meta[name].get("defaults", {})}
+        found, open_ended = self._signature_options(name)  # an unknown name raises there
+        options = {**found, **self._meta[name].get("defaults", {})}
         unknown = sorted(k for k in given if k not in options)
         if unknown and not open_ended:
             shown = ", ".join(f"{k}={'(required)' if v is _EMPTY else v!r}" for k, v in options.items()
