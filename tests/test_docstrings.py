@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 
-MODULES = ["ssni.help", "ssni.purify.config", "ssni.scoring.score_norm", "ssni.scoring.calibration",
+MODULES = ["ssni.help", "ssni.evaluate.jobs", "ssni.purify.config", "ssni.scoring.score_norm", "ssni.scoring.calibration",
            "ssni.scoring.reweight", "ssni.defense", "ssni.attacks.pgd", "ssni.attacks.eot", "ssni.models.factory"]
 
 

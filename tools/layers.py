@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1] / "toolkit" / "ssni"
 # Lowest first. A module may import modules of its own layer or of lower ones, never higher.
 LAYERS: List[Tuple[str, Set[str]]] = [
     ("core", {"registry", "io", "config", "device", "seeding", "diffusion", "images", "noise",
-              "typical", "checkpoint", "sampling", "plotting", "help"}),
+              "typical", "checkpoint", "sampling", "plotting", "help", "dist"}),
     ("data", {"data"}),
     ("models", {"models"}),
     ("purify / scoring", {"purify", "scoring"}),

@@ -3,7 +3,7 @@ batched copies of the input (one large call per chunk, not a loop of calls). The
 variant (DiffHammer's idea) averages only over the draws that still resist the attack.
 
 Under torch.distributed (`dist=`: any object with rank, world_size and all_reduce(tensor), such as
-ssni.training.dist.DistContext) the copies of one batch are split across ranks, copy j on rank
+ssni.dist.DistContext) the copies of one batch are split across ranks, copy j on rank
 j % world_size, and their losses, gradients and probabilities are exchanged, so every rank gets the
 gradient one process computes and runs the identical attack. For that the defense randomness of a
 copy must not depend on the rank computing it: the oracle draws one seed per (copy, sample) up front

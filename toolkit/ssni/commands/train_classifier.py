@@ -7,11 +7,11 @@ from typing import Any, Dict, Optional
 
 from ..config import save_config, setting
 from ..data import DataConfig, build_dataset
+from ..dist import DistContext
 from ..io import atomic_write_json
 from ..models import check_input_size, classifier_spec, create_classifier
 from ..seeding import seeded
 from ..training.classifier import AugmentedCE, accuracy
-from ..training.dist import DistContext
 from ..training.loop import LoopConfig, OptimConfig, Trainer, check_run_dir, finished_run
 from .registry import command
 

@@ -16,11 +16,11 @@ from ..data import DataConfig, build_dataset
 from ..denoise.metrics import psnr
 from ..denoise.patches import RandomPatches
 from ..denoise.train import DenoiseLoss, build_denoiser, denoise_quality, noisy_observation
+from ..dist import DistContext
 from ..io import atomic_write_json
 from ..models import ModelConfig, model_spec
 from ..noise import NoiseConfig, build_noise
 from ..seeding import seeded
-from ..training.dist import DistContext
 from ..training.loop import LoopConfig, OptimConfig, Trainer, check_run_dir, finished_run
 from .registry import command
 

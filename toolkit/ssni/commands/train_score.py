@@ -9,13 +9,13 @@ import torch
 
 from ..config import save_config, setting
 from ..data import DataConfig, build_dataset
+from ..dist import DistContext
 from ..images import save_grid_png
 from ..io import atomic_write_json
 from ..models import ModelConfig, create_model, model_spec
 from ..noise import NoiseConfig, build_noise
 from ..sampling import generate
 from ..seeding import seeded
-from ..training.dist import DistContext
 from ..training.loop import LoopConfig, OptimConfig, Trainer, check_run_dir, finished_run
 from ..training.losses import DSMLoss, heldout_dsm_loss
 from .registry import command

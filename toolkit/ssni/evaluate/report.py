@@ -1,10 +1,63 @@
 """Evaluation output: markdown table and PNG plots (score norms, t*, accuracy vs epsilon)."""
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..plotting import pyplot, save_figure
+
+
+@dataclass
+class ResultRow:
+    """One line of an evaluation's table: a defense under an attack, the worst over several, or clean only.
+
+    Proportions in [0, 1] with their 95% intervals; worst_k: worst-of-k over the first k draws (when
+    more were taken); attacks: the attacks a worst-over-attacks row is taken over.
+    """
+
+    defense: str
+    attack: str
+    budget: str
+    n: int
+    draws: int
+    clean: float
+    clean_ci: Optional[Sequence[float]]
+    robust_expected: Optional[float] = None
+    robust_expected_ci: Optional[Sequence[float]] = None
+    robust_worst: Optional[float] = None
+    robust_worst_ci: Optional[Sequence[float]] = None
+    majority: Optional[float] = None
+    majority_ci: Optional[Sequence[float]] = None
+    mean_t_clean: Optional[float] = None
+    mean_t_adv: Optional[float] = None
+    seconds: float = 0.0
+    flags: List[str] = field(default_factory=list)
+    worst_k: Optional[int] = None
+    robust_worst_k: Optional[float] = None
+    robust_worst_k_ci: Optional[Sequence[float]] = None
+    attacks: Optional[List[str]] = None
+
+    @classmethod
+    def of(cls, defense: str, attack: str, budget: str, clean: Dict[str, Any], robust: Optional[Dict[str, Any]],
+           majority: Tuple[Optional[float], Any] = (None, None), **rest: Any) -> "ResultRow":
+        """A row from the clean accuracy and the attacked one (`draw_accuracy` / `worst_case` dicts;
+        robust None: a clean-only row)."""
+        r = robust or {}
+        return cls(defense, attack, budget, (robust or clean)["n"], clean["draws"], clean["expected"],
+                   clean["expected_ci"], r.get("expected"), r.get("expected_ci"), r.get("worst_of_n"),
+                   r.get("worst_of_n_ci"), majority[0], majority[1], **rest)
+
+    def as_dict(self) -> Dict[str, Any]:
+        """The row as results.json keeps it (worst-of-k and the attacks list only where present)."""
+        d = dataclasses.asdict(self)
+        if d["worst_k"] is None:
+            for k in ("worst_k", "robust_worst_k", "robust_worst_k_ci"):
+                d.pop(k)
+        if d["attacks"] is None:
+            d.pop("attacks")
+        return d
 
 
 def _pct(v: float | None) -> str:
@@ -20,7 +73,7 @@ def pct_ci(v: float | None, ci: Sequence[float] | None = None) -> str:
     return f"{_pct(v)}{_ci(ci)}"
 
 
-def markdown_table(rows: List[Dict[str, Any]]) -> str:
+def markdown_table(rows: Sequence[Union[ResultRow, Dict[str, Any]]]) -> str:
     """Rows of cell results -> a markdown table (percentages with 95% Wilson intervals).
 
     worst-of-N: N is the number of draws (shown in the header when every row has the same);
@@ -29,6 +82,7 @@ def markdown_table(rows: List[Dict[str, Any]]) -> str:
     per-draw predictions); budget: the attack, its iterations and EOT samples and the purifier it
     differentiated.
     """
+    rows = [r.as_dict() if isinstance(r, ResultRow) else r for r in rows]
     draws = {r.get("draws") for r in rows}
     worst = f"worst-of-{draws.pop()}" if len(draws) == 1 and None not in draws else "worst-of-N"
     ks = sorted({r["worst_k"] for r in rows if r.get("worst_k")})

@@ -14,14 +14,15 @@ from ..config import ConfigError, load_config, setting, to_dict
 from ..data import DataConfig, build_dataset
 from ..defense import DefenseConfig, build_defense, fixed_view
 from ..device import resolve_device
+from ..dist import DistContext
 from ..io import atomic_save_safetensors, atomic_write_json, atomic_write_text, remove_stale_temps
 from ..models import weights_fingerprint
 from ..scoring import build_reweight
 from ..seeding import derive_seed
-from ..training.dist import DistContext
 from .checks import epsilon_checks, gradient_check, randomness_check
+from .jobs import Batch, BatchRunner, EvalState
 from .metrics import draw_accuracy, majority_vote_accuracy, wilson_interval, worst_case
-from .report import markdown_table, plot_accuracy_vs_eps, plot_histograms
+from .report import ResultRow, markdown_table, plot_accuracy_vs_eps, plot_histograms
 from .specs import (
     NEW_ATTACK_FIELDS,
     AttackSpec,
@@ -34,7 +35,7 @@ from .specs import (
     make_attack,
     purifier_label,
 )
-from .state import EvalState, config_fingerprint, slug, tensor_fingerprint, without
+from .state import config_fingerprint, slug, tensor_fingerprint, without
 
 # settings that change no result (left out of the state's key, so changing them does not block a resume)
 NO_RESULT_KEYS = ("run_dir", "progress", "device", "defense", "defense_recipe", "defense_overrides", "data.root")
@@ -215,9 +216,7 @@ class Evaluation:
         if self.dist.is_main:  # temp files of writes a killed run did not finish (only dead writers')
             remove_stale_temps(self.run_dir)
         self.state = EvalState(self.run_dir, self.input_fingerprints(base_cfg))
-        self.stop_after = stop_after_batches
-        self._batches_done = 0
-        self._job = 0  # running number of every batch of the run, done or not: picks its rank
+        self.jobs = BatchRunner(self.state, self.dist, stop_after=stop_after_batches)
 
     def input_fingerprints(self, base_cfg: DefenseConfig) -> Dict[str, str]:
         """Fingerprints of everything the results depend on: the config (with the resolved
@@ -297,73 +296,47 @@ class Evaluation:
         shift = torch.randint(1, self.num_classes, (y.shape[0],), generator=g).to(y.device)
         return (y + shift) % self.num_classes
 
-    def _tick(self) -> None:
-        self._batches_done += 1
-        if self.stop_after is not None and self._batches_done >= self.stop_after:
-            raise KeyboardInterrupt("stopped on request (stop_after_batches)")
+    def _batch(self, cell: str, model: Optional[nn.Module], attack_spec: Optional[AttackSpec], x: Tensor,
+               y: Tensor, b: Batch, eps: Optional[float], write: bool) -> Dict[str, Any]:
+        """One batch of a cell: attack it (when the cell has an attack), then the defense's draws."""
+        t0 = time.perf_counter()
+        flags: List[str] = []
+        x_in = x
+        if attack_spec is not None:
+            attacked = self._attacked(model, attack_spec)
+            view = check_view = self.bare if attacked is None else attacked.view(attack_spec.view)
+            if attack_spec.fixed_seeds and model is not None:
+                # the attacker knows the defense's randomness: the seeds the evaluation uses for draw 0
+                seeds0 = self._seeds(cell, b.start, x.shape[0], 0)
+                fixed = fixed_view(model)
+                view, check_view = BoundSeeds(fixed, seeds0), BoundSeeds(fixed, seeds0[:8])
+            attack = self._make_attack(attack_spec, eps)
+            if self.cfg.checks and b.index == 0 and eps is None:
+                flags += self._self_check(check_view, x[:8], y[:8], attack_spec, attack.eot_samples)
+            target = self._targets(y, cell, b.index) if attack.targeted else y
+            torch.manual_seed(derive_seed(self.cfg.seed, cell, b.index))  # view randomness
+            x_in = attack(view, x, target, seed=derive_seed(self.cfg.seed, cell, b.index, "start"))
+            if self.cfg.save_adversarial and write:
+                atomic_save_safetensors(self.run_dir / "adv" / slug(cell) / f"batch_{b.index:05d}.safetensors",
+                                        {"x_adv": x_in.detach().cpu().contiguous(), "y": y.cpu().contiguous()})
+        saved = self._draw_correct(model, x_in, y, b.start, cell)
+        saved["seconds"] = time.perf_counter() - t0
+        saved["flags"] = flags
+        return saved
 
     def _cell(self, cell: str, model: Optional[nn.Module], attack_spec: Optional[AttackSpec],
               x_all: Tensor, y_all: Tensor, eps: Optional[float] = None) -> Dict[str, Any]:
         """All batches of one (defense, attack) cell, resuming from saved batches."""
-        bs = self.cfg.batch_size
-        parts: List[Optional[Dict[str, Any]]] = []
         # eot_across_ranks: every rank runs every batch of an EOT cell, its copies split across the ranks
         # (the attack's EOT oracle all-reduces them); the main rank alone reads and writes the state
         every = (self.cfg.eot_across_ranks and self.dist.world_size > 1 and attack_spec is not None
                  and (attack_spec.eot > 1 or attack_spec.selective))
-        writes = self.dist.is_main or not every
-        for bi, k in enumerate(range(0, x_all.shape[0], bs)):
-            mine = every or self._job % self.dist.world_size == self.dist.rank
-            self._job += 1
-            if not mine:  # another rank's batch (done now or earlier): read back after the barrier
-                parts.append(None)
-                self._bar.update(1)
-                continue
-            if every:  # the main rank says whether the batch is done, so every rank skips or runs it alike
-                saved = self.dist.all_gather_object(self.state.get(cell, bi) if self.dist.is_main else None)[0]
-            else:
-                saved = self.state.get(cell, bi)
-            if saved is None:
-                x, y = x_all[k:k + bs], y_all[k:k + bs]
-                t0 = time.perf_counter()
-                flags: List[str] = []
-                if attack_spec is not None:
-                    attacked = self._attacked(model, attack_spec)
-                    view = check_view = self.bare if attacked is None else attacked.view(attack_spec.view)
-                    if attack_spec.fixed_seeds and model is not None:
-                        # the attacker knows the defense's randomness: the seeds the evaluation uses for draw 0
-                        seeds0 = self._seeds(cell, k, x.shape[0], 0)
-                        fixed = fixed_view(model)
-                        view, check_view = BoundSeeds(fixed, seeds0), BoundSeeds(fixed, seeds0[:8])
-                    attack = self._make_attack(attack_spec, eps)
-                    if self.cfg.checks and bi == 0 and eps is None:
-                        flags += self._self_check(check_view, x[:8], y[:8], attack_spec, attack.eot_samples)
-                    target = self._targets(y, cell, bi) if attack.targeted else y
-                    torch.manual_seed(derive_seed(self.cfg.seed, cell, bi))  # view randomness
-                    x_in = attack(view, x, target, seed=derive_seed(self.cfg.seed, cell, bi, "start"))
-                    if self.cfg.save_adversarial and writes:
-                        atomic_save_safetensors(self.run_dir / "adv" / slug(cell) / f"batch_{bi:05d}.safetensors",
-                                                {"x_adv": x_in.detach().cpu().contiguous(),
-                                                 "y": y.cpu().contiguous()})
-                else:
-                    x_in = x
-                saved = self._draw_correct(model, x_in, y, k, cell)
-                saved["seconds"] = time.perf_counter() - t0
-                saved["flags"] = flags
-                if writes:
-                    self.state.put(cell, bi, saved)
-                self._tick()
-            parts.append(saved)
-            self._bar.update(1)
-        if self.dist.world_size > 1 and not every:
-            # gather through the files: every rank waits for the cell, then reads the others' batches
-            self.dist.barrier()
-            # reading the others' batches back is not reuse of an earlier run: not counted
-            parts = [p if p is not None else self.state.get(cell, bi, count=False) for bi, p in enumerate(parts)]
-            missing = [bi for bi, p in enumerate(parts) if p is None]
-            if missing:
-                raise RuntimeError(f"{cell}: batches {missing} are missing from {self.state.root} after "
-                                   "every rank finished; was the state directory changed meanwhile?")
+
+        def batch(b: Batch) -> Dict[str, Any]:
+            return self._batch(cell, model, attack_spec, x_all[b.start:b.stop], y_all[b.start:b.stop], b, eps,
+                               write=self.dist.is_main or not every)
+        parts = self.jobs.run(cell, x_all.shape[0], self.cfg.batch_size, batch,
+                              on_batch=lambda b: self._bar.update(1), every=every)
         correct = torch.tensor([row for p in parts for row in p["correct"]], dtype=torch.bool)
         res = draw_accuracy(correct)
         pred = None  # batches saved before predictions were stored have none: no majority vote then
@@ -430,31 +403,17 @@ class Evaluation:
                     continue
                 res = self._cell(f"{dname}/{spec.name}", model, spec, self.x, self.y)
                 cells[f"{dname}/{spec.name}"] = res
-                m, cm = res["metrics"], clean["metrics"]
-                maj, maj_ci = _maj(res)
                 budget = (self.budgets if model is not None else self.bare_budgets)[spec.name]
-                rows.append({"defense": dname, "attack": spec.name, "budget": budget, "n": m["n"],
-                             "draws": m["draws"], "clean": cm["expected"], "clean_ci": cm["expected_ci"],
-                             "robust_expected": m["expected"], "robust_expected_ci": m["expected_ci"],
-                             "robust_worst": m["worst_of_n"], "robust_worst_ci": m["worst_of_n_ci"],
-                             "majority": maj, "majority_ci": maj_ci,
-                             "mean_t_clean": mean(clean["t_star"]), "mean_t_adv": mean(res["t_star"]),
-                             "seconds": clean["seconds"] + res["seconds"], "flags": res["flags"],
-                             **self._first_draws({spec.name: res["correct"]})})
+                rows.append(ResultRow.of(dname, spec.name, budget, clean["metrics"], res["metrics"], _maj(res),
+                                         mean_t_clean=mean(clean["t_star"]), mean_t_adv=mean(res["t_star"]),
+                                         seconds=clean["seconds"] + res["seconds"], flags=res["flags"],
+                                         **self._first_draws({spec.name: res["correct"]})))
             worst_rows += self._worst_rows(dname, clean, cells, rows[first_row:])
             if len(rows) == first_row:  # no attack ran on this defense: still report its clean accuracy
-                cm = clean["metrics"]
-                maj, maj_ci = _maj(clean)
-                rows.append({"defense": dname, "attack": "clean", "budget": "no attack", "n": cm["n"],
-                             "draws": cm["draws"],
-                             "clean": cm["expected"], "clean_ci": cm["expected_ci"],
-                             "robust_expected": None, "robust_expected_ci": None,
-                             "robust_worst": None, "robust_worst_ci": None,
-                             "majority": maj, "majority_ci": maj_ci,
-                             "mean_t_clean": mean(clean["t_star"]), "mean_t_adv": None,
-                             "seconds": clean["seconds"], "flags": []})
+                rows.append(ResultRow.of(dname, "clean", "no attack", clean["metrics"], None, _maj(clean),
+                                         mean_t_clean=mean(clean["t_star"]), seconds=clean["seconds"]))
         curves: Dict[str, Dict[str, List[float]]] = {}
-        flags = sorted({f for r in rows for f in r["flags"]})
+        flags = sorted({f for r in rows for f in r.flags})
         if sweep_attack is not None:
             for dname in cfg.sweep.defenses:
                 if dname not in self.defenses:
@@ -491,15 +450,15 @@ class Evaluation:
         return result
 
     def _worst_rows(self, dname: str, clean: Dict[str, Any], cells: Dict[str, Any],
-                    rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+                    rows: List[ResultRow]) -> List[ResultRow]:
         """Worst over attacks (AutoAttack style) of one defense: a row per preset group, and a
         "worst-case" row over all its attack cells when there are >= 2 (and they are not one group)."""
-        names = [r["attack"] for r in rows]
+        names = [r.attack for r in rows]
         sets = [(g, [a for a in members if a in names]) for g, members in self.groups.items()]
         sets = [(g, m) for g, m in sets if len(m) >= 2]
         if len(names) >= 2 and not any(set(m) == set(names) for _, m in sets):
             sets.append(("worst-case", names))
-        out, cm = [], clean["metrics"]
+        out = []
         for label, members in sets:
             parts = [cells[f"{dname}/{a}"] for a in members]
             wc = worst_case({a: torch.tensor(p["correct"], dtype=torch.bool) for a, p in zip(members, parts)})
@@ -507,16 +466,10 @@ class Evaluation:
             if all(p.get("majority") is not None for p in parts):  # the vote survives every attack
                 hits = torch.tensor([p["majority"]["correct"] for p in parts], dtype=torch.bool).all(0)
                 maj, maj_ci = int(hits.sum()) / max(wc["n"], 1), wilson_interval(int(hits.sum()), wc["n"])
-            out.append({"defense": dname, "attack": label, "budget": f"worst over {', '.join(members)}",
-                        "n": wc["n"], "draws": cm["draws"], **self._first_draws({a: p["correct"] for a, p in
-                                                                              zip(members, parts)}),
-                        "clean": cm["expected"], "clean_ci": cm["expected_ci"],
-                        "robust_expected": wc["expected"], "robust_expected_ci": wc["expected_ci"],
-                        "robust_worst": wc["worst_of_n"], "robust_worst_ci": wc["worst_of_n_ci"],
-                        "majority": maj, "majority_ci": maj_ci, "attacks": members,
-                        "mean_t_clean": None, "mean_t_adv": None,
-                        "seconds": sum(p["seconds"] for p in parts),
-                        "flags": sorted({f for p in parts for f in p["flags"]})})
+            out.append(ResultRow.of(dname, label, f"worst over {', '.join(members)}", clean["metrics"], wc,
+                                    (maj, maj_ci), attacks=members, seconds=sum(p["seconds"] for p in parts),
+                                    flags=sorted({f for p in parts for f in p["flags"]}),
+                                    **self._first_draws({a: p["correct"] for a, p in zip(members, parts)})))
         return out
 
     def _first_draws(self, correct_by_attack: Dict[str, Any], k: int = WORST_OF_FEW) -> Dict[str, Any]:
@@ -555,7 +508,8 @@ class Evaluation:
                 plots[key] = str(path)
         table = markdown_table(rows + worst_rows)
         # worst-over-attacks rows stay apart from the per-cell rows (one row per cell there)
-        results = {"rows": rows, "worst_case": worst_rows, "curves": curves, "flags": flags, "plots": plots,
+        results = {"rows": [r.as_dict() for r in rows], "worst_case": [r.as_dict() for r in worst_rows],
+                   "curves": curves, "flags": flags, "plots": plots,
                    "n": int(self.x.shape[0]), "draws": self.cfg.draws,
                    "attacks": [to_dict(a) for a in self.cfg.attacks],
                    "per_sample": {k: {"t_star": v["t_star"], "score_norm": v["score_norm"]}
@@ -580,11 +534,11 @@ class Evaluation:
 
             w = SummaryWriter(str(out / "tb"))
             for r in rows:
-                tag = f"{r['defense']}/{r['attack']}"
-                w.add_scalar(f"clean/{r['defense']}", r["clean"], 0)
-                if r["robust_expected"] is not None:  # None: a clean-only row
-                    w.add_scalar(f"robust_expected/{tag}", r["robust_expected"], 0)
-                    w.add_scalar(f"robust_worst/{tag}", r["robust_worst"], 0)
+                tag = f"{r.defense}/{r.attack}"
+                w.add_scalar(f"clean/{r.defense}", r.clean, 0)
+                if r.robust_expected is not None:  # None: a clean-only row
+                    w.add_scalar(f"robust_expected/{tag}", r.robust_expected, 0)
+                    w.add_scalar(f"robust_worst/{tag}", r.robust_worst, 0)
             w.close()
         except Exception:  # TensorBoard is a convenience; results are already on disk
             pass

@@ -1,4 +1,4 @@
-"""Resumable evaluation state: one small JSON file per finished batch, written atomically.
+"""Keys of saved results: fingerprints of configs and tensors (the store itself: `jobs.py`).
 
 The state is keyed on everything the results depend on: the resolved config and the fingerprints
 of the weights (score network, classifier), the calibration, every defense's reweight and the images
@@ -14,10 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from pathlib import Path
-from typing import Any, Dict, Optional
-
-from ..io import atomic_write_json, read_json
+from typing import Any, Dict
 
 
 class StaleStateError(ValueError):
@@ -55,48 +52,3 @@ def without(d: Dict[str, Any], keys: Any) -> Dict[str, Any]:
 def slug(name: str) -> str:
     """A cell name as a file-system-safe folder name."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-
-
-class EvalState:
-    """Per-(cell, batch) results under <run_dir>/state/, guarded by fingerprints of the inputs.
-
-    parts: {name: fingerprint} of every input (e.g. "config", "score_model", "classifier",
-    "calibration", "reweights"), or one string (the whole key).
-    """
-
-    def __init__(self, run_dir: str | Path, parts: Dict[str, str] | str):
-        self.root = Path(run_dir) / "state"
-        self.parts = {"key": parts} if isinstance(parts, str) else dict(parts)
-        self.fingerprint = config_fingerprint(self.parts)
-        self.reused = 0
-        self.computed = 0  # batches finished (and saved) by this process
-        meta = self.root / "fingerprint.json"
-        if meta.is_file():
-            old = read_json(meta, "evaluation state fingerprint")
-            if not isinstance(old, dict) or old.get("fingerprint") != self.fingerprint:
-                old_parts = old.get("parts", {}) if isinstance(old, dict) else {}
-                changed = sorted(k for k in set(old_parts) | set(self.parts)
-                                 if old_parts.get(k) != self.parts.get(k)) or ["the state format"]
-                raise StaleStateError(
-                    f"{self.root} holds results of a different evaluation config or inputs (changed: "
-                    f"{', '.join(changed)}); refusing to reuse them. Use a new run_dir, or delete "
-                    f"{self.root} to start afresh")
-        else:
-            self.root.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(meta, {"fingerprint": self.fingerprint, "parts": self.parts})
-
-    def _path(self, cell: str, batch: int) -> Path:
-        return self.root / slug(cell) / f"batch_{batch:05d}.json"
-
-    def get(self, cell: str, batch: int, count: bool = True) -> Optional[Dict[str, Any]]:
-        """The saved result of a finished batch, or None (counted in `reused` unless count=False)."""
-        p = self._path(cell, batch)
-        if not p.is_file():
-            return None
-        self.reused += int(count)
-        return read_json(p, "evaluation batch result")
-
-    def put(self, cell: str, batch: int, result: Dict[str, Any]) -> None:
-        """Save a finished batch atomically."""
-        atomic_write_json(self._path(cell, batch), result)
-        self.computed += 1

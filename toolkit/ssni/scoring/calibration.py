@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
+from ..dist import join_shards, shard_starts  # noqa: F401  (join_shards: re-exported here for callers)
 from ..io import atomic_write_json, read_json
 from ..models import weights_fingerprint
 from ..seeding import block_seeds
@@ -130,22 +131,6 @@ def histogram(norms: Tensor, bins: int = 50, lo: float | None = None,
     counts = torch.histc(s, bins=bins, min=lo, max=hi)
     edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)
     return {"edges": edges.tolist(), "counts": counts.tolist()}
-
-
-def shard_starts(n: int, batch_size: int, rank: int = 0, world: int = 1) -> range:
-    """First indices of the batches that `rank` of `world` processes scores: every world-th batch
-    (strided, so ranks stay within one batch of each other in work)."""
-    if not 0 <= rank < world:
-        raise ValueError(f"rank must be in [0, {world}), got {rank}")
-    return range(rank * batch_size, n, world * batch_size)
-
-
-def join_shards(parts: List[Tensor], batch_size: int) -> Tensor:
-    """Undo `shard_starts`: per-rank norms (rank order) -> the one-process order [N]."""
-    world = len(parts)
-    chunks = [list(p.split(batch_size)) for p in parts]
-    out = [chunks[j % world][j // world] for j in range(sum(len(c) for c in chunks))]
-    return torch.cat(out) if out else torch.zeros(0)
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """Training: the DSM loss, the resumable loop, the process context, classifier and fine-tuning
 pieces. Checkpoints live in ssni.checkpoint, noise samplers in ssni.noise."""
-from .dist import DistContext
+from ..dist import DistContext
 from .loop import EpochBatches, LoopConfig, NonFiniteLossError, OptimConfig, Trainer
 from .losses import DSMLoss, heldout_dsm_loss
 

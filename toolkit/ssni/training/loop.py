@@ -13,9 +13,9 @@ from torch import Tensor, nn
 
 from ..checkpoint import clean_stale, latest_checkpoint, load_checkpoint, save_checkpoint
 from ..config import ConfigError, check_same_run, check_settings, setting
+from ..dist import DistContext
 from ..io import remove_stale_temps
 from ..seeding import epoch_seed, step_seed
-from .dist import DistContext
 
 RESUME_FILES = ("ema.safetensors", "optimizer.pt")  # besides the weights: what a resume needs
 SCHEDULES = ("constant", "cosine")  # learning-rate schedules after warm-up
