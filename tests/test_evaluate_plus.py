@@ -171,7 +171,7 @@ def _attack_purifiers(ev, spec_purifier):
     """The purifier the attack views of `dbp` differentiate for an attack with `purifier: spec_purifier`."""
     spec = AttackSpec(name="x", attack="pgd", kwargs=STEP, purifier=spec_purifier)
     model = ev.defenses["dbp"]
-    return ev._attacked(model, spec).view("full").parent.attack_purifier, model
+    return model.view(spec.view_spec()).purifier, model
 
 
 def test_attacks_differentiate_the_defense_purifier_unless_a_surrogate_is_chosen(tiny_setup, tmp_path):

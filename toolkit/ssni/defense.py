@@ -3,16 +3,18 @@
 score norm -> reweight (t* per sample) -> purifier (diffuse to t*, reverse to 0) -> resize to the
 classifier's input size -> normalisation -> classifier, optionally K purifications voted.
 
-Views (`RobustClassifier.view(name)`, registry VIEWS) are what an attack differentiates, all
-running the one pipeline method `RobustClassifier.run` with the attack purifier:
+What an attack differentiates is one value, a `ViewSpec` (purifier: the defense's own or the
+recipe's cheaper `surrogate`; gradient mode; through t*(x) or not; the vote; fixed seeds), built
+once and passed to `RobustClassifier.view`, which runs the one pipeline method
+`RobustClassifier.run` with it. The registered names (registry VIEWS) are ViewSpecs:
 - `full`: gradients through every purification step, t*(x) recomputed at every call without
   gradients (what the SSNI authors' adaptive attack does);
 - `adaptive`: also through the score norm and the smooth reweight, so the attacker can push a
   sample towards a low t* (our stronger SSNI-adaptive attack);
 - `bpda`: identity in place of the purifier's backward pass, t* without gradients;
 - `bare`: the classifier alone with the wrapper's preprocessing (transfer source, "none").
-`fixed_view` (the evaluation's `fixed_seeds: true`; not a registered view) is the defense itself, full
-gradients: called with the seeds the defense later uses, the attack differentiates exactly that draw.
+`FIXED` (the evaluation's `fixed_seeds: true`) is the defense itself with full gradients: given
+the seeds the defense later uses, the attack differentiates exactly that draw.
 Every view (and the defense) also has `stepwise(x, seeds)`: the logits at every reverse step
 [S,B,n], for the per-step loss of attacks/perstep.py. Every view also has `with_t_star(x, seeds)`:
 its logits, and the t*(x) and score norm of the same pass (differentiable in `adaptive`; in `bare`,
@@ -43,6 +45,40 @@ from .seeding import draw_seeds, mix_seeds
 
 VOTES = Registry("vote rule")
 VIEWS = Registry("attack view")
+
+PURIFIERS = ("defense", "surrogate")
+GRADS = ("full", "bpda", "none")
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """What an attack differentiates; `RobustClassifier.view(spec)` builds the module.
+
+    purifier: "defense" (the defense's own) or "surrogate" (the recipe's cheaper attack_purifier;
+    the defense's own where the recipe has none). grad: "full" (through every step), "bpda"
+    (identity backward through the purifier) or "none" (no purifier: the bare classifier).
+    through_t_star: gradients also through the score norm and the smooth t*(x). vote: how ensemble
+    members are combined ("mean_prob", or "defense": the defense's own vote). fixed_seeds: the view
+    is called with the seeds the defense later uses (bound by `view(spec, seeds=...)`).
+
+    Example:
+        >>> ViewSpec(purifier="defense", through_t_star=True)
+        ViewSpec(purifier='defense', grad='full', through_t_star=True, vote='mean_prob', fixed_seeds=False)
+    """
+
+    purifier: str = "surrogate"
+    grad: str = "full"
+    through_t_star: bool = False
+    vote: str = "mean_prob"
+    fixed_seeds: bool = False
+
+    def __post_init__(self):
+        if self.purifier not in PURIFIERS:
+            raise ValueError(f"ViewSpec.purifier must be one of {', '.join(PURIFIERS)}, got {self.purifier!r}")
+        if self.grad not in GRADS:
+            raise ValueError(f"ViewSpec.grad must be one of {', '.join(GRADS)}, got {self.grad!r}")
+        if self.vote != "defense":
+            VOTES.get(self.vote)  # unknown names fail here, listing the choices
 
 
 @VOTES.register("mean_prob")
@@ -228,29 +264,33 @@ class RobustClassifier(nn.Module):
         member_seeds = torch.cat([mix_seeds(seeds, 1 + i) for i in range(k)])
         return (x.repeat(k, 1, 1, 1) if k > 1 else x), (t.repeat(k) if k > 1 else t), member_seeds, s
 
-    def run(self, x: Tensor, seeds: Optional[Tensor] = None, attack: bool = False,
-            smooth: bool = False, grad: Optional[str] = None, vote: Optional[str] = None) -> Tensor:
-        """The full pipeline with explicit choices; x [B,C,H,W] in [0,1] -> logits [B,n]."""
-        return self.run_with_t_star(x, seeds, attack, smooth, grad, vote)[0]
+    def run(self, x: Tensor, seeds: Optional[Tensor] = None, view: Optional[ViewSpec] = None) -> Tensor:
+        """The pipeline as `view` says (None: the defense's own); x [B,C,H,W] in [0,1] -> logits [B,n]."""
+        return self.run_with_t_star(x, seeds, view)[0]
 
-    def run_with_t_star(self, x: Tensor, seeds: Optional[Tensor] = None, attack: bool = False,
-                        smooth: bool = False, grad: Optional[str] = None, vote: Optional[str] = None
+    def _view_parts(self, view: Optional[ViewSpec]) -> Tuple[nn.Module, Optional[str], str, bool]:
+        """(purifier, its gradient mode, vote rule, smooth t*) of a view; None: the defense's forward."""
+        if view is None:
+            return self.purifier, self.purifier_grad, self.vote, False
+        purifier = self.purifier if view.purifier == "defense" else self.attack_purifier
+        return purifier, view.grad, (self.vote if view.vote == "defense" else view.vote), view.through_t_star
+
+    def run_with_t_star(self, x: Tensor, seeds: Optional[Tensor] = None, view: Optional[ViewSpec] = None
                         ) -> Tuple[Tensor, Tensor, Tensor]:
         """`run`'s logits, the t*(x) it purified with and the score norm s(x) behind it, from one pass;
         x [B,C,H,W] -> ([B,n], [B], [B]).
 
-        With `smooth` (and autograd recording) t* and s carry gradients (through the score network and
-        the smooth reweight), so an attack can lower them (attacks/lownoise.py); otherwise they do not.
+        In a view through t* (and with autograd recording) t* and s carry gradients (through the score
+        network and the smooth reweight), so an attack can lower them (attacks/lownoise.py).
         """
-        purifier = self.attack_purifier if attack else self.purifier
+        purifier, grad, vote, smooth = self._view_parts(view)
         xk, tk, member_seeds, s = self._members(x, seeds, smooth)
         k, b = self.ensemble, x.shape[0]
         xp = purifier(xk, tk, seeds=member_seeds, grad=grad)
         logits = self.classify(xp).reshape(k, b, -1)
-        return (logits[0] if k == 1 else VOTES.get(vote or self.vote)(logits)), tk[:b], s
+        return (logits[0] if k == 1 else VOTES.get(vote)(logits)), tk[:b], s
 
-    def run_steps(self, x: Tensor, seeds: Optional[Tensor] = None, attack: bool = False,
-                  smooth: bool = False, grad: Optional[str] = None, vote: Optional[str] = None) -> Tensor:
+    def run_steps(self, x: Tensor, seeds: Optional[Tensor] = None, view: Optional[ViewSpec] = None) -> Tensor:
         """`run`'s logits at every reverse step; x [B,C,H,W] in [0,1] -> [S,B,n], [-1] = run's logits.
 
         Step s is the purifier's s-th global reverse step (Purifier.trajectory: a sample whose own
@@ -258,7 +298,7 @@ class RobustClassifier(nn.Module):
         and vote as `run`; each step's classifier call is checkpointed while autograd records, so
         activation memory holds one classifier pass, not S.
         """
-        purifier = self.attack_purifier if attack else self.purifier
+        purifier, grad, vote, smooth = self._view_parts(view)
         if not callable(getattr(purifier, "trajectory", None)):
             raise TypeError(f"per-step logits need a purifier with trajectory() (ssni's Purifier), "
                             f"got {type(purifier).__name__}")
@@ -270,24 +310,38 @@ class RobustClassifier(nn.Module):
         for st in states:
             z = _checkpoint(self.classify, st, use_reentrant=False) if recompute else self.classify(st)
             z = z.reshape(k, b, -1)
-            out.append(z[0] if k == 1 else VOTES.get(vote or self.vote)(z))
+            out.append(z[0] if k == 1 else VOTES.get(vote)(z))
         return torch.stack(out)
 
     def forward(self, x: Tensor, seeds: Optional[Tensor] = None) -> Tensor:
         """Defense logits [B,n] for images x [B,C,H,W] in [0,1] (the defense purifier)."""
-        return self.run(x, seeds, attack=False, smooth=False, grad=self.purifier_grad)
+        return self.run(x, seeds)
 
     def stepwise(self, x: Tensor, seeds: Optional[Tensor] = None) -> Tensor:
         """Defense logits at every reverse step; x [B,C,H,W] in [0,1] -> [S,B,n], [-1] = forward's."""
-        return self.run_steps(x, seeds, attack=False, smooth=False, grad=self.purifier_grad)
+        return self.run_steps(x, seeds)
 
-    def surrogate(self, view: str = "full") -> nn.Module:
+    def attack_module(self, view: Union[str, ViewSpec] = "full") -> nn.Module:
         """The differentiable module to hand to another attack library (torchattacks, AutoAttack): view(view)."""
         return self.view(view)
 
-    def view(self, name: str) -> nn.Module:
-        """The attacker's view `name` (see VIEWS: full, adaptive, bpda, bare) as a plain nn.Module."""
-        return VIEWS.get(name)(self)
+    def surrogate(self, view: Union[str, ViewSpec] = "full") -> nn.Module:
+        """Old name of `attack_module` ("surrogate" now names only the recipe's cheaper purifier)."""
+        import warnings
+
+        warnings.warn("RobustClassifier.surrogate() is now attack_module(); 'surrogate' names the recipe's "
+                      "cheaper attack purifier only", DeprecationWarning, stacklevel=2)
+        return self.attack_module(view)
+
+    def view(self, spec: Union[str, ViewSpec], seeds: Optional[Tensor] = None) -> nn.Module:
+        """The attacker's view as a plain nn.Module: a ViewSpec, or a VIEWS name (full, adaptive, bpda,
+        bare). seeds [B]: every call uses these per-sample seeds (`BoundSeeds`; a fixed_seeds view needs them)."""
+        spec = VIEWS.get(spec) if isinstance(spec, str) else spec
+        if spec.fixed_seeds and seeds is None:
+            raise ValueError("a fixed_seeds view needs the seeds the defense will use: view(spec, seeds=...) with "
+                             "one seed per sample [B]")
+        module = BareView(self) if spec.grad == "none" else AttackView(self, spec)
+        return BoundSeeds(module, seeds) if seeds is not None else module
 
     def replace(self, **changes: Any) -> "RobustClassifier":
         """A new wrapper sharing this one's networks, with some parts changed (e.g. reweight=...)."""
@@ -320,37 +374,33 @@ class RobustClassifier(nn.Module):
 
 
 class AttackView(nn.Module):
-    """Attack view of a RobustClassifier: forward(x [B,C,H,W] in [0,1], seeds=None) -> logits.
+    """A RobustClassifier as an attack sees it: forward(x [B,C,H,W] in [0,1], seeds=None) -> logits [B,n],
+    the defense's pipeline run as its ViewSpec says."""
 
-    Runs the defense's pipeline with gradient mode `grad`, the smooth reweight if `smooth`
-    (gradients through the score norm and t*(x)), and the attack purifier with a mean-probability
-    vote, or with `defense=True` the defense's own purifier and vote (its forward, differentiable).
-    """
-
-    def __init__(self, parent: RobustClassifier, grad: str = "full", smooth: bool = True,
-                 defense: bool = False):
+    def __init__(self, parent: RobustClassifier, spec: ViewSpec):
         super().__init__()
-        self.parent = parent
-        self.grad, self.smooth, self.defense = grad, smooth, defense
+        self.parent, self.spec = parent, spec
         # eval from the start: libraries such as torchattacks save `.training`, call eval(), attack, and
         # call train() again if it was True, which would put the wrapped defense's BatchNorm in training mode
         self.eval()
 
+    @property
+    def purifier(self) -> nn.Module:
+        """The purifier this view runs and differentiates."""
+        return self.parent._view_parts(self.spec)[0]
+
     def forward(self, x: Tensor, seeds: Optional[Tensor] = None) -> Tensor:
         """Logits [B,n]; differentiable in x as the view's settings say."""
-        return self.parent.run(x, seeds, attack=not self.defense, smooth=self.smooth, grad=self.grad,
-                               vote=None if self.defense else "mean_prob")
+        return self.parent.run(x, seeds, self.spec)
 
     def stepwise(self, x: Tensor, seeds: Optional[Tensor] = None) -> Tensor:
         """Logits at every reverse step, this view's settings; [B,C,H,W] -> [S,B,n], [-1] = forward's."""
-        return self.parent.run_steps(x, seeds, attack=not self.defense, smooth=self.smooth,
-                                     grad=self.grad, vote=None if self.defense else "mean_prob")
+        return self.parent.run_steps(x, seeds, self.spec)
 
     def with_t_star(self, x: Tensor, seeds: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
         """forward's logits, the t*(x) it used and its score norm, one pass; [B,C,H,W] -> ([B,n], [B], [B]);
-        t* and s are differentiable in x in a smooth view (adaptive), gradient-free (t* rounded) otherwise."""
-        return self.parent.run_with_t_star(x, seeds, attack=not self.defense, smooth=self.smooth,
-                                           grad=self.grad, vote=None if self.defense else "mean_prob")
+        t* and s are differentiable in x in a view through t* (adaptive), gradient-free (t* rounded) otherwise."""
+        return self.parent.run_with_t_star(x, seeds, self.spec)
 
 
 class BareView(nn.Module):
@@ -375,33 +425,63 @@ class BareView(nn.Module):
         return (self.parent.classify(x), *self.parent.noise_levels(x, seeds, smooth=True))
 
 
-@VIEWS.register("full")
+class BoundSeeds(nn.Module):
+    """A view called with fixed per-sample seeds [B]; x [R*B,...] (EOT copies) -> logits [R*B,n]."""
+
+    def __init__(self, view: nn.Module, seeds: Tensor):
+        super().__init__()
+        self.view, self.seeds = view, seeds
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits of the view with every copy of sample i drawn with seeds[i]."""
+        return self.view(x, seeds=self._repeat(x))
+
+    def stepwise(self, x: Tensor) -> Tensor:
+        """Logits at every reverse step [S,R*B,n], seeded as forward (for the per-step loss)."""
+        return self.view.stepwise(x, seeds=self._repeat(x))
+
+    def with_t_star(self, x: Tensor) -> tuple:
+        """Logits [R*B,n], t* and score norms [R*B], seeded as forward (for a loss on t*, attacks/lownoise.py)."""
+        return self.view.with_t_star(x, seeds=self._repeat(x))
+
+    def _repeat(self, x: Tensor) -> Tensor:
+        b = self.seeds.numel()
+        if x.shape[0] % b:
+            raise ValueError(f"fixed seeds: {x.shape[0]} inputs are not copies of the {b} seeded samples")
+        return self.seeds.repeat(x.shape[0] // b)
+
+
+VIEWS.add("full", ViewSpec(grad="full"))  # full gradients through the attack purifier; t*(x) without
+VIEWS.add("adaptive", ViewSpec(grad="full", through_t_star=True))  # also through score norm and smooth t*(x)
+VIEWS.add("bpda", ViewSpec(grad="bpda"))  # identity backward through the purifier; t*(x) without
+VIEWS.add("bare", ViewSpec(grad="none"))  # the classifier alone (transfer attacks, the undefended row)
+# the defense's own pipeline with full gradients: with the defense's seeds, the same output as its forward
+FIXED = ViewSpec(purifier="defense", grad="full", vote="defense", fixed_seeds=True)
+
+
 def full_view(defense: RobustClassifier) -> nn.Module:
     """Full gradients through the attack purifier; t*(x) without gradients."""
-    return AttackView(defense, grad="full", smooth=False)
+    return defense.view("full")
 
 
-@VIEWS.register("adaptive")
 def adaptive_view(defense: RobustClassifier) -> nn.Module:
     """Full gradients through the attack purifier, the score norm and the smooth t*(x)."""
-    return AttackView(defense, grad="full", smooth=True)
+    return defense.view("adaptive")
 
 
-@VIEWS.register("bpda")
 def bpda_view(defense: RobustClassifier) -> nn.Module:
     """Identity backward through the purifier (BPDA); t*(x) without gradients."""
-    return AttackView(defense, grad="bpda", smooth=False)
+    return defense.view("bpda")
 
 
-@VIEWS.register("bare")
 def bare_view(defense: RobustClassifier) -> nn.Module:
     """The classifier alone (transfer attacks, the undefended row)."""
-    return BareView(defense)
+    return defense.view("bare")
 
 
 def fixed_view(defense: RobustClassifier) -> nn.Module:
-    """The defense's own pipeline with full gradients: same seeds, same output as its forward."""
-    return AttackView(defense, grad="full", smooth=False, defense=True)
+    """The defense's own pipeline with full gradients, unbound (`BoundSeeds` gives it the defense's seeds)."""
+    return AttackView(defense, FIXED)
 
 
 # -- recipes -----------------------------------------------------------------------------------

@@ -67,7 +67,6 @@ from .specs import (
     AttackSpec,
     DefenseSpec,
     attack_budget,
-    attacked_defense,
     check_attack_options,
     check_attacks,
     make_attack,
@@ -296,8 +295,8 @@ class Fit:
     def attack(self, member: Member, x: Tensor, y: Tensor, first: int) -> Tensor:
         """x_adv [b,C,H,W] of one batch: the member's attack through the defense with its reweight."""
         if member.name not in self._attackers:  # built once per member, not per batch
-            d = attacked_defense(self.defense.replace(reweight=member.reweight), member.spec)
-            self._attackers[member.name] = (d.view(member.spec.view), make_attack(member.spec))
+            d = self.defense.replace(reweight=member.reweight)
+            self._attackers[member.name] = (d.view(member.spec.view_spec()), make_attack(member.spec))
         view, attack = self._attackers[member.name]
         torch.manual_seed(derive_seed(self.cfg.seed, member.name, first))  # the view's randomness
         return attack(view, x, y, seed=derive_seed(self.cfg.seed, member.name, first, "start"))

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..config import ConfigError, load_config, setting, to_dict
 from ..data import DataConfig, build_dataset
-from ..defense import DefenseConfig, build_defense, fixed_view
+from ..defense import BoundSeeds, DefenseConfig, build_defense
 from ..device import resolve_device
 from ..dist import DistContext
 from ..io import atomic_save_safetensors, atomic_write_json, atomic_write_text, remove_stale_temps
@@ -28,7 +28,6 @@ from .specs import (
     AttackSpec,
     DefenseSpec,
     attack_budget,
-    attacked_defense,
     check_attack_options,
     check_attacks,
     expand_attacks,
@@ -129,32 +128,6 @@ def _same_eps(spec: AttackSpec, eps: float) -> bool:
     return own is not None and abs(float(own) - float(eps)) <= 1e-9 * max(1.0, abs(float(eps)))
 
 
-class BoundSeeds(nn.Module):
-    """A view called with fixed per-sample seeds [B]; x [R*B,...] (EOT copies) -> logits [R*B,n]."""
-
-    def __init__(self, view: nn.Module, seeds: Tensor):
-        super().__init__()
-        self.view, self.seeds = view, seeds
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Logits of the view with every copy of sample i drawn with seeds[i]."""
-        return self.view(x, seeds=self._repeat(x))
-
-    def stepwise(self, x: Tensor) -> Tensor:
-        """Logits at every reverse step [S,R*B,n], seeded as forward (for the per-step loss)."""
-        return self.view.stepwise(x, seeds=self._repeat(x))
-
-    def with_t_star(self, x: Tensor) -> tuple:
-        """Logits [R*B,n], t* and score norms [R*B], seeded as forward (for a loss on t*, attacks/lownoise.py)."""
-        return self.view.with_t_star(x, seeds=self._repeat(x))
-
-    def _repeat(self, x: Tensor) -> Tensor:
-        b = self.seeds.numel()
-        if x.shape[0] % b:
-            raise ValueError(f"fixed seeds: {x.shape[0]} inputs are not copies of the {b} seeded samples")
-        return self.seeds.repeat(x.shape[0] // b)
-
-
 def _maj(cell: Dict[str, Any]) -> tuple:
     """(majority accuracy, its interval) of a cell, or (None, None) when its predictions were not saved."""
     m = cell.get("majority")
@@ -188,7 +161,6 @@ class Evaluation:
                 reweight=build_reweight(rw.name, self.base.calibration, **rw.kwargs))
         if not self.defenses:
             raise ValueError("evaluate: `defenses` is empty; list at least one (e.g. name: none)")
-        self._own: Dict[int, nn.Module] = {}  # defense -> the same defense attacked through its own purifier
         self.budgets: Dict[str, str] = {}
         self.bare_budgets: Dict[str, str] = {}
         for i, spec in enumerate(self.attacks):  # bad attack settings fail here, not after hours of work
@@ -278,14 +250,6 @@ class Evaluation:
         dist = self.dist if self.cfg.eot_across_ranks else None  # copies split across ranks (one rank: ignored)
         return make_attack(spec, eps, scale_step=self.cfg.sweep.scale_step, source=self.bare, dist=dist)
 
-    def _attacked(self, model: Optional[nn.Module], spec: AttackSpec) -> Optional[nn.Module]:
-        """The defense as `spec` attacks it: through its own purifier, or the recipe's surrogate."""
-        if model is None or spec.purifier == "surrogate" or model.attack_purifier is model.purifier:
-            return model
-        if id(model) not in self._own:  # built once per defense
-            self._own[id(model)] = attacked_defense(model, spec)
-        return self._own[id(model)]
-
     def budget(self, spec: AttackSpec, attack) -> str:
         """One line saying what the attack spent and what it differentiated, for every report line."""
         return attack_budget(spec, attack, self.base)
@@ -303,13 +267,14 @@ class Evaluation:
         flags: List[str] = []
         x_in = x
         if attack_spec is not None:
-            attacked = self._attacked(model, attack_spec)
-            view = check_view = self.bare if attacked is None else attacked.view(attack_spec.view)
-            if attack_spec.fixed_seeds and model is not None:
-                # the attacker knows the defense's randomness: the seeds the evaluation uses for draw 0
+            vs = attack_spec.view_spec()
+            if model is None:  # the undefended classifier: attacked alone, whatever the spec's view
+                view = check_view = self.bare
+            elif vs.fixed_seeds:  # the attacker knows the defense's randomness: the seeds of draw 0
                 seeds0 = self._seeds(cell, b.start, x.shape[0], 0)
-                fixed = fixed_view(model)
-                view, check_view = BoundSeeds(fixed, seeds0), BoundSeeds(fixed, seeds0[:8])
+                view, check_view = model.view(vs, seeds=seeds0), model.view(vs, seeds=seeds0[:8])
+            else:
+                view = check_view = model.view(vs)
             attack = self._make_attack(attack_spec, eps)
             if self.cfg.checks and b.index == 0 and eps is None:
                 flags += self._self_check(check_view, x[:8], y[:8], attack_spec, attack.eot_samples)

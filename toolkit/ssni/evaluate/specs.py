@@ -2,14 +2,14 @@
 building an attack from its spec, with the one-line budget every report line carries."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional
 
 from torch import nn
 
 from ..attacks import ATTACKS, EOT, per_step
 from ..config import ConfigError, setting
-from ..defense import VIEWS
+from ..defense import FIXED, VIEWS, ViewSpec
 from ..registry import UnknownNameError
 from ..scoring import ReweightConfig
 
@@ -40,6 +40,14 @@ class AttackSpec:
     # cheaper choice) the defense recipe's attack_purifier; every report line names the one used
     purifier: str = "defense"  # defense | surrogate
     per_step: bool = False  # the loss at every reverse step of the purification (DiffAttack style)
+
+    def view_spec(self) -> ViewSpec:
+        """What this attack differentiates, as one value (`RobustClassifier.view` builds it): the named
+        view through the purifier it names, or with fixed_seeds the defense itself (`FIXED`)."""
+        if self.fixed_seeds:
+            return FIXED
+        named = VIEWS.get(self.view)
+        return named if named.grad == "none" else replace(named, purifier=self.purifier)
 
 
 # preset -> (label suffix, loss) of the APGD runs it expands into
@@ -126,14 +134,6 @@ def make_attack(spec: AttackSpec, eps: Optional[float] = None, scale_step: bool 
     if spec.per_step:  # under EOT, so every copy ascends its own loss at every reverse step
         attack = per_step(attack)
     return EOT(attack, spec.eot, selective=spec.selective, dist=dist) if spec.eot > 1 or spec.selective else attack
-
-
-def attacked_defense(model: Optional[nn.Module], spec: AttackSpec) -> Optional[nn.Module]:
-    """The defense as `spec` attacks it: through its own purifier (a wrapper sharing every network,
-    only the purifier its views differentiate differs), or the recipe's surrogate."""
-    if model is None or spec.purifier == "surrogate" or model.attack_purifier is model.purifier:
-        return model
-    return model.replace(attack_purifier=model.purifier)
 
 
 def attack_budget(spec: AttackSpec, attack, base: nn.Module) -> str:
