@@ -13,8 +13,8 @@ import torch
 
 from ..config import save_config, setting
 from ..data import DataConfig, build_dataset
-from ..defense import load_score_model
 from ..io import remove_stale_temps
+from ..models.load import load_score_model
 from ..scoring import ScoreNorm, ScoreNormConfig, build_reweight, compute_norms, histogram, plot_reweight
 from ..scoring.calibration import calibration_from_norms, join_shards
 from ..training.dist import DistContext
