@@ -4,8 +4,9 @@ import importlib
 
 import pytest
 
-MODULES = ["ssni.help", "ssni.evaluate.jobs", "ssni.purify.config", "ssni.scoring.score_norm", "ssni.scoring.calibration",
-           "ssni.scoring.reweight", "ssni.defense", "ssni.attacks.pgd", "ssni.attacks.eot", "ssni.models.factory"]
+MODULES = ["ssni.help", "ssni.evaluate.jobs", "ssni.purify.config", "ssni.scoring.score_norm",
+           "ssni.scoring.calibration", "ssni.scoring.reweight", "ssni.defense", "ssni.attacks.pgd",
+           "ssni.attacks.eot", "ssni.models.factory", "ssni.models.load"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -36,8 +35,8 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from .config import from_dict, load_config, setting, to_dict
 from .device import resolve_device
 from .images import check_images
-from .models import create_classifier, load_model, load_pretrained
-from .models.classifier import robustbench_classifier
+from .models import create_classifier
+from .models.load import ClassifierRef, load_classifier, load_score_model  # noqa: F401  (also importable from here)
 from .purify import PurifierConfig, build_purifier
 from .registry import Registry
 from .scoring import Calibration, Reweight, ReweightConfig, ScoreNorm, ScoreNormConfig, build_reweight
@@ -486,26 +485,6 @@ def fixed_view(defense: RobustClassifier) -> nn.Module:
 
 # -- recipes -----------------------------------------------------------------------------------
 @dataclass
-class ClassifierRef:
-    """Where the classifier comes from: a checkpoint/run directory, a timm name, or RobustBench.
-
-    source "robustbench": `name` is a RobustBench model (e.g. Standard, the WideResNet-28-10) and
-    kwargs give model_dir (where RobustBench keeps its files), dataset and threat_model; such a
-    model normalises itself, so set the defense's input_size (32 for CIFAR-10) and leave mean/std
-    null.
-    """
-
-    source: str = "timm"  # timm | robustbench
-    name: str = "resnet18"
-    checkpoint: Optional[str] = None  # run dir or checkpoint dir (train-classifier) or weights file
-    weights: str = "auto"  # for run/checkpoint dirs: auto (EMA when present) | ema | model
-    pretrained: bool = False
-    in_chans: Optional[int] = setting(None, ge=1)  # default: the score model's channels
-    num_classes: int = setting(10, ge=2)
-    kwargs: Dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
 class DefenseConfig:
     """Everything that defines an SSNI defense (saved with evaluations)."""
 
@@ -528,52 +507,6 @@ class DefenseConfig:
     channels_last: bool = False  # score network in channels_last memory format (GPUs)
     compile: bool = False  # torch.compile the score network (dynamic batch); see tools/bench_reference.py
     device: str = "auto"
-
-
-def load_score_model(spec: Union[str, os.PathLike, Dict[str, Any], nn.Module],
-                     weights: str = "auto") -> nn.Module:
-    """A score network: a module as given, an ssni checkpoint/run directory (EMA weights when
-    present), or a public checkpoint {format: score_sde | guided_diffusion | diffusers, path: ...,
-    other options of that format} (see ssni.models.load_pretrained)."""
-    if isinstance(spec, nn.Module):
-        return spec
-    if isinstance(spec, dict):
-        opts = dict(spec)
-        if "format" not in opts or "path" not in opts:
-            raise ValueError(f"score_model {spec} must name format and path (e.g. {{format: score_sde, "
-                             f"path: checkpoint_8.pth}}), or be an ssni checkpoint directory")
-        return load_pretrained(opts.pop("path"), opts.pop("format"), **opts)
-    model = load_model(spec, weights=weights)
-    if not hasattr(model, "diffusion"):  # e.g. a classifier or denoiser run given by mistake
-        raise ValueError(f"score_model {spec} holds {_what(model)}, not a score network; expected a "
-                         "`ssni train-score` run or checkpoint directory, or a public checkpoint {format: ..., path: ...}")
-    return model
-
-
-def _what(model: nn.Module) -> str:
-    """A loaded network in a few words, e.g. "a classifier (resnet10t)" or "a score network (unet_tiny)"."""
-    kind = ("a score network" if hasattr(model, "diffusion") else
-            "a classifier" if "num_classes" in (getattr(model, "config", None) or {}) else "a network")
-    return f"{kind} ({getattr(model, 'model_name', None) or getattr(model, 'name', None) or type(model).__name__})"
-
-
-def load_classifier(ref: ClassifierRef, in_chans: int, image_size: int) -> nn.Module:
-    """A classifier from a run/checkpoint directory, a weights file, or a fresh timm model."""
-    if ref.source == "robustbench":
-        return robustbench_classifier(ref.name, **ref.kwargs)
-    if ref.source != "timm":
-        raise ValueError(f"classifier.source must be timm or robustbench, got {ref.source!r}")
-    ckpt = Path(ref.checkpoint) if ref.checkpoint else None
-    if ckpt is not None and ckpt.is_dir():
-        model = load_model(ckpt, weights=ref.weights)
-        if hasattr(model, "diffusion") or "num_classes" not in (getattr(model, "config", None) or {}):
-            raise ValueError(f"classifier.checkpoint {ckpt} holds {_what(model)}, not a classifier; expected a "
-                             "`ssni train-classifier` run or checkpoint directory, or a weights file of classifier.name")
-        return model
-    return create_classifier(ref.name, in_chans=ref.in_chans or in_chans,
-                             num_classes=ref.num_classes, image_size=image_size,
-                             pretrained=ref.pretrained,
-                             checkpoint=str(ckpt) if ckpt is not None else None, **ref.kwargs)
 
 
 def _purifier(score_model: nn.Module, cfg: Union[PurifierConfig, Dict[str, Any], None]) -> nn.Module:

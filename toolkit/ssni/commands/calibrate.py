@@ -13,9 +13,9 @@ import torch
 
 from ..config import save_config, setting
 from ..data import DataConfig, build_dataset
-from ..defense import load_score_model
 from ..dist import DistContext, join_shards
 from ..io import remove_stale_temps
+from ..models.load import load_score_model
 from ..scoring import ScoreNorm, ScoreNormConfig, build_reweight, compute_norms, histogram, plot_reweight
 from ..scoring.calibration import calibration_from_norms
 from .registry import command

@@ -24,10 +24,10 @@ import torch
 
 from ..config import save_config, setting, to_dict
 from ..data import resize
-from ..defense import load_score_model
 from ..device import resolve_device
 from ..images import IMAGE_EXTENSIONS, list_images, non_images, read_image, write_png
 from ..io import atomic_write_json, remove_stale_temps
+from ..models.load import load_score_model
 from ..purify import PurifierConfig, build_purifier
 from ..scoring import Calibration, ReweightConfig, ScoreNorm, ScoreNormConfig, build_reweight
 from ..seeding import draw_seeds, mix_seeds

@@ -6,10 +6,10 @@ from typing import Any, Dict, Optional
 
 from torch import nn
 
-from ..io import load_safetensors, safe_torch_load
+from ..io import load_safetensors
 from .factory import CHECKPOINT_FORMATS, weights_file
-from .pretrained import load_state_checked
-from .robustbench_zoo import robustbench_classifier  # noqa: F401  (re-exported: defense imports it from here)
+from .pretrained import load_state_checked, load_weights_file
+from .robustbench_zoo import robustbench_classifier  # noqa: F401  (re-exported: older code imports it from here)
 
 
 def create_classifier(name: str, in_chans: int, num_classes: int, image_size: int,
@@ -32,14 +32,8 @@ def create_classifier(name: str, in_chans: int, num_classes: int, image_size: in
         raise ValueError(f"timm model {name!r} does not take the keyword arguments {sorted(kwargs)} ({e}); "
                          "remove or rename them in the classifier's kwargs") from None
     if checkpoint:
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"classifier checkpoint not found: {path}")
-        state = load_safetensors(path) if path.suffix == ".safetensors" else safe_torch_load(path)
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
         config = {"name": name, "in_chans": in_chans, "num_classes": num_classes, **kwargs}
-        load_state_checked(model, state, "timm", config, path)  # another model's keys: one line
+        load_weights_file(model, checkpoint, "timm", config)  # another model's keys: one line
     model.model_name = name
     model.config = dict(name=name, in_chans=in_chans, num_classes=num_classes,
                         image_size=image_size, **kwargs)

@@ -121,6 +121,17 @@ def load_state_checked(model: nn.Module, state: Dict[str, Tensor], fmt: str, con
     model.load_state_dict(state)
 
 
+def load_weights_file(model: nn.Module, path: str | os.PathLike, fmt: str, config: Dict[str, Any]) -> None:
+    """Fill `model` strictly from a weights file: .safetensors, or a torch file of tensors (weights_only;
+    a {"state_dict": ...} wrapper is opened); what does not fit is a one-line ValueError naming the file."""
+    from ..io import load_safetensors
+
+    state = load_safetensors(path) if str(path).endswith(".safetensors") else torch_file(path)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    load_state_checked(model, state, fmt, config, path)
+
+
 def torch_file(path: str | os.PathLike) -> Any:
     """A torch checkpoint file, loaded with weights_only=True (pickled code is refused)."""
     from ..io import safe_torch_load
@@ -131,4 +142,4 @@ def torch_file(path: str | os.PathLike) -> Any:
 
 
 __all__ = ["TIME_INPUTS", "PRETRAINED_FORMATS", "VPBackbone", "load_pretrained", "describe_mismatch",
-           "load_state_checked", "mismatch_summary", "torch_file", "time_t999", "time_step_index"]
+           "load_state_checked", "load_weights_file", "mismatch_summary", "torch_file", "time_t999", "time_step_index"]
