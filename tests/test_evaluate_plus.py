@@ -222,3 +222,56 @@ def test_per_step_attacks_run_in_evaluate_also_with_fixed_seeds(tiny_setup, tmp_
     res = ev.run()
     rows = json.loads((tmp_path / "ev/results.json").read_text())["rows"]
     assert [r["attack"] for r in rows] == ["step", "step-fixed"] and not res["flags"]
+
+
+def test_paired_differences_against_a_defense_match_the_saved_draws(tiny_setup, tmp_path):
+    from ssni.config import ConfigError
+    from ssni.evaluate.metrics import paired_difference
+
+    out = tmp_path / "ev"
+    setup = dict(draws=3, defenses=[
+        {"name": "none"}, {"name": "dbp", "reweight": {"name": "constant", "kwargs": {"t_base": 0.05}}},
+        {"name": "ssni-n", "reweight": {"name": "sigmoid", "kwargs": {"t_base": 0.05, "b": 0.005}}}],
+        attacks=[{"name": "pgd", "attack": "pgd", "eot": 2, "kwargs": STEP},
+                 {"name": "adaptive", "attack": "pgd", "view": "adaptive", "only_sample_specific": True,
+                  "kwargs": STEP}])
+    Evaluation(_config(tiny_setup, out, paired_with="dbp", **setup)).run()
+    res = json.loads((out / "results.json").read_text())
+
+    def per_image(cell):
+        batches = sorted((out / "state" / cell).glob("batch_*.json"))
+        return torch.tensor([row for b in batches for row in json.loads(b.read_text())["correct"]]).float().mean(1)
+    got = {(p["defense"], p["what"]): p for p in res["paired"]}
+    # none and ssni-n against dbp: clean, pgd (both faced it) and worst-case; adaptive ran on ssni-n only
+    assert set(got) == {(d, w) for d in ("none", "ssni-n") for w in ("clean", "pgd", "worst-case")}
+    for d in ("none", "ssni-n"):
+        for what, cell in (("clean", "clean"), ("pgd", "pgd")):
+            want = paired_difference(per_image(f"{d}_{cell}"), per_image(f"dbp_{cell}"))
+            assert got[(d, what)]["diff"] == pytest.approx(want["diff"])
+            lo, hi = got[(d, what)]["ci"]
+            assert lo <= got[(d, what)]["diff"] <= hi
+    # ssni-n's worst case is over its own two attacks: per image the lower of the two
+    worst = torch.minimum(per_image("ssni-n_pgd"), per_image("ssni-n_adaptive"))
+    assert got[("ssni-n", "worst-case")]["diff"] == pytest.approx((worst - per_image("dbp_pgd")).mean().item())
+    report = (out / "report.md").read_text()
+    assert "## Paired differences against dbp" in report and "| ssni-n |" in report
+    # a reporting choice: changing it later reuses every finished batch
+    assert Evaluation(_config(tiny_setup, out, paired_with="none", **setup)).run()["computed_batches"] == 0
+    with pytest.raises(ConfigError, match="paired_with 'dpb' is not one of the defenses"):
+        Evaluation(_config(tiny_setup, tmp_path / "bad", paired_with="dpb"))
+
+
+def test_paired_difference_interval_and_bad_shapes():
+    from ssni.evaluate.metrics import paired_difference
+
+    a = torch.tensor([1.0, 0.5, 0.0, 0.0, 1.0, 0.0])
+    r = paired_difference(a, a)
+    assert r["diff"] == 0.0 and r["ci"] == (0.0, 0.0)  # identical defenses: no difference, no spread
+    b = torch.zeros(6)
+    r = paired_difference(a, b)
+    sd = (a - b).std().item()
+    assert r["diff"] == pytest.approx(a.mean().item())
+    assert r["ci"][1] - r["ci"][0] == pytest.approx(2 * 1.959964 * sd / 6 ** 0.5, rel=1e-5)  # not clipped here
+    assert paired_difference(torch.ones(6), torch.tensor([1.0, 0, 0, 0, 0, 0]))["ci"][1] == 1.0  # clipped to 1
+    with pytest.raises(ValueError, match="same samples"):
+        paired_difference(a, b[:5])

@@ -98,3 +98,27 @@ def worst_case(correct_by_attack: Dict[str, Tensor]) -> Dict[str, Any]:
             "expected": expected, "expected_ci": wilson_interval(int(round(expected * n)), n),
             "worst_of_n": worst / n if n else 0.0, "worst_of_n_ci": wilson_interval(worst, n),
             "by_attack": {a: per_attack[i].mean().item() if n else 0.0 for i, a in enumerate(names)}}
+
+
+def paired_difference(a: Tensor, b: Tensor, z: float = 1.959963984540054) -> Dict[str, Any]:
+    """Mean over samples of a - b for paired per-sample scores a, b [N] (e.g. each image's expected
+    accuracy under two defenses), with a normal-approximation 95% interval: {n, diff, ci}.
+
+    Pairing removes the images' own difficulty from the comparison, so the interval is narrower than
+    the two accuracies' intervals suggest when the defenses fail on the same images.
+
+    Example:
+        >>> r = paired_difference(torch.tensor([1., 1., 0., 1.]), torch.tensor([1., 0., 0., 0.]))
+        >>> r["n"], r["diff"]
+        (4, 0.5)
+    """
+    if a.shape != b.shape or a.dim() != 1:
+        raise ValueError(f"paired_difference needs two [N] score vectors of the same samples, got "
+                         f"{list(a.shape)} and {list(b.shape)}")
+    d = a.double() - b.double()
+    n = d.numel()
+    if n == 0:
+        return {"n": 0, "diff": 0.0, "ci": (-1.0, 1.0)}
+    mean = d.mean().item()
+    half = z * (d.std().item() if n > 1 else 1.0) / math.sqrt(n)
+    return {"n": n, "diff": mean, "ci": (max(-1.0, mean - half), min(1.0, mean + half))}

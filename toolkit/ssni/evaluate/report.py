@@ -73,6 +73,26 @@ def pct_ci(v: float | None, ci: Sequence[float] | None = None) -> str:
     return f"{_pct(v)}{_ci(ci)}"
 
 
+def paired_table(paired: List[Dict[str, Any]]) -> List[str]:
+    """Report lines of paired differences (`Evaluation._paired` rows): a defense per line, a column per
+    comparison, each 'diff [95% interval]' in points; [] when there are none."""
+    if not paired:
+        return []
+    whats = list(dict.fromkeys(p["what"] for p in paired))
+    ref = paired[0]["against"]
+    lines = ["", f"## Paired differences against {ref}", "",
+             f"Per image, each defense's expected accuracy minus {ref}'s on the same image, averaged over the "
+             f"{paired[0]['n']} images, in points with a 95% normal interval; worst-case: each defense's own "
+             "worst over the attacks it faced.", "",
+             "| defense | " + " | ".join(whats) + " |", "|---" * (len(whats) + 1) + "|"]
+    for d in dict.fromkeys(p["defense"] for p in paired):
+        got = {p["what"]: p for p in paired if p["defense"] == d}
+        cells = [f"{100 * got[w]['diff']:+.1f} [{100 * got[w]['ci'][0]:+.1f}, {100 * got[w]['ci'][1]:+.1f}]"
+                 if w in got else "—" for w in whats]
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown_table(rows: Sequence[Union[ResultRow, Dict[str, Any]]]) -> str:
     """Rows of cell results -> a markdown table (percentages with 95% Wilson intervals).
 

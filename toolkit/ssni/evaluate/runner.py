@@ -21,8 +21,8 @@ from ..scoring import build_reweight
 from ..seeding import derive_seed
 from .checks import epsilon_checks, gradient_check, randomness_check
 from .jobs import Batch, BatchRunner, EvalState
-from .metrics import draw_accuracy, majority_vote_accuracy, wilson_interval, worst_case
-from .report import ResultRow, markdown_table, plot_accuracy_vs_eps, plot_histograms
+from .metrics import draw_accuracy, majority_vote_accuracy, paired_difference, wilson_interval, worst_case
+from .report import ResultRow, markdown_table, paired_table, plot_accuracy_vs_eps, plot_histograms
 from .specs import (
     NEW_ATTACK_FIELDS,
     AttackSpec,
@@ -37,7 +37,8 @@ from .specs import (
 from .state import config_fingerprint, slug, tensor_fingerprint, without
 
 # settings that change no result (left out of the state's key, so changing them does not block a resume)
-NO_RESULT_KEYS = ("run_dir", "progress", "device", "defense", "defense_recipe", "defense_overrides", "data.root")
+NO_RESULT_KEYS = ("run_dir", "progress", "device", "defense", "defense_recipe", "defense_overrides", "data.root",
+                  "paired_with")
 DEFENSE_NO_RESULT_KEYS = ("device", "score_model.path", "calibration", "classifier.checkpoint")
 # with more draws than this, rows also give worst-of-this-many (over the first draws) beside worst-of-all
 WORST_OF_FEW = 4
@@ -85,6 +86,9 @@ class EvaluateConfig:
     # ranks (for inputs too big for all copies on one GPU), not one batch per rank; same results.
     # One process: no effect
     eot_across_ranks: bool = False
+    # a defense's name: the report also gives every other defense's per-image difference against it
+    # (clean, each attack both faced, worst case), paired on the same images, with 95% intervals
+    paired_with: Optional[str] = None
 
 
 def check_config(cfg: EvaluateConfig) -> None:
@@ -102,6 +106,8 @@ def check_config(cfg: EvaluateConfig) -> None:
     labels = [a.name for a in attacks] + list(groups)
     if len(set(labels)) != len(labels):
         raise ConfigError(f"attack labels must be unique, got {labels}")
+    if cfg.paired_with is not None and cfg.paired_with not in names:
+        raise ConfigError(f"paired_with {cfg.paired_with!r} is not one of the defenses {names}")
     labels = [a.name for a in attacks]
     for i, a in enumerate(attacks):
         if a.name in ("clean", "worst-case"):  # <defense>/clean is the clean cell; worst-case a summary row
@@ -409,10 +415,35 @@ class Evaluation:
             return {"table": markdown_table(rows + worst_rows), "flags": flags, "report": str(self.run_dir / "report.md"),
                     "results": str(self.run_dir / "results.json"), "computed_batches": computed,
                     "reused_batches": reused}
-        result = {**self._write(rows, cells, curves, flags, worst_rows), "computed_batches": computed,
+        result = {**self._write(rows, cells, curves, flags, worst_rows, self._paired(cells)), "computed_batches": computed,
                   "reused_batches": reused}
         self.dist.barrier()
         return result
+
+    def _paired(self, cells: Dict[str, Any]) -> List[Dict[str, Any]]:
+        """Each defense's per-image difference against `paired_with`: clean, every attack both faced, and
+        each one's worst case over its own attacks (expected accuracy per image, mean over draws)."""
+        ref = self.cfg.paired_with
+        if ref is None:
+            return []
+
+        def scores(dname: str) -> Dict[str, Tensor]:
+            own = {a.name: torch.tensor(cells[f"{dname}/{a.name}"]["correct"], dtype=torch.bool)
+                   for a in self.attacks if f"{dname}/{a.name}" in cells}
+            out = {"clean": torch.tensor(cells[f"{dname}/clean"]["correct"]).float().mean(1)}
+            out.update({a: c.float().mean(1) for a, c in own.items()})
+            if own:
+                out["worst-case"] = worst_case(own)["per_sample"]
+            return out
+        base, rows = scores(ref), []
+        for dname in self.defenses:
+            if dname == ref:
+                continue
+            mine = scores(dname)
+            for what in [k for k in mine if k in base]:
+                rows.append({"defense": dname, "against": ref, "what": what,
+                             **paired_difference(mine[what], base[what])})
+        return rows
 
     def _worst_rows(self, dname: str, clean: Dict[str, Any], cells: Dict[str, Any],
                     rows: List[ResultRow]) -> List[ResultRow]:
@@ -445,7 +476,7 @@ class Evaluation:
         wc = worst_case({a: torch.tensor(c, dtype=torch.bool)[:, :k] for a, c in correct_by_attack.items()})
         return {"worst_k": k, "robust_worst_k": wc["worst_of_n"], "robust_worst_k_ci": wc["worst_of_n_ci"]}
 
-    def _write(self, rows, cells, curves, flags, worst_rows) -> Dict[str, Any]:
+    def _write(self, rows, cells, curves, flags, worst_rows, paired) -> Dict[str, Any]:
         out = self.run_dir
         hist_s, hist_t = {}, {}
         for dname, model in self.defenses.items():
@@ -474,7 +505,7 @@ class Evaluation:
         table = markdown_table(rows + worst_rows)
         # worst-over-attacks rows stay apart from the per-cell rows (one row per cell there)
         results = {"rows": [r.as_dict() for r in rows], "worst_case": [r.as_dict() for r in worst_rows],
-                   "curves": curves, "flags": flags, "plots": plots,
+                   "paired": paired, "curves": curves, "flags": flags, "plots": plots,
                    "n": int(self.x.shape[0]), "draws": self.cfg.draws,
                    "attacks": [to_dict(a) for a in self.cfg.attacks],
                    "per_sample": {k: {"t_star": v["t_star"], "score_norm": v["score_norm"]}
@@ -484,6 +515,7 @@ class Evaluation:
               f"({self.cfg.split}), {self.cfg.draws} defense draws per image; intervals are 95% "
               "Wilson intervals over images.", "", table, "## Self-checks", ""]
         md += [f"- FLAG: {f}" for f in flags] or ["- no flags raised"]
+        md += paired_table(paired)
         md += ["", "## Attacks", ""]
         md += [f"- `{a.name}`: {self.budgets[a.name]}; view `{a.view}`; settings {a.kwargs}" for a in self.attacks]
         md += [f"- `{g}` (worst of {', '.join(m)}): preset rand, AutoAttack's randomized-defense version"

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The Fashion-MNIST study, every stage in order; each one resumes where it stopped, so after a stop
+# (or a new session) the same command carries on. Logs: runs/fmnist/logs/<stage>.log.
+#
+#   SSNI_THREADS=2 bash tools/fmnist_study.sh                 # every stage
+#   SSNI_THREADS=2 bash tools/fmnist_study.sh eval autoattack # some of them
+#   python tools/fmnist_results.py                            # tables and plots into results/fmnist/
+#
+# Stages: networks (score network, classifier, calibration), tstar (DBP's t* on validation images),
+# reweight (the learned curve), convergence (doubling iterations / EOT), eval (n = 512), autoattack.
+# Convergence runs before the n = 512 evaluation: if doubling the budget changed robust accuracy,
+# the evaluation's budget would have to change first.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+SSNI=${SSNI:-ssni}
+LOGS=runs/fmnist/logs
+mkdir -p "$LOGS"
+stages=("$@")
+[ ${#stages[@]} -gt 0 ] || stages=(networks tstar reweight convergence eval autoattack)
+
+run() {  # run <stage> <ssni args...>: one command, its output appended to the stage's log
+    local stage=$1
+    shift
+    echo "[study] $(date -u +%FT%TZ) $stage: ssni $*" | tee -a "$LOGS/$stage.log"
+    local t0=$SECONDS
+    "$SSNI" "$@" >>"$LOGS/$stage.log" 2>&1
+    echo "[study] $(date -u +%FT%TZ) $stage: done in $((SECONDS - t0)) s" | tee -a "$LOGS/$stage.log"
+}
+
+for stage in "${stages[@]}"; do
+    case $stage in
+        networks)
+            run networks train-score recipes/fmnist/score.yaml
+            run networks train-classifier recipes/fmnist/classifier.yaml
+            [ -f runs/fmnist/calibration/calibration.json ] || run networks calibrate recipes/fmnist/calibrate.yaml ;;
+        tstar) run tstar evaluate recipes/fmnist/dbp_tstar.yaml ;;
+        reweight) run reweight fit-reweight recipes/fmnist/reweight.yaml ;;
+        convergence) run convergence evaluate recipes/fmnist/convergence.yaml ;;
+        eval) run eval evaluate recipes/fmnist/eval.yaml ;;
+        autoattack) run autoattack evaluate recipes/fmnist/eval_autoattack.yaml ;;
+        *) echo "unknown stage '$stage'; stages: networks tstar reweight convergence eval autoattack" >&2; exit 2 ;;
+    esac
+done
