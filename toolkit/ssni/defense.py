@@ -76,8 +76,9 @@ class ViewSpec:
             raise ValueError(f"ViewSpec.purifier must be one of {', '.join(PURIFIERS)}, got {self.purifier!r}")
         if self.grad not in GRADS:
             raise ValueError(f"ViewSpec.grad must be one of {', '.join(GRADS)}, got {self.grad!r}")
-        if self.vote != "defense":
-            VOTES.get(self.vote)  # unknown names fail here, listing the choices
+        if self.vote != "defense" and self.vote not in VOTES:
+            raise ValueError(f"ViewSpec.vote must be defense or a vote rule ({', '.join(VOTES.names())}), "
+                             f"got {self.vote!r}")
 
 
 @VOTES.register("mean_prob")

@@ -109,6 +109,9 @@ def options_text(kind: Optional[str] = None, name: Optional[str] = None) -> str:
     registry = find_registry(kind)
     if name is None:
         return f"{registry.kind}: {', '.join(registry.names())}"
+    entry = registry.get(name)
+    if dataclasses.is_dataclass(entry) and not isinstance(entry, type):  # a registered value (e.g. a ViewSpec)
+        return f"{registry.kind} {name!r} is {entry!r}"
     options = registry.options(name)
     if not options:
         return f"{registry.kind} {name!r} takes no options"

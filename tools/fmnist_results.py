@@ -1,0 +1,151 @@
+"""Collect the Fashion-MNIST study's small results from runs/fmnist/ into results/fmnist/ (committed).
+
+    python tools/fmnist_results.py [--runs runs/fmnist] [--out results/fmnist]
+
+For each stage that has finished (tools/fmnist_study.sh): its report, results.json and plots are
+copied; DBP's t* curve and the convergence check are drawn and tabulated; summary.md says, stage by
+stage, what is there, the compute time its batches took (wall seconds x threads), and what is
+still missing. A stage still running is reported as such, never as a result.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "toolkit"))
+
+from ssni.evaluate.report import pct_ci  # noqa: E402
+from ssni.plotting import pyplot, save_figure  # noqa: E402
+
+COPY = {"eval": ["report.md", "results.json", "t_star.png", "score_norms.png", "accuracy_vs_eps.png", "config.yaml"],
+        "eval-autoattack": ["report.md", "results.json", "config.yaml"],
+        "convergence": ["report.md", "results.json", "config.yaml"],
+        "dbp-tstar": ["report.md", "results.json", "config.yaml"],
+        "reweight": ["report.md", "reweight.json", "reweight.png", "config.yaml"],
+        "calibration": ["calibration.json", "score_norms.png", "config.yaml"]}
+
+
+def compute_seconds(run: Path) -> Optional[Dict[str, Any]]:
+    """Seconds the saved batches of an evaluation took, and the thread count its config records."""
+    batches = list((run / "state").rglob("batch_*.json"))
+    if not batches:
+        return None
+    seconds = sum(json.loads(b.read_text()).get("seconds", 0.0) for b in batches)
+    threads = None
+    cfg = run / "config.yaml"
+    if cfg.is_file():
+        threads = ((yaml.safe_load(cfg.read_text()) or {}).get("runtime") or {}).get("threads")
+    return {"batches": len(batches), "seconds": seconds, "threads": threads}
+
+
+def tstar_curve(res: Dict[str, Any], out: Path) -> List[str]:
+    """DBP's clean and robust accuracy against t* (the rows named dbp-<t>), a plot and the chosen t*."""
+    pts = []
+    for r in res["rows"]:
+        if r["defense"].startswith("dbp-") and r["robust_expected"] is not None:
+            pts.append((float(r["defense"][4:]), r))
+    if not pts:
+        return []
+    pts.sort(key=lambda p: p[0])
+    none = next((r for r in res["rows"] if r["defense"] == "none" and r["robust_expected"] is not None), None)
+    best = max(pts, key=lambda p: (round(p[1]["robust_expected"], 6), p[1]["clean"]))
+    fig, ax = pyplot().subplots(figsize=(5.5, 3.6))
+    ts = [t for t, _ in pts]
+    for key, label in (("clean", "clean"), ("robust_expected", "PGD-EOT (expected)")):
+        ys = [100 * r[key] for _, r in pts]
+        lo = [100 * r[f"{key}_ci"][0] for _, r in pts]
+        hi = [100 * r[f"{key}_ci"][1] for _, r in pts]
+        ax.plot(ts, ys, marker="o", label=label)
+        ax.fill_between(ts, lo, hi, alpha=0.2)
+    ax.axvline(best[0], color="grey", ls="--", lw=1)
+    ax.set_xlabel("constant t*")
+    ax.set_ylabel("accuracy %")
+    ax.set_title(f"DBP on {res['n']} validation images: accuracy vs t*")
+    ax.legend()
+    save_figure(fig, out / "dbp_tstar.png")
+    lines = ["| t* | clean % | robust % (expected) | robust % (worst-of-N) |", "|---|---|---|---|"]
+    if none is not None:
+        lines.append(f"| none | {pct_ci(none['clean'], none['clean_ci'])} | "
+                     f"{pct_ci(none['robust_expected'], none['robust_expected_ci'])} | "
+                     f"{pct_ci(none['robust_worst'], none['robust_worst_ci'])} |")
+    lines += [f"| {t:g} | {pct_ci(r['clean'], r['clean_ci'])} | {pct_ci(r['robust_expected'], r['robust_expected_ci'])}"
+              f" | {pct_ci(r['robust_worst'], r['robust_worst_ci'])} |" for t, r in pts]
+    return lines + ["", f"Chosen t* (best robust, ties: higher clean): **{best[0]:g}**"]
+
+
+def convergence(res: Dict[str, Any], out: Path) -> List[str]:
+    """Robust accuracy at the study's budget vs twice the iterations and twice the EOT samples."""
+    table: Dict[str, Dict[str, Dict[str, Any]]] = {}
+    for r in res["rows"]:
+        if r["robust_expected"] is None or "-" not in r["attack"]:
+            continue
+        family, budget = r["attack"].rsplit("-", 1)
+        table.setdefault(f"{r['defense']} / {family}", {})[budget] = r
+    if not table:
+        return []
+    budgets = ["10x2", "20x2", "10x4"]
+    lines = ["| defense / attack | " + " | ".join(f"{b} robust %" for b in budgets)
+             + " | 20x2 - 10x2 | 10x4 - 10x2 |", "|---" * (len(budgets) + 3) + "|"]
+    fig, ax = pyplot().subplots(figsize=(6, 3.6))
+    for name, by in table.items():
+        got = [by.get(b) for b in budgets]
+        cells = [pct_ci(r["robust_expected"], r["robust_expected_ci"]) if r else "—" for r in got]
+        base = got[0]["robust_expected"] if got[0] else None
+        diffs = [f"{100 * (r['robust_expected'] - base):+.1f}" if r and base is not None else "—" for r in got[1:]]
+        lines.append(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(diffs) + " |")
+        xs = [i for i, r in enumerate(got) if r]
+        ax.plot(xs, [100 * got[i]["robust_expected"] for i in xs], marker="o", label=name)
+    ax.set_xticks(range(len(budgets)), ["10 it x EOT 2", "20 it x EOT 2", "10 it x EOT 4"])
+    ax.set_ylabel("robust accuracy % (expected)")
+    ax.set_title(f"Convergence on {res['n']} test images")
+    ax.legend(fontsize=7)
+    save_figure(fig, out / "convergence.png")
+    return lines
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Copy, tabulate and plot what has finished; write summary.md."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", default=str(ROOT / "runs" / "fmnist"))
+    p.add_argument("--out", default=str(ROOT / "results" / "fmnist"))
+    args = p.parse_args(argv)
+    runs, out = Path(args.runs), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = ["# Fashion-MNIST study: collected results", "",
+          "Made by `python tools/fmnist_results.py` from `runs/fmnist/` (stages: `tools/fmnist_study.sh`).", ""]
+    for stage, files in COPY.items():
+        src = runs / stage
+        done = (src / files[0]).is_file() and (stage != "reweight" or (src / "reweight.json").is_file())
+        md += [f"## {stage}", ""]
+        cost = compute_seconds(src)
+        if not done:
+            md += [f"Not finished ({cost['batches']} batches saved so far)." if cost else "Not run yet.", ""]
+            continue
+        dst = out / stage
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            if (src / f).is_file():
+                shutil.copyfile(src / f, dst / f)
+        if cost:
+            th = cost["threads"]
+            md += [f"Batches: {cost['batches']}, {cost['seconds'] / 3600:.2f} h of wall time at {th} thread(s)"
+                   + (f" = {cost['seconds'] * th / 3600:.2f} CPU-hours." if th else "."), ""]
+        if stage == "dbp-tstar":
+            md += tstar_curve(json.loads((src / "results.json").read_text()), out) + [""]
+        if stage == "convergence":
+            md += convergence(json.loads((src / "results.json").read_text()), out) + [""]
+        md += [f"Files: {', '.join(f'`{stage}/{f}`' for f in files if (dst / f).is_file())}", ""]
+    (out / "summary.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
