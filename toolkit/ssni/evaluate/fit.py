@@ -266,7 +266,7 @@ class Fit:
         self.hold_x, self.hold_y = self.images[n_fit:], self.labels[n_fit:]
         self.grid = torch.tensor(cfg.t_grid, dtype=torch.float32)
         self.computed = 0  # sets computed (not reused from members/) by this run
-        self.store = BatchStore(self.out / "members", write=dist.is_main)
+        self.store = BatchStore(self.out / "members")  # each rank saves the batches it computes
         self.jobs = BatchRunner(self.store, dist)
         self._attackers: Dict[str, Any] = {}  # member name -> (the view it attacks, its attack)
         d = self.defense
