@@ -18,13 +18,21 @@ mkdir -p "$LOGS"
 stages=("$@")
 [ ${#stages[@]} -gt 0 ] || stages=(networks tstar reweight convergence eval autoattack)
 
+failed=()
 run() {  # run <stage> <ssni args...>: one command, its output appended to the stage's log
     local stage=$1
     shift
     echo "[study] $(date -u +%FT%TZ) $stage: ssni $*" | tee -a "$LOGS/$stage.log"
     local t0=$SECONDS
-    "$SSNI" "$@" >>"$LOGS/$stage.log" 2>&1
-    echo "[study] $(date -u +%FT%TZ) $stage: done in $((SECONDS - t0)) s" | tee -a "$LOGS/$stage.log"
+    # a failed stage is reported and the next one still runs (an unattended night is not lost to one
+    # error); the script exits non-zero at the end
+    if "$SSNI" "$@" >>"$LOGS/$stage.log" 2>&1; then
+        echo "[study] $(date -u +%FT%TZ) $stage: done in $((SECONDS - t0)) s" | tee -a "$LOGS/$stage.log"
+    else
+        echo "[study] $(date -u +%FT%TZ) $stage: FAILED after $((SECONDS - t0)) s (see $LOGS/$stage.log)" \
+            | tee -a "$LOGS/$stage.log"
+        failed+=("$stage")
+    fi
 }
 
 for stage in "${stages[@]}"; do
@@ -41,3 +49,7 @@ for stage in "${stages[@]}"; do
         *) echo "unknown stage '$stage'; stages: networks tstar reweight convergence eval autoattack" >&2; exit 2 ;;
     esac
 done
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "[study] failed stages: ${failed[*]}" >&2
+    exit 1
+fi
