@@ -3,10 +3,9 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+from test_evaluate_plus import STEP, _config, tiny_setup  # noqa: F401  (the module fixture)
 
 from ssni.evaluate.runner import Evaluation
-
-from test_evaluate_plus import STEP, _config, tiny_setup  # noqa: F401  (the module fixture)
 
 
 def _tool():
