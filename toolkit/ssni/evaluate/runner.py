@@ -358,52 +358,16 @@ class Evaluation:
         total = nb * len(self.defenses) * (1 + len(self.attacks)) + (n_sweep if sweep_attack else 0)
         self._bar = tqdm(total=total, desc="evaluate", disable=not (cfg.progress and self.dist.is_main),
                          dynamic_ncols=True)
-        rows, cells, worst_rows = [], {}, []
-        mean = lambda v: (sum(v) / len(v)) if v else None  # noqa: E731
+        rows: List[ResultRow] = []
+        cells: Dict[str, Any] = {}
+        worst_rows: List[ResultRow] = []
         for dname, model in self.defenses.items():
-            sample_specific = model is not None and model.reweight.sample_specific
-            clean = self._cell(f"{dname}/clean", model, None, self.x, self.y)
-            cells[f"{dname}/clean"] = clean
-            first_row = len(rows)
-            for spec in self.attacks:
-                if spec.only_sample_specific and not sample_specific:
-                    self._bar.update(nb)
-                    continue
-                if model is None and spec.view not in ("full", "bare"):
-                    self._bar.update(nb)  # only one view of an undefended classifier
-                    continue
-                res = self._cell(f"{dname}/{spec.name}", model, spec, self.x, self.y)
-                cells[f"{dname}/{spec.name}"] = res
-                budget = (self.budgets if model is not None else self.bare_budgets)[spec.name]
-                rows.append(ResultRow.of(dname, spec.name, budget, clean["metrics"], res["metrics"], _maj(res),
-                                         mean_t_clean=mean(clean["t_star"]), mean_t_adv=mean(res["t_star"]),
-                                         seconds=clean["seconds"] + res["seconds"], flags=res["flags"],
-                                         **self._first_draws({spec.name: res["correct"]})))
-            worst_rows += self._worst_rows(dname, clean, cells, rows[first_row:])
-            if len(rows) == first_row:  # no attack ran on this defense: still report its clean accuracy
-                rows.append(ResultRow.of(dname, "clean", "no attack", clean["metrics"], None, _maj(clean),
-                                         mean_t_clean=mean(clean["t_star"]), seconds=clean["seconds"]))
-        curves: Dict[str, Dict[str, List[float]]] = {}
+            mine = self._defense_rows(dname, model, cells, nb)
+            rows += mine
+            attacked = [r for r in mine if r.robust_expected is not None]  # not a clean-only row
+            worst_rows += self._worst_rows(dname, cells[f"{dname}/clean"], cells, attacked)
         flags = sorted({f for r in rows for f in r.flags})
-        if sweep_attack is not None:
-            for dname in cfg.sweep.defenses:
-                if dname not in self.defenses:
-                    raise ValueError(f"sweep.defenses: {dname!r} is not one of {list(self.defenses)}")
-                acc = []
-                for eps in cfg.sweep.eps:
-                    main = cells.get(f"{dname}/{sweep_attack.name}")
-                    if main is not None and _same_eps(sweep_attack, eps):
-                        # the main cell already ran this attack at this epsilon: reuse its images
-                        acc.append(draw_accuracy(torch.tensor(main["correct"][:ns]))["expected"])
-                        self._bar.update(nb_sweep)
-                        continue
-                    r = self._cell(f"sweep/{dname}/{eps:g}", self.defenses[dname], sweep_attack,
-                                   self.x[:ns], self.y[:ns], eps=eps)
-                    acc.append(r["metrics"]["expected"])
-                curves[dname] = {"eps": list(cfg.sweep.eps), "acc": acc}
-                for f in epsilon_checks(cfg.sweep.eps, acc, 1.0 / self.num_classes,
-                                        huge_eps=cfg.sweep.huge_eps):
-                    flags.append(f"{dname}: {f}")
+        curves = self._sweep(sweep_attack, cells, flags, nb_sweep) if sweep_attack is not None else {}
         self._bar.close()
         reused = sum(self.dist.all_gather_object(self.state.reused))  # every rank's own share
         computed = sum(self.dist.all_gather_object(self.state.computed))
@@ -419,6 +383,52 @@ class Evaluation:
                   "reused_batches": reused}
         self.dist.barrier()
         return result
+
+    def _defense_rows(self, dname: str, model: Optional[nn.Module], cells: Dict[str, Any], nb: int
+                      ) -> List[ResultRow]:
+        """The clean cell and every attack cell of one defense (into `cells`), and its table rows."""
+        mean = lambda v: (sum(v) / len(v)) if v else None  # noqa: E731
+        sample_specific = model is not None and model.reweight.sample_specific
+        clean = cells[f"{dname}/clean"] = self._cell(f"{dname}/clean", model, None, self.x, self.y)
+        rows = []
+        for spec in self.attacks:
+            if (spec.only_sample_specific and not sample_specific) or (model is None and spec.view not in ("full", "bare")):
+                self._bar.update(nb)  # not this defense's attack (one view of an undefended classifier)
+                continue
+            res = cells[f"{dname}/{spec.name}"] = self._cell(f"{dname}/{spec.name}", model, spec, self.x, self.y)
+            budget = (self.budgets if model is not None else self.bare_budgets)[spec.name]
+            rows.append(ResultRow.of(dname, spec.name, budget, clean["metrics"], res["metrics"], _maj(res),
+                                     mean_t_clean=mean(clean["t_star"]), mean_t_adv=mean(res["t_star"]),
+                                     seconds=clean["seconds"] + res["seconds"], flags=res["flags"],
+                                     **self._first_draws({spec.name: res["correct"]})))
+        if not rows:  # no attack ran on this defense: still report its clean accuracy
+            rows.append(ResultRow.of(dname, "clean", "no attack", clean["metrics"], None, _maj(clean),
+                                     mean_t_clean=mean(clean["t_star"]), seconds=clean["seconds"]))
+        return rows
+
+    def _sweep(self, spec: AttackSpec, cells: Dict[str, Any], flags: List[str], nb_sweep: int
+               ) -> Dict[str, Dict[str, List[float]]]:
+        """Accuracy against epsilon of the sweep's defenses on its first images ({defense: {eps, acc}});
+        the broken-gradient checks' flags are appended to `flags`."""
+        cfg, curves = self.cfg, {}
+        ns = min(cfg.sweep.num_samples, self.x.shape[0])
+        for dname in cfg.sweep.defenses:
+            if dname not in self.defenses:
+                raise ValueError(f"sweep.defenses: {dname!r} is not one of {list(self.defenses)}")
+            acc = []
+            for eps in cfg.sweep.eps:
+                main = cells.get(f"{dname}/{spec.name}")
+                if main is not None and _same_eps(spec, eps):
+                    # the main cell already ran this attack at this epsilon: reuse its images
+                    acc.append(draw_accuracy(torch.tensor(main["correct"][:ns]))["expected"])
+                    self._bar.update(nb_sweep)
+                    continue
+                r = self._cell(f"sweep/{dname}/{eps:g}", self.defenses[dname], spec, self.x[:ns], self.y[:ns], eps=eps)
+                acc.append(r["metrics"]["expected"])
+            curves[dname] = {"eps": list(cfg.sweep.eps), "acc": acc}
+            flags += [f"{dname}: {f}" for f in epsilon_checks(cfg.sweep.eps, acc, 1.0 / self.num_classes,
+                                                              huge_eps=cfg.sweep.huge_eps)]
+        return curves
 
     def _paired(self, cells: Dict[str, Any]) -> List[Dict[str, Any]]:
         """Each defense's per-image difference against `paired_with`: clean, every attack both faced, and
