@@ -56,3 +56,33 @@ def test_the_old_surrogate_name_still_works_and_says_it_moved():
     with pytest.warns(DeprecationWarning, match="attack_module"):
         m = d.surrogate("full")
     assert m.spec == d.attack_module("full").spec == VIEWS.get("full")
+
+
+def test_dbp_attack_views_skip_the_score_norm_and_compute_the_same(monkeypatch):
+    """With a constant t*, a view that does not differentiate t* needs no score norm: not computed,
+    and logits and gradients equal those of a pass that computes it."""
+    d = _defense(per_sample_t=False)
+    x, seeds = _images(4), torch.arange(4)
+    calls = []
+    real = type(d.scorer).forward
+    monkeypatch.setattr(type(d.scorer), "forward", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    for name in ("full", "bpda"):
+        xg = x.clone().requires_grad_(True)
+        out = d.view(name)(xg, seeds=seeds)
+        (g,) = torch.autograd.grad(out.logsumexp(1).sum(), xg)
+        assert calls == [], name  # no score-network call for the norm
+        # the same view computing the norm (through t*: a constant t* has no gradient to pass on)
+        xg2 = x.clone().requires_grad_(True)
+        out2 = d.run(xg2, seeds, ViewSpec(grad=VIEWS.get(name).grad, through_t_star=True))
+        (g2,) = torch.autograd.grad(out2.logsumexp(1).sum(), xg2)
+        assert len(calls) == 1
+        calls.clear()
+        torch.testing.assert_close(out, out2, rtol=0, atol=0)
+        torch.testing.assert_close(g, g2, rtol=0, atol=0)
+    with torch.no_grad():
+        d(x, seeds=seeds)  # the defense itself still reports its norms
+    assert len(calls) == 1 and torch.isfinite(d.last_score_norm).all()
+    sample_specific = _defense()
+    calls.clear()
+    sample_specific.view("full")(x, seeds=seeds)
+    assert len(calls) == 1  # SSNI's t* depends on the norm: always computed

@@ -252,13 +252,23 @@ class RobustClassifier(nn.Module):
             s = self.scorer(x, seeds=mix_seeds(seeds, 0))
         return self.reweight(s, smooth=smooth), s
 
-    def _members(self, x: Tensor, seeds: Optional[Tensor], smooth: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _members(self, x: Tensor, seeds: Optional[Tensor], smooth: bool, need_norm: bool = True
+                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """What the purifier gets for the ensemble (shared by run and run_steps): the images, their t*(x),
         every member's seeds, and the score norms; x [B,C,H,W] -> ([K*B,C,H,W], [K*B], [K*B], [B]);
-        records last_t_star / norm."""
+        records last_t_star / norm.
+
+        need_norm=False with a reweight whose t* does not depend on x (DBP): the score norm is not
+        computed (NaN): an attack view needs t* only, and the norm is most of a DBP attack step's cost
+        (10 score-network calls per step at 10 time steps). The purifier's seeds are the same either way.
+        """
         check_images(x, self.score_model.input_shape, dtype=self.dtype)
         seeds = self._seeds(x, seeds)
-        t, s = self.noise_levels(x, seeds, smooth=smooth)
+        if not need_norm and not self.reweight.sample_specific:
+            t = self.reweight(torch.zeros(x.shape[0], device=x.device), smooth=smooth)
+            s = torch.full_like(t, float("nan"))
+        else:
+            t, s = self.noise_levels(x, seeds, smooth=smooth)
         self.last_t_star, self.last_score_norm = t.detach(), s.detach()
         k = self.ensemble
         member_seeds = torch.cat([mix_seeds(seeds, 1 + i) for i in range(k)])
@@ -284,7 +294,7 @@ class RobustClassifier(nn.Module):
         network and the smooth reweight), so an attack can lower them (attacks/lownoise.py).
         """
         purifier, grad, vote, smooth = self._view_parts(view)
-        xk, tk, member_seeds, s = self._members(x, seeds, smooth)
+        xk, tk, member_seeds, s = self._members(x, seeds, smooth, need_norm=view is None or smooth)
         k, b = self.ensemble, x.shape[0]
         xp = purifier(xk, tk, seeds=member_seeds, grad=grad)
         logits = self.classify(xp).reshape(k, b, -1)
@@ -302,7 +312,7 @@ class RobustClassifier(nn.Module):
         if not callable(getattr(purifier, "trajectory", None)):
             raise TypeError(f"per-step logits need a purifier with trajectory() (ssni's Purifier), "
                             f"got {type(purifier).__name__}")
-        xk, tk, member_seeds, _ = self._members(x, seeds, smooth)
+        xk, tk, member_seeds, _ = self._members(x, seeds, smooth, need_norm=view is None or smooth)
         k, b = self.ensemble, x.shape[0]
         states = purifier.trajectory(xk, tk, seeds=member_seeds, grad=grad)
         recompute = torch.is_grad_enabled() and any(st.requires_grad for st in states)
@@ -399,7 +409,8 @@ class AttackView(nn.Module):
 
     def with_t_star(self, x: Tensor, seeds: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
         """forward's logits, the t*(x) it used and its score norm, one pass; [B,C,H,W] -> ([B,n], [B], [B]);
-        t* and s are differentiable in x in a view through t* (adaptive), gradient-free (t* rounded) otherwise."""
+        t* and s are differentiable in x in a view through t* (adaptive), gradient-free (t* rounded) otherwise
+        (and s is NaN there when t* does not depend on x: it is not computed, see `_members`)."""
         return self.parent.run_with_t_star(x, seeds, self.spec)
 
 
