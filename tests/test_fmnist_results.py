@@ -33,6 +33,13 @@ def test_the_collector_reports_finished_stages_and_only_those(tiny_setup, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         Evaluation(_config(tiny_setup, runs / "eval", attacks=conv[:1]), stop_after_batches=1).run()
     assert _tool().main(["--runs", str(runs), "--out", str(out)]) == 0
+    # a finished evaluation with its adversarial images saved: a grid of them, one row per attacked cell
+    done = tmp_path / "runs2"
+    done.mkdir()
+    Evaluation(_config(tiny_setup, done / "eval", attacks=conv[:1], save_adversarial=True)).run()
+    assert _tool().main(["--runs", str(done), "--out", str(out / "done")]) == 0
+    assert (out / "done" / "eval" / "adversarial_examples.png").stat().st_size > 1000
+    assert "eval/adversarial_examples.png" in (out / "done" / "summary.md").read_text()
     summary = (out / "summary.md").read_text()
     res = __import__("json").loads((out / "dbp-tstar" / "results.json").read_text())
     rows = {r["defense"]: r for r in res["rows"]}

@@ -110,6 +110,35 @@ def convergence(res: Dict[str, Any], out: Path) -> List[str]:
     return lines
 
 
+def adversarial_grid(run: Path, out: Path, k: int = 8) -> Optional[Path]:
+    """The first k saved adversarial images of every attacked cell (`save_adversarial`), one row per
+    cell, each titled with its true class and the class most draws predicted (state batch 0)."""
+    from safetensors.torch import load_file
+
+    cells = sorted(p for p in (run / "adv").glob("*") if (p / "batch_00000.safetensors").is_file())
+    if not cells:
+        return None
+    fig, axes = pyplot().subplots(len(cells), k, figsize=(1.1 * k, 1.25 * len(cells)), squeeze=False)
+    for i, cell in enumerate(cells):
+        saved = load_file(str(cell / "batch_00000.safetensors"))
+        state = run / "state" / cell.name / "batch_00000.json"
+        preds = json.loads(state.read_text()).get("pred") if state.is_file() else None
+        for j in range(k):
+            ax = axes[i][j]
+            ax.axis("off")
+            if j >= saved["x_adv"].shape[0]:
+                continue
+            img = saved["x_adv"][j].permute(1, 2, 0).squeeze(-1).clamp(0, 1).numpy()
+            ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
+            votes = preds[j] if preds else []
+            top = max(set(votes), key=votes.count) if votes else None
+            ax.set_title(f"{int(saved['y'][j])}->{top}" if top is not None else f"{int(saved['y'][j])}", fontsize=7)
+        axes[i][0].text(-0.1, 0.5, cell.name.replace("_", "\n", 1), transform=axes[i][0].transAxes, ha="right",
+                        va="center", fontsize=6)
+    fig.suptitle("adversarial images (true class -> the class most draws predicted)", fontsize=8)
+    return save_figure(fig, out / "adversarial_examples.png")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Copy, tabulate and plot what has finished; write summary.md."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -141,6 +170,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             md += tstar_curve(json.loads((src / "results.json").read_text()), out) + [""]
         if stage == "convergence":
             md += convergence(json.loads((src / "results.json").read_text()), out) + [""]
+        if stage == "eval":
+            grid = adversarial_grid(src, dst)
+            if grid is not None:
+                md += [f"Adversarial examples (the first 8 of each attacked cell; all of them stay in "
+                       f"`runs/fmnist/eval/adv/`): `eval/{grid.name}`", ""]
         md += [f"Files: {', '.join(f'`{stage}/{f}`' for f in files if (dst / f).is_file())}", ""]
     (out / "summary.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
