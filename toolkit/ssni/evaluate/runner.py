@@ -86,9 +86,8 @@ class EvaluateConfig:
     # ranks (for inputs too big for all copies on one GPU), not one batch per rank; same results.
     # One process: no effect
     eot_across_ranks: bool = False
-    # a defense's name: the report also gives every other defense's per-image difference against it
     # (clean, each attack both faced, worst case), paired on the same images, with 95% intervals
-    paired_with: Optional[str] = None
+    paired_with: Optional[str] = None  # a defense: every other one's per-image difference against it
 
 
 def check_config(cfg: EvaluateConfig) -> None:
