@@ -12,7 +12,10 @@
 # the evaluation's budget would have to change first.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-SSNI=${SSNI:-ssni}
+# the project's venv (tools/venv.sh) when there is one, else `ssni` on PATH; SSNI=... to choose
+if [ -z "${SSNI:-}" ]; then
+    if [ -x .venv/bin/ssni ]; then SSNI=.venv/bin/ssni; else SSNI=ssni; fi
+fi
 LOGS=runs/fmnist/logs
 mkdir -p "$LOGS"
 stages=("$@")
