@@ -12,6 +12,18 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ["SSNI_THREADS"] = "1"  # CLI calls inside tests keep one thread too
 
 
+def load_tool(name: str) -> types.ModuleType:
+    """tools/<name>.py imported as a module (the tools are scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 @pytest.fixture
 def tiny_images():
     """32 random-but-structured 1x8x8 images in [0,1] with labels."""

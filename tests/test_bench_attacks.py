@@ -1,9 +1,8 @@
 """Smoke test of tools/bench_attacks.py on a tiny run directory laid out as `ssni demo` writes it."""
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
+from conftest import load_tool
 from torch import nn
 
 from ssni.data import DataConfig, build_dataset
@@ -13,11 +12,7 @@ from ssni.scoring import ScoreNormConfig, calibrate
 
 
 def _tool():
-    path = Path(__file__).resolve().parents[1] / "tools" / "bench_attacks.py"
-    spec = importlib.util.spec_from_file_location("bench_attacks", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("bench_attacks")
 
 
 def test_nfe_counter_counts_forward_recomputation_and_backward_rows():

@@ -1,16 +1,12 @@
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from conftest import load_tool
 
 
 def _tool():
-    path = Path(__file__).resolve().parents[1] / "tools" / "compare_demos.py"
-    spec = importlib.util.spec_from_file_location("compare_demos", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("compare_demos")
 
 
 def _run(root: Path, clean, adv, acc):

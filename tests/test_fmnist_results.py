@@ -1,19 +1,14 @@
 """tools/fmnist_results.py on evaluations run for real on tiny networks: what it copies, draws and says."""
-import importlib.util
-from pathlib import Path
 
 import pytest
+from conftest import load_tool
 from test_evaluate_plus import STEP, _config, tiny_setup  # noqa: F401  (the module fixture)
 
 from ssni.evaluate.runner import Evaluation
 
 
 def _tool():
-    path = Path(__file__).resolve().parents[1] / "tools" / "fmnist_results.py"
-    spec = importlib.util.spec_from_file_location("fmnist_results", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("fmnist_results")
 
 
 def _constant(t):

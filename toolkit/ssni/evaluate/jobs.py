@@ -71,9 +71,8 @@ class BatchStore:
     checked against it), or None when each job is bound to its own key with `bind`.
     """
 
-    def __init__(self, root: str | Path, parts: Optional[Dict[str, str] | str] = None, write: bool = True):
+    def __init__(self, root: str | Path, parts: Optional[Dict[str, str] | str] = None):
         self.root = Path(root)
-        self.write = write  # False: a rank that only reads (the main rank writes)
         self.reused = 0  # batches read back from an earlier run
         self.computed = 0  # batches computed (and saved) by this process
         self._keys: Dict[str, str] = {}
@@ -94,7 +93,7 @@ class BatchStore:
                     f"{self.root} holds results of a different evaluation config or inputs (changed: "
                     f"{', '.join(changed)}); refusing to reuse them. Use a new run_dir, or delete "
                     f"{self.root} to start afresh")
-        elif self.write:
+        else:
             self.root.mkdir(parents=True, exist_ok=True)
             atomic_write_json(meta, {"fingerprint": self.fingerprint, "parts": self.parts})
 
@@ -103,7 +102,7 @@ class BatchStore:
         the same job (results of other inputs) are removed by the writing rank."""
         self._keys[job] = key
         folder = self.root / slug(job)
-        if self.write and folder.is_dir():
+        if folder.is_dir():
             for old in folder.iterdir():
                 if old.is_dir() and old.name != key:
                     shutil.rmtree(old, ignore_errors=True)
@@ -127,8 +126,6 @@ class BatchStore:
     def put(self, job: str, index: int, result: Any) -> None:
         """Save a finished batch atomically (tensors as safetensors, anything else as JSON)."""
         self.computed += 1
-        if not self.write:
-            return
         stem = self._folder(job) / f"batch_{index:05d}"
         if _is_tensors(result):
             atomic_save_safetensors(stem.with_suffix(".safetensors"),
@@ -201,5 +198,5 @@ class BatchRunner:
 class EvalState(BatchStore):
     """An evaluation's store: run_dir/state/<cell>/batch_XXXXX.json under one key of all its inputs."""
 
-    def __init__(self, run_dir: str | Path, parts: Dict[str, str] | str, write: bool = True):
-        super().__init__(Path(run_dir) / "state", parts, write=write)
+    def __init__(self, run_dir: str | Path, parts: Dict[str, str] | str):
+        super().__init__(Path(run_dir) / "state", parts)
