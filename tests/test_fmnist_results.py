@@ -44,3 +44,40 @@ def test_the_collector_reports_finished_stages_and_only_those(tiny_setup, tmp_pa
     assert "| dbp-0.05 / pgd |" in summary  # the convergence table: one line per defense and attack family
     assert "## eval\n\nNot finished (1 batches saved so far)." in summary and not (out / "eval").exists()
     assert "## reweight\n\nNot run yet." in summary
+
+
+def test_the_headline_table_comes_from_the_evaluation_rows_and_pairs(tiny_setup, tmp_path):  # noqa: F811
+    attacks = [{"name": "pgd-eot", "attack": "pgd", "eot": 2, "kwargs": STEP},
+               {"name": "pgd-2", "attack": "pgd", "eot": 2, "kwargs": {**STEP, "steps": 2}}]
+    defenses = [{"name": "none"}, _constant(0.05),
+                {"name": "ssni-n", "reweight": {"name": "sigmoid", "kwargs": {"t_base": 0.05, "b": 0.005}}}]
+    Evaluation(_config(tiny_setup, tmp_path / "eval", defenses=defenses, attacks=attacks, draws=4,
+                             paired_with="dbp-0.05")).run()
+    res = __import__("json").loads((tmp_path / "eval" / "results.json").read_text())
+    # the tiny untrained classifier gives every cell the same accuracy: make each value distinct, so a
+    # value taken from the wrong row or column shows
+    for i, r in enumerate(res["rows"] + res["worst_case"]):
+        for j, key in enumerate(("clean", "robust_expected", "robust_worst")):
+            r[key] = (3 * i + j + 1) / 100
+    for i, p in enumerate(res["paired"]):
+        p["diff"] = (i + 1) / 1000
+    lines = _tool().headline(res)
+    wc = {r["defense"]: r for r in res["worst_case"]}
+    rows = {(r["defense"], r["attack"]): r for r in res["rows"]}
+    line = next(x for x in lines if x.startswith("| ssni-n |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    # clean, both attacks' expected accuracy, then the worst case: expected and worst-of-4 (= all draws)
+    assert cells[1].startswith(f"{100 * rows[('ssni-n', 'pgd-eot')]['clean']:.1f} [")
+    assert cells[2].startswith(f"{100 * rows[('ssni-n', 'pgd-eot')]['robust_expected']:.1f} [")
+    assert cells[3].startswith(f"{100 * rows[('ssni-n', 'pgd-2')]['robust_expected']:.1f} [")
+    assert cells[4].startswith(f"{100 * wc['ssni-n']['robust_expected']:.1f} [")
+    assert cells[5].startswith(f"{100 * wc['ssni-n']['robust_worst']:.1f} [")
+    # paired against DBP: DBP itself has no line there, the other two have one each
+    pair_at = next(i for i, x in enumerate(lines) if x.startswith("Paired differences against dbp-0.05"))
+    pairs = [x for x in lines[pair_at:] if x.startswith("| ") and not x.startswith("| defense")]
+    assert [x.split("|")[1].strip() for x in pairs[:2]] == ["none", "ssni-n"]
+    diff = next(p for p in res["paired"] if p["defense"] == "ssni-n" and p["what"] == "worst-case")["diff"]
+    assert f"{100 * diff:+.1f} [" in pairs[1].split("|")[-2]
+    # the t* table: DBP's t* is its constant, the bare classifier has none
+    t_line = next(x for x in lines if x.startswith("| dbp-0.05 | 0.050 |"))
+    assert t_line.count("0.050") == 3 and next(x for x in lines if x.startswith("| none | — |"))

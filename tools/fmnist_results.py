@@ -110,6 +110,62 @@ def convergence(res: Dict[str, Any], out: Path) -> List[str]:
     return lines
 
 
+def _pct(r: Optional[Dict[str, Any]], key: str) -> str:
+    """'x.x [lo, hi]' for a row's proportion `key` (and `key`_ci); '—' when the row or value is missing."""
+    return pct_ci(r[key], r[f"{key}_ci"]) if r and r.get(key) is not None else "—"
+
+
+def headline(res: Dict[str, Any], aa: Optional[Dict[str, Any]] = None) -> List[str]:
+    """The study's table (what the README shows), from eval's results.json and, if given,
+    eval-autoattack's: per defense, clean accuracy, each attack's expected robust accuracy, the worst
+    case over its attacks (expected / worst-of-4 / worst-of-N), AutoAttack's expected accuracy, then
+    the paired differences against the reference defense and the mean t* each attack left."""
+    attacks = [a["name"] for a in res["attacks"]]
+    rows: Dict[str, Dict[str, Dict[str, Any]]] = {}
+    for r in res["rows"] + res["worst_case"]:
+        rows.setdefault(r["defense"], {})[r["attack"]] = r
+    aa_rows: Dict[str, Dict[str, Any]] = {}
+    aa_name = None
+    if aa is not None and aa["attacks"]:
+        aa_name = aa["attacks"][0]["name"]
+        aa_rows = {r["defense"]: r for r in aa["rows"] if r["attack"] == aa_name}
+    draws = res["draws"]
+    k = next((r["worst_k"] for d in rows.values() for r in d.values() if r.get("worst_k")), None)
+    head = (["defense", "clean %"] + [f"{a} %" for a in attacks]
+            + ["worst case: expected %"] + ([f"worst-of-{k} %"] if k else []) + [f"worst-of-{draws} %"]
+            + ([f"{aa_name} % (n = {aa['n']})"] if aa_name else []))
+    lines = [f"n = {res['n']} test images, {draws} draws each; robust accuracy is expected accuracy (mean over "
+             "draws) unless the column says worst-of-k; 95% Wilson intervals.", "",
+             "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for d, by in rows.items():
+        first = next(iter(by.values()))
+        wc = by.get("worst-case") or (by[attacks[0]] if len([a for a in attacks if a in by]) == 1 else None)
+        cells = [d, _pct(first, "clean")] + [_pct(by.get(a), "robust_expected") for a in attacks]
+        cells += [_pct(wc, "robust_expected")] + ([_pct(wc, "robust_worst_k")] if k else []) + [_pct(wc, "robust_worst")]
+        if aa_name:
+            cells.append(_pct(aa_rows.get(d), "robust_expected"))
+        lines.append("| " + " | ".join(cells) + " |")
+    paired = res.get("paired") or []
+    if paired:
+        ref = paired[0]["against"]
+        whats = [w for w in ["clean"] + attacks + ["worst-case"] if any(p["what"] == w for p in paired)]
+        lines += ["", f"Paired differences against {ref} (per image, expected accuracy, points, 95% interval):", "",
+                  "| defense | " + " | ".join(whats) + " |", "|---" * (len(whats) + 1) + "|"]
+        for d in dict.fromkeys(p["defense"] for p in paired):
+            got = {p["what"]: p for p in paired if p["defense"] == d}
+            lines.append(f"| {d} | " + " | ".join(
+                f"{100 * got[w]['diff']:+.1f} [{100 * got[w]['ci'][0]:+.1f}, {100 * got[w]['ci'][1]:+.1f}]"
+                if w in got else "—" for w in whats) + " |")
+    fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+    lines += ["", "Mean t* the defense chose (clean images, then each attack's adversarial images):", "",
+              "| defense | clean | " + " | ".join(attacks) + " |", "|---" * (len(attacks) + 2) + "|"]
+    for d, by in rows.items():
+        first = next(iter(by.values()))
+        lines.append(f"| {d} | {fmt(first.get('mean_t_clean'))} | "
+                     + " | ".join(fmt((by.get(a) or {}).get("mean_t_adv")) for a in attacks) + " |")
+    return lines
+
+
 def adversarial_grid(run: Path, out: Path, k: int = 8) -> Optional[Path]:
     """The first k saved adversarial images of every attacked cell (`save_adversarial`), one row per
     cell, each titled with its true class and the class most draws predicted (state batch 0)."""
@@ -171,6 +227,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if stage == "convergence":
             md += convergence(json.loads((src / "results.json").read_text()), out) + [""]
         if stage == "eval":
+            aa_res = runs / "eval-autoattack" / "results.json"
+            md += ["### The table", ""] + headline(json.loads((src / "results.json").read_text()),
+                                                     json.loads(aa_res.read_text()) if aa_res.is_file() else None) + [""]
             grid = adversarial_grid(src, dst)
             if grid is not None:
                 md += [f"Adversarial examples (the first 8 of each attacked cell; all of them stay in "
