@@ -81,3 +81,19 @@ def test_the_headline_table_comes_from_the_evaluation_rows_and_pairs(tiny_setup,
     # the t* table: DBP's t* is its constant, the bare classifier has none
     t_line = next(x for x in lines if x.startswith("| dbp-0.05 | 0.050 |"))
     assert t_line.count("0.050") == 3 and next(x for x in lines if x.startswith("| none | — |"))
+
+
+def test_the_low_noise_strength_table_picks_the_lam_by_the_stated_rule(tiny_setup, tmp_path):  # noqa: F811
+    low = lambda lam: {"name": f"lownoise-lam{lam}", "attack": "lownoise", "eot": 1, "view": "adaptive",  # noqa: E731
+                       "kwargs": {**STEP, "mode": "joint", "lam": lam}}
+    learned = {"name": "ssni-learned", "reweight": {"name": "sigmoid", "kwargs": {"t_base": 0.05, "b": 0.005}}}
+    Evaluation(_config(tiny_setup, tmp_path / "ln", defenses=[learned], attacks=[low(1), low(4), low(16)])).run()
+    res = __import__("json").loads((tmp_path / "ln" / "results.json").read_text())
+    rows = {r["attack"]: r for r in res["rows"]}
+    for name, acc in (("lownoise-lam1", 0.5), ("lownoise-lam4", 0.25), ("lownoise-lam16", 0.25)):
+        rows[name]["robust_expected"] = acc
+    lines = _tool().lownoise_strength(res)
+    assert [x.split("|")[2].strip() for x in lines[2:5]] == ["1", "4", "16"]
+    assert f"| {rows['lownoise-lam4']['mean_t_adv']:.3f} |" in lines[3]
+    # the lowest accuracy, a tie between 4 and 16 going to the smaller weight
+    assert lines[-1].endswith("**4**")

@@ -27,6 +27,7 @@ from ssni.plotting import pyplot, save_figure  # noqa: E402
 COPY = {"eval": ["report.md", "results.json", "t_star.png", "score_norms.png", "accuracy_vs_eps.png", "config.yaml"],
         "eval-autoattack": ["report.md", "results.json", "config.yaml"],
         "convergence": ["report.md", "results.json", "config.yaml"],
+        "lownoise-strength": ["report.md", "results.json", "config.yaml"],
         "dbp-tstar": ["report.md", "results.json", "config.yaml"],
         "reweight": ["report.md", "reweight.json", "reweight.png", "config.yaml"],
         "calibration": ["calibration.json", "score_norms.png", "config.yaml"]}
@@ -107,6 +108,26 @@ def convergence(res: Dict[str, Any], out: Path) -> List[str]:
     ax.set_title(f"Convergence on {res['n']} test images")
     ax.legend(fontsize=7)
     save_figure(fig, out / "convergence.png")
+    return lines
+
+
+def lownoise_strength(res: Dict[str, Any]) -> List[str]:
+    """The low-noise attack at each weight lam: robust accuracy and the t* it left, per defense, and the
+    lam the evaluation uses by the rule fixed before the run (lowest expected accuracy of ssni-learned,
+    ties: the smaller lam)."""
+    rows = [r for r in res["rows"] if r["robust_expected"] is not None and r["attack"].startswith("lownoise-lam")]
+    if not rows:
+        return []
+    lam = lambda r: float(r["attack"][len("lownoise-lam"):])  # noqa: E731
+    lines = ["| defense | lam | robust % (expected) | robust % (worst-of-N) | mean t* clean | mean t* attacked |",
+             "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["defense"], lam(r))):
+        lines.append(f"| {r['defense']} | {lam(r):g} | {_pct(r, 'robust_expected')} | {_pct(r, 'robust_worst')} | "
+                     f"{r['mean_t_clean']:.3f} | {r['mean_t_adv']:.3f} |")
+    learned = [r for r in rows if r["defense"] == "ssni-learned"]
+    if learned:
+        best = min(learned, key=lambda r: (round(r["robust_expected"], 6), lam(r)))
+        lines += ["", f"The evaluation's lam (lowest expected accuracy of ssni-learned, ties: smaller): **{lam(best):g}**"]
     return lines
 
 
@@ -226,6 +247,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             md += tstar_curve(json.loads((src / "results.json").read_text()), out) + [""]
         if stage == "convergence":
             md += convergence(json.loads((src / "results.json").read_text()), out) + [""]
+        if stage == "lownoise-strength":
+            md += lownoise_strength(json.loads((src / "results.json").read_text())) + [""]
         if stage == "eval":
             aa_res = runs / "eval-autoattack" / "results.json"
             md += ["### The table", ""] + headline(json.loads((src / "results.json").read_text()),

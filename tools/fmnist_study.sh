@@ -7,9 +7,10 @@
 #   python tools/fmnist_results.py                            # tables and plots into results/fmnist/
 #
 # Stages: networks (score network, classifier, calibration), tstar (DBP's t* on validation images),
-# reweight (the learned curve), convergence (doubling iterations / EOT), eval (n = 512), autoattack.
+# reweight (the learned curve), convergence (doubling iterations / EOT), lownoise (the low-noise attack's
+# weight lam: 1, 4, 16), eval (n = 512), autoattack.
 # Convergence runs before the n = 512 evaluation: if doubling the budget changed robust accuracy,
-# the evaluation's budget would have to change first.
+# the evaluation's budget would have to change first; the low-noise stage does the same for its lam.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # the project's venv (tools/venv.sh) when there is one, else `ssni` on PATH; SSNI=... to choose
@@ -19,7 +20,7 @@ fi
 LOGS=runs/fmnist/logs
 mkdir -p "$LOGS"
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(networks tstar reweight convergence eval autoattack)
+[ ${#stages[@]} -gt 0 ] || stages=(networks tstar reweight convergence lownoise eval autoattack)
 
 failed=()
 run() {  # run <stage> <ssni args...>: one command, its output appended to the stage's log
@@ -47,9 +48,10 @@ for stage in "${stages[@]}"; do
         tstar) run tstar evaluate recipes/fmnist/dbp_tstar.yaml ;;
         reweight) run reweight fit-reweight recipes/fmnist/reweight.yaml ;;
         convergence) run convergence evaluate recipes/fmnist/convergence.yaml ;;
+        lownoise) run lownoise evaluate recipes/fmnist/lownoise_strength.yaml ;;
         eval) run eval evaluate recipes/fmnist/eval.yaml ;;
         autoattack) run autoattack evaluate recipes/fmnist/eval_autoattack.yaml ;;
-        *) echo "unknown stage '$stage'; stages: networks tstar reweight convergence eval autoattack" >&2; exit 2 ;;
+        *) echo "unknown stage '$stage'; stages: networks tstar reweight convergence lownoise eval autoattack" >&2; exit 2 ;;
     esac
 done
 if [ ${#failed[@]} -gt 0 ]; then
