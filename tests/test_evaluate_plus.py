@@ -275,3 +275,23 @@ def test_paired_difference_interval_and_bad_shapes():
     assert paired_difference(torch.ones(6), torch.tensor([1.0, 0, 0, 0, 0, 0]))["ci"][1] == 1.0  # clipped to 1
     with pytest.raises(ValueError, match="same samples"):
         paired_difference(a, b[:5])
+
+
+def test_eot_max_batch_splits_the_copies_and_keeps_the_results_and_the_state(tiny_setup, tmp_path):
+    """eot_max_batch caps the rows of one EOT call (memory), changes no result, so a run directory
+    written without it resumes with it."""
+    setup = {"attacks": [{"name": "pgd", "attack": "pgd", "eot": 4, "kwargs": STEP}],
+             "defenses": [{"name": "dbp", "reweight": {"name": "constant", "kwargs": {"t_base": 0.05}}}]}
+    whole = Evaluation(_config(tiny_setup, tmp_path / "whole", **setup))
+    split = Evaluation(_config(tiny_setup, tmp_path / "split", eot_max_batch=3, **setup))  # 3 images: 1 copy a call
+    assert whole._make_attack(whole.attacks[0]).grad_fn.max_batch == 4096
+    assert split._make_attack(split.attacks[0]).grad_fn.max_batch == 3
+    whole.run()
+    split.run()
+    def saved(run):  # every draw's prediction of every attacked image, batch by batch
+        files = sorted((tmp_path / run / "state" / "dbp_pgd").glob("batch_*.json"))
+        return [__import__("json").loads(f.read_text())["pred"] for f in files]
+
+    assert len(saved("whole")) == 2 and saved("whole") == saved("split")
+    again = Evaluation(_config(tiny_setup, tmp_path / "whole", eot_max_batch=3, **setup)).run()
+    assert again["computed_batches"] == 0 and again["reused_batches"] > 0

@@ -117,10 +117,10 @@ def check_attack_options(attacks: List[AttackSpec], where: str = "attacks") -> N
 
 
 def make_attack(spec: AttackSpec, eps: Optional[float] = None, scale_step: bool = True,
-                source: Optional[nn.Module] = None, dist: Any = None):
+                source: Optional[nn.Module] = None, dist: Any = None, eot_max_batch: Optional[int] = None):
     """The attack a spec describes (per-step and EOT wrappers applied); eps overrides the spec's own
     (scaling step_size with it when scale_step); `source` is the transfer attack's model; `dist`
-    splits EOT copies across ranks."""
+    splits EOT copies across ranks; `eot_max_batch` caps the rows (images x copies) of one EOT call."""
     kwargs = dict(spec.kwargs)
     if eps is not None:
         own = kwargs.get("eps")
@@ -133,7 +133,10 @@ def make_attack(spec: AttackSpec, eps: Optional[float] = None, scale_step: bool 
     attack.check_view("fixed" if spec.fixed_seeds else spec.view)  # e.g. lownoise needs a t* with gradients
     if spec.per_step:  # under EOT, so every copy ascends its own loss at every reverse step
         attack = per_step(attack)
-    return EOT(attack, spec.eot, selective=spec.selective, dist=dist) if spec.eot > 1 or spec.selective else attack
+    if not (spec.eot > 1 or spec.selective):
+        return attack
+    return EOT(attack, spec.eot, selective=spec.selective, dist=dist,
+               **({} if eot_max_batch is None else {"max_batch": int(eot_max_batch)}))
 
 
 def attack_budget(spec: AttackSpec, attack, base: nn.Module) -> str:
