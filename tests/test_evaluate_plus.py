@@ -288,9 +288,10 @@ def test_eot_max_batch_splits_the_copies_and_keeps_the_results_and_the_state(tin
     assert split._make_attack(split.attacks[0]).grad_fn.max_batch == 3
     whole.run()
     split.run()
+
     def saved(run):  # every draw's prediction of every attacked image, batch by batch
         files = sorted((tmp_path / run / "state" / "dbp_pgd").glob("batch_*.json"))
-        return [__import__("json").loads(f.read_text())["pred"] for f in files]
+        return [json.loads(f.read_text())["pred"] for f in files]
 
     assert len(saved("whole")) == 2 and saved("whole") == saved("split")
     again = Evaluation(_config(tiny_setup, tmp_path / "whole", eot_max_batch=3, **setup)).run()

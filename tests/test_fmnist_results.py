@@ -73,7 +73,7 @@ def test_the_headline_table_comes_from_the_evaluation_rows_and_pairs(tiny_setup,
     assert cells[4].startswith(f"{100 * wc['ssni-n']['robust_expected']:.1f} [")
     assert cells[5].startswith(f"{100 * wc['ssni-n']['robust_worst']:.1f} [")
     # paired against DBP: DBP itself has no line there, the other two have one each
-    pair_at = next(i for i, x in enumerate(lines) if x.startswith("Paired differences against dbp-0.05"))
+    pair_at = next(i for i, x in enumerate(lines) if "Paired differences against dbp-0.05" in x)
     pairs = [x for x in lines[pair_at:] if x.startswith("| ") and not x.startswith("| defense")]
     assert [x.split("|")[1].strip() for x in pairs[:2]] == ["none", "ssni-n"]
     diff = next(p for p in res["paired"] if p["defense"] == "ssni-n" and p["what"] == "worst-case")["diff"]

@@ -26,22 +26,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "toolkit"))
 
 from ssni.defense import VIEWS, RobustClassifier  # noqa: E402
-from ssni.models import create_classifier, create_model  # noqa: E402
-from ssni.purify import PurifierConfig, build_purifier  # noqa: E402
-from ssni.scoring import ScoreNormConfig, build_reweight  # noqa: E402
+from ssni.scoring import build_reweight  # noqa: E402
 
 
 def _defense(recipe: str | None) -> RobustClassifier:
-    """The recipe's defense (or random unet_tiny + resnet10t on 8x8 images) with SSNI-N at t_base 0.2."""
+    """The recipe's defense (or bench_dbp_views' tiny random one) with SSNI-N at t_base 0.2."""
     if recipe:
         d = RobustClassifier.from_recipe(recipe)
         return d.replace(reweight=build_reweight("sigmoid", d.calibration, t_base=0.2, b=0.005))
-    rw = build_reweight("sigmoid", t_base=0.2, b=0.005, mu=10.0, tau=1.0)
-    torch.manual_seed(0)
-    sm = create_model("unet_tiny").eval()
-    clf = create_classifier("resnet10t", in_chans=1, num_classes=10, image_size=8)
-    return RobustClassifier(classifier=clf, score_model=sm, purifier=build_purifier(sm, PurifierConfig("ddpm", steps=5)),
-                            reweight=rw, score_norm=ScoreNormConfig(timesteps=10), input_size=8, mean=[0.0], std=[1.0])
+    from bench_dbp_views import _tiny  # a sibling script (tools/ is this script's first import path)
+
+    return _tiny().replace(reweight=build_reweight("sigmoid", t_base=0.2, b=0.005, mu=10.0, tau=1.0))
 
 
 def worker(a: argparse.Namespace) -> None:

@@ -21,7 +21,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "toolkit"))
 
-from ssni.evaluate.report import pct_ci  # noqa: E402
+from ssni.evaluate.report import paired_table, pct_ci  # noqa: E402
 from ssni.plotting import pyplot, save_figure  # noqa: E402
 
 COPY = {"eval": ["report.md", "results.json", "t_star.png", "score_norms.png", "accuracy_vs_eps.png", "config.yaml"],
@@ -158,31 +158,21 @@ def headline(res: Dict[str, Any], aa: Optional[Dict[str, Any]] = None) -> List[s
     lines = [f"n = {res['n']} test images, {draws} draws each; robust accuracy is expected accuracy (mean over "
              "draws) unless the column says worst-of-k; 95% Wilson intervals.", "",
              "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    clean = {d: next(iter(by.values())) for d, by in rows.items()}  # clean and t* clean: on every row
     for d, by in rows.items():
-        first = next(iter(by.values()))
+        first = clean[d]
         wc = by.get("worst-case") or (by[attacks[0]] if len([a for a in attacks if a in by]) == 1 else None)
         cells = [d, _pct(first, "clean")] + [_pct(by.get(a), "robust_expected") for a in attacks]
         cells += [_pct(wc, "robust_expected")] + ([_pct(wc, "robust_worst_k")] if k else []) + [_pct(wc, "robust_worst")]
         if aa_name:
             cells.append(_pct(aa_rows.get(d), "robust_expected"))
         lines.append("| " + " | ".join(cells) + " |")
-    paired = res.get("paired") or []
-    if paired:
-        ref = paired[0]["against"]
-        whats = [w for w in ["clean"] + attacks + ["worst-case"] if any(p["what"] == w for p in paired)]
-        lines += ["", f"Paired differences against {ref} (per image, expected accuracy, points, 95% interval):", "",
-                  "| defense | " + " | ".join(whats) + " |", "|---" * (len(whats) + 1) + "|"]
-        for d in dict.fromkeys(p["defense"] for p in paired):
-            got = {p["what"]: p for p in paired if p["defense"] == d}
-            lines.append(f"| {d} | " + " | ".join(
-                f"{100 * got[w]['diff']:+.1f} [{100 * got[w]['ci'][0]:+.1f}, {100 * got[w]['ci'][1]:+.1f}]"
-                if w in got else "—" for w in whats) + " |")
+    lines += paired_table(res.get("paired") or [])  # the report's own section
     fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
     lines += ["", "Mean t* the defense chose (clean images, then each attack's adversarial images):", "",
               "| defense | clean | " + " | ".join(attacks) + " |", "|---" * (len(attacks) + 2) + "|"]
     for d, by in rows.items():
-        first = next(iter(by.values()))
-        lines.append(f"| {d} | {fmt(first.get('mean_t_clean'))} | "
+        lines.append(f"| {d} | {fmt(clean[d].get('mean_t_clean'))} | "
                      + " | ".join(fmt((by.get(a) or {}).get("mean_t_adv")) for a in attacks) + " |")
     return lines
 

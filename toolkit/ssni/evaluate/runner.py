@@ -86,11 +86,11 @@ class EvaluateConfig:
     # ranks (for inputs too big for all copies on one GPU), not one batch per rank; same results.
     # One process: no effect
     eot_across_ranks: bool = False
-    # rows (images x EOT copies) per model call of an EOT attack; None: every copy of a batch in one call.
-    # Lower it when the copies' autograd graph does not fit (the adaptive view through the score norm
-    # holds ~11 GB at 128 rows on Fashion-MNIST); the copies' seeds and sums stay the same
-    eot_max_batch: Optional[int] = setting(None, ge=1)
-    # (clean, each attack both faced, worst case), paired on the same images, with 95% intervals
+    # None: every copy of a batch in one call. Lower it when the copies' autograd graph does not fit (the
+    # adaptive view through the score norm holds ~11 GB at 128 rows on Fashion-MNIST); the copies' seeds
+    # and sums stay the same, so it is left out of the state key
+    eot_max_batch: Optional[int] = setting(None, ge=1)  # rows (images x EOT copies) per EOT call: memory only
+    # the differences (clean, each attack both faced, worst case) are paired on the same images, 95% intervals
     paired_with: Optional[str] = None  # a defense: every other one's per-image difference against it
 
 

@@ -135,8 +135,8 @@ def make_attack(spec: AttackSpec, eps: Optional[float] = None, scale_step: bool 
         attack = per_step(attack)
     if not (spec.eot > 1 or spec.selective):
         return attack
-    return EOT(attack, spec.eot, selective=spec.selective, dist=dist,
-               **({} if eot_max_batch is None else {"max_batch": int(eot_max_batch)}))
+    cap = {} if eot_max_batch is None else {"max_batch": int(eot_max_batch)}  # else EOT's own default
+    return EOT(attack, spec.eot, selective=spec.selective, dist=dist, **cap)
 
 
 def attack_budget(spec: AttackSpec, attack, base: nn.Module) -> str:
