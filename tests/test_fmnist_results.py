@@ -42,6 +42,17 @@ def test_the_collector_reports_finished_stages_and_only_those(tiny_setup, tmp_pa
     assert f"Chosen t* (best robust, ties: higher clean): **{best:g}**" in summary
     assert (out / "dbp_tstar.png").stat().st_size > 1000 and (out / "convergence.png").stat().st_size > 1000
     assert "| dbp-0.05 / pgd |" in summary  # the convergence table: one line per defense and attack family
+    # its differences are paired over the same images, from the run's per-image state: the mean
+    # difference equals the difference of the two accuracies, and it carries an interval
+    conv_rows = {r["attack"]: r for r in __import__("json").loads(
+        (runs / "convergence" / "results.json").read_text())["rows"] if r["robust_expected"] is not None}
+    line = next(x for x in summary.splitlines() if x.startswith("| dbp-0.05 / pgd |"))
+    cols = [c.strip() for c in line.strip("|").split("|")]
+    for col, budget in ((4, "20x2"), (5, "10x4")):
+        diff = 100 * (conv_rows[f"pgd-{budget}"]["robust_expected"] - conv_rows["pgd-10x2"]["robust_expected"])
+        assert cols[col].startswith(f"{diff:+.1f} [") and cols[col].endswith("]"), (cols[col], diff)
+        lo, hi = (float(v) for v in cols[col][cols[col].index("[") + 1:-1].split(","))
+        assert lo <= diff + 0.05 and diff - 0.05 <= hi
     assert "## eval\n\nNot finished (1 batches saved so far)." in summary and not (out / "eval").exists()
     assert "## reweight\n\nNot run yet." in summary
 

@@ -81,8 +81,26 @@ def tstar_curve(res: Dict[str, Any], out: Path) -> List[str]:
     return lines + ["", f"Chosen t* (best robust, ties: higher clean): **{best[0]:g}**"]
 
 
-def convergence(res: Dict[str, Any], out: Path) -> List[str]:
-    """Robust accuracy at the study's budget vs twice the iterations and twice the EOT samples."""
+def per_image(state: Path, cell: str) -> Optional[Any]:
+    """Each image's expected accuracy in one saved cell (`<defense>/<attack>`), [N], from the run's
+    state batches (mean over draws), or None when the cell has no saved batch."""
+    import torch
+
+    from ssni.evaluate.state import slug
+
+    batches = sorted((state / slug(cell)).glob("batch_*.json"))
+    if not batches:
+        return None
+    rows = [row for b in batches for row in json.loads(b.read_text())["correct"]]
+    return torch.tensor(rows, dtype=torch.float64).mean(1)
+
+
+def convergence(res: Dict[str, Any], out: Path, state: Optional[Path] = None) -> List[str]:
+    """Robust accuracy at the study's budget vs twice the iterations and twice the EOT samples: each
+    budget's accuracy and, from the run's per-image results in `state`, the paired difference to the
+    base budget with its 95% interval (the check: doubling changes accuracy by less than 2 points)."""
+    from ssni.evaluate.metrics import paired_difference
+
     table: Dict[str, Dict[str, Dict[str, Any]]] = {}
     for r in res["rows"]:
         if r["robust_expected"] is None or "-" not in r["attack"]:
@@ -93,20 +111,44 @@ def convergence(res: Dict[str, Any], out: Path) -> List[str]:
         return []
     budgets = ["10x2", "20x2", "10x4"]
     lines = ["| defense / attack | " + " | ".join(f"{b} robust %" for b in budgets)
-             + " | 20x2 - 10x2 | 10x4 - 10x2 |", "|---" * (len(budgets) + 3) + "|"]
-    fig, ax = pyplot().subplots(figsize=(6, 3.6))
-    for name, by in table.items():
+             + " | 20x2 - 10x2 (paired, 95%) | 10x4 - 10x2 (paired, 95%) |", "|---" * (len(budgets) + 3) + "|"]
+    fig, (ax, ax_d) = pyplot().subplots(1, 2, figsize=(10, 3.8))
+    for k, (name, by) in enumerate(table.items()):
         got = [by.get(b) for b in budgets]
         cells = [pct_ci(r["robust_expected"], r["robust_expected_ci"]) if r else "—" for r in got]
-        base = got[0]["robust_expected"] if got[0] else None
-        diffs = [f"{100 * (r['robust_expected'] - base):+.1f}" if r and base is not None else "—" for r in got[1:]]
+        base_row = got[0]
+        base = None
+        if state is not None and base_row is not None:
+            base = per_image(state, f"{base_row['defense']}/{base_row['attack']}")
+        diffs = []
+        for j, r in enumerate(got[1:], start=1):
+            if r is None or base_row is None:
+                diffs.append("—")
+                continue
+            mine = None if base is None else per_image(state, f"{r['defense']}/{r['attack']}")
+            if mine is None or mine.shape != base.shape:  # no per-image results: the plain difference
+                diffs.append(f"{100 * (r['robust_expected'] - base_row['robust_expected']):+.1f}")
+                continue
+            d = paired_difference(mine, base)
+            diffs.append(f"{100 * d['diff']:+.1f} [{100 * d['ci'][0]:+.1f}, {100 * d['ci'][1]:+.1f}]")
+            x = j + (k - (len(table) - 1) / 2) * 0.08  # side by side, not on top of each other
+            ax_d.errorbar([x], [100 * d["diff"]], yerr=[[100 * (d["diff"] - d["ci"][0])], [100 * (d["ci"][1] - d["diff"])]],
+                          marker="o", capsize=3, color=f"C{k}")
         lines.append(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(diffs) + " |")
         xs = [i for i, r in enumerate(got) if r]
-        ax.plot(xs, [100 * got[i]["robust_expected"] for i in xs], marker="o", label=name)
+        ax.plot(xs, [100 * got[i]["robust_expected"] for i in xs], marker="o", label=name, color=f"C{k}")
     ax.set_xticks(range(len(budgets)), ["10 it x EOT 2", "20 it x EOT 2", "10 it x EOT 4"])
     ax.set_ylabel("robust accuracy % (expected)")
-    ax.set_title(f"Convergence on {res['n']} test images")
+    ax.set_title(f"Robust accuracy, {res['n']} test images")
     ax.legend(fontsize=7)
+    ax_d.axhspan(-2, 2, color="0.9", label="within 2 points")
+    ax_d.axhline(0, color="0.5", lw=0.8)
+    ax_d.set_xticks([1, 2], ["20 it x EOT 2\n- 10 it x EOT 2", "10 it x EOT 4\n- 10 it x EOT 2"])
+    ax_d.set_xlim(0.5, 2.5)
+    ax_d.set_ylabel("paired difference, points (95% interval)")
+    ax_d.set_title("Doubling the budget")
+    ax_d.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
     save_figure(fig, out / "convergence.png")
     return lines
 
@@ -236,7 +278,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if stage == "dbp-tstar":
             md += tstar_curve(json.loads((src / "results.json").read_text()), out) + [""]
         if stage == "convergence":
-            md += convergence(json.loads((src / "results.json").read_text()), out) + [""]
+            md += convergence(json.loads((src / "results.json").read_text()), out, src / "state") + [""]
         if stage == "lownoise-strength":
             md += lownoise_strength(json.loads((src / "results.json").read_text())) + [""]
         if stage == "eval":
