@@ -5,7 +5,9 @@ import torch
 import yaml
 
 from ssni.config import load_config
+from ssni.evaluate import config_fingerprint, saved_cell
 from ssni.evaluate.runner import EvaluateConfig, Evaluation
+from ssni.evaluate.state import slug
 from ssni.io import atomic_save_safetensors, atomic_write_json
 from ssni.models import classifier_spec, create_classifier, create_model, save_model
 from ssni.scoring import ScoreNormConfig, calibrate
@@ -104,6 +106,72 @@ def test_changed_config_in_same_run_dir_is_refused(tiny_setup, tmp_path):
         Evaluation(cfg2)
 
 
+_PGD = {"name": "pgd-eot", "attack": "pgd", "eot": 2, "view": "full", "kwargs": {"eps": 0.1, "steps": 1, "step_size": 0.05}}
+_DBP = {"name": "dbp", "reweight": {"name": "constant", "kwargs": {"t_base": 0.05}}}
+
+
+def _mtimes(run):
+    return {p: p.stat().st_mtime_ns for p in (run / "state").rglob("batch_*.json")}
+
+
+def test_a_study_grows_by_a_defense_and_an_attack_and_keeps_every_finished_cell(tiny_setup, tmp_path):
+    run = tmp_path / "r"
+    first = Evaluation(_config(tiny_setup, run, defenses=[{"name": "none"}, _DBP], attacks=[_PGD], sweep={})).run()
+    assert first["computed_batches"] == 8  # 2 defenses x (clean + pgd-eot) x 2 batches
+    before, rows_before = _mtimes(run), json.loads((run / "results.json").read_text())["rows"]
+    more = dict(_PGD, name="pgd-2", kwargs=dict(_PGD["kwargs"], steps=2))
+    ssni = {"name": "ssni-n", "reweight": {"name": "sigmoid", "kwargs": {"t_base": 0.05}}}
+    grown = Evaluation(_config(tiny_setup, run, defenses=[{"name": "none"}, _DBP, ssni], attacks=[_PGD, more],
+                               sweep={})).run()
+    # only the new cells ran: none/pgd-2, dbp/pgd-2 and ssni-n's clean, pgd-eot and pgd-2, 2 batches each
+    assert grown["reused_batches"] == 8 and grown["computed_batches"] == 10
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+    rows = {(r["defense"], r["attack"]): r for r in json.loads((run / "results.json").read_text())["rows"]}
+    for r in rows_before:
+        assert {k: v for k, v in rows[(r["defense"], r["attack"])].items() if k != "seconds"} == \
+            {k: v for k, v in r.items() if k != "seconds"}
+    assert ("ssni-n", "pgd-2") in rows
+
+
+def test_a_changed_attack_recomputes_its_own_cells_and_keeps_the_old_ones(tiny_setup, tmp_path):
+    run = tmp_path / "r"
+    Evaluation(_config(tiny_setup, run, defenses=[_DBP], attacks=[_PGD], sweep={})).run()
+    old = saved_cell(run, "dbp/pgd-eot")
+    harder = dict(_PGD, kwargs=dict(_PGD["kwargs"], steps=3))  # same name, another budget
+    again = Evaluation(_config(tiny_setup, run, defenses=[_DBP], attacks=[harder], sweep={})).run()
+    assert again["reused_batches"] == 2 and again["computed_batches"] == 2  # clean reused, the attack redone
+    assert len(list((run / "state" / "dbp_pgd-eot").iterdir())) == 2  # both budgets' results are kept
+    back = Evaluation(_config(tiny_setup, run, defenses=[_DBP], attacks=[_PGD], sweep={})).run()
+    assert back["computed_batches"] == 0 and saved_cell(run, "dbp/pgd-eot") == old
+
+
+def test_a_state_in_the_whole_config_layout_resumes_after_moving_into_cells(tiny_setup, tmp_path):
+    # the layout evaluations wrote before cells had keys: state/<cell>/batch_XXXXX.json under one
+    # fingerprint of the whole config (also checked on a real 18-cell run: reused 18, computed 0)
+    run = tmp_path / "r"
+    cfg = _config(tiny_setup, run, sweep={})
+    Evaluation(cfg).run()
+    want = json.loads((run / "results.json").read_text())
+    ev = Evaluation(cfg)
+    legacy = ev._legacy_fingerprints(ev.base_cfg)
+    for cell, key in ev.cell_keys.items():
+        folder = run / "state" / slug(cell)
+        for p in (folder / key).iterdir():
+            p.replace(folder / p.name)
+        (folder / key).rmdir()
+    atomic_write_json(run / "state" / "fingerprint.json", {"fingerprint": config_fingerprint(legacy), "parts": legacy})
+    # another config on that legacy state is refused (its cells cannot be told apart), nothing moved
+    with pytest.raises(ValueError, match="different evaluation config"):
+        Evaluation(_config(tiny_setup, run, sweep={}, draws=3))
+    assert (run / "state" / "dbp_clean" / "batch_00000.json").is_file()
+    again = Evaluation(cfg).run()
+    assert again["computed_batches"] == 0 and again["reused_batches"] == 14
+    got = json.loads((run / "results.json").read_text())
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+    assert strip(got["rows"]) == strip(want["rows"]) and got["per_sample"] == want["per_sample"]
+    assert json.loads((run / "state" / "fingerprint.json").read_text())["parts"]["layout"] == "cell-keys"
+
+
 def test_sweep_reuses_the_main_cell_at_the_attacks_own_epsilon(tiny_setup, tmp_path):
     sweep = {"attack": "pgd-eot", "defenses": ["dbp"], "eps": [0.1, 0.5], "num_samples": 3,
              "huge_eps": 0.4}
@@ -112,7 +180,7 @@ def test_sweep_reuses_the_main_cell_at_the_attacks_own_epsilon(tiny_setup, tmp_p
     state = tmp_path / "ev/state"
     # only the new epsilon was attacked again; 0.1 is the main pgd-eot cell's first batch
     assert sorted(p.name for p in state.iterdir() if p.name.startswith("sweep")) == ["sweep_dbp_0.5"]
-    first = json.loads((state / "dbp_pgd-eot/batch_00000.json").read_text())["correct"]
+    first = saved_cell(tmp_path / "ev", "dbp/pgd-eot")[0]["correct"]
     expected = sum(sum(r) for r in first) / (3 * 2)
     curves = json.loads((tmp_path / "ev/results.json").read_text())["curves"]
     assert curves["dbp"]["acc"][0] == pytest.approx(expected)

@@ -7,6 +7,7 @@ import yaml
 from ssni.attacks import PGD
 from ssni.config import load_config
 from ssni.defense import fixed_view
+from ssni.evaluate import saved_cell
 from ssni.evaluate.runner import AttackSpec, BoundSeeds, EvaluateConfig, Evaluation, expand_attacks
 from ssni.io import atomic_save_safetensors, atomic_write_json
 from ssni.models import classifier_spec, create_classifier, create_model, save_model
@@ -82,8 +83,8 @@ def test_majority_column_and_worst_case_rows(tiny_setup, tmp_path):
         assert wc[(d, "rand")]["attacks"] == ["rand-apgd-ce", "rand-apgd-dlr"]
         assert wc[(d, "worst-case")]["attacks"] == ["pgd", "rand-apgd-ce", "rand-apgd-dlr"]
         # a sample counts only if every draw survives every attack (recomputed from the saved batches)
-        per = [[row for b in sorted((state / f"{d}_{a}").glob("batch_*.json"))
-                for row in json.loads(b.read_text())["correct"]] for a in ("pgd", "rand-apgd-ce", "rand-apgd-dlr")]
+        per = [[row for b in saved_cell(tmp_path / "ev", f"{d}/{a}") for row in b["correct"]]
+               for a in ("pgd", "rand-apgd-ce", "rand-apgd-dlr")]
         robust = [all(all(p[i]) for p in per) for i in range(6)]
         assert wc[(d, "worst-case")]["robust_worst"] == pytest.approx(sum(robust) / 6)
         mine = [r for r in res["rows"] if r["defense"] == d]
@@ -239,20 +240,19 @@ def test_paired_differences_against_a_defense_match_the_saved_draws(tiny_setup, 
     res = json.loads((out / "results.json").read_text())
 
     def per_image(cell):
-        batches = sorted((out / "state" / cell).glob("batch_*.json"))
-        return torch.tensor([row for b in batches for row in json.loads(b.read_text())["correct"]]).float().mean(1)
+        return torch.tensor([row for b in saved_cell(out, cell) for row in b["correct"]]).float().mean(1)
     got = {(p["defense"], p["what"]): p for p in res["paired"]}
     # none and ssni-n against dbp: clean, pgd (both faced it) and worst-case; adaptive ran on ssni-n only
     assert set(got) == {(d, w) for d in ("none", "ssni-n") for w in ("clean", "pgd", "worst-case")}
     for d in ("none", "ssni-n"):
         for what, cell in (("clean", "clean"), ("pgd", "pgd")):
-            want = paired_difference(per_image(f"{d}_{cell}"), per_image(f"dbp_{cell}"))
+            want = paired_difference(per_image(f"{d}/{cell}"), per_image(f"dbp/{cell}"))
             assert got[(d, what)]["diff"] == pytest.approx(want["diff"])
             lo, hi = got[(d, what)]["ci"]
             assert lo <= got[(d, what)]["diff"] <= hi
     # ssni-n's worst case is over its own two attacks: per image the lower of the two
-    worst = torch.minimum(per_image("ssni-n_pgd"), per_image("ssni-n_adaptive"))
-    assert got[("ssni-n", "worst-case")]["diff"] == pytest.approx((worst - per_image("dbp_pgd")).mean().item())
+    worst = torch.minimum(per_image("ssni-n/pgd"), per_image("ssni-n/adaptive"))
+    assert got[("ssni-n", "worst-case")]["diff"] == pytest.approx((worst - per_image("dbp/pgd")).mean().item())
     report = (out / "report.md").read_text()
     assert "## Paired differences against dbp" in report and "| ssni-n |" in report
     # a reporting choice: changing it later reuses every finished batch
@@ -290,8 +290,7 @@ def test_eot_max_batch_splits_the_copies_and_keeps_the_results_and_the_state(tin
     split.run()
 
     def saved(run):  # every draw's prediction of every attacked image, batch by batch
-        files = sorted((tmp_path / run / "state" / "dbp_pgd").glob("batch_*.json"))
-        return [json.loads(f.read_text())["pred"] for f in files]
+        return [b["pred"] for b in saved_cell(tmp_path / run, "dbp/pgd")]
 
     assert len(saved("whole")) == 2 and saved("whole") == saved("split")
     again = Evaluation(_config(tiny_setup, tmp_path / "whole", eot_max_batch=3, **setup)).run()

@@ -35,10 +35,17 @@ COPY = {"eval": ["report.md", "results.json", "t_star.png", "score_norms.png", "
 
 def compute_seconds(run: Path) -> Optional[Dict[str, Any]]:
     """Seconds the saved batches of an evaluation took, and the thread count its config records."""
-    batches = list((run / "state").rglob("batch_*.json"))
+    from ssni.evaluate import saved_cell
+
+    res = run / "results.json"
+    keys = json.loads(res.read_text()).get("cell_keys") if res.is_file() else None
+    if keys:  # a finished run: its own cells' batches (not those of cells a changed config left behind)
+        batches = [b for cell in keys for b in saved_cell(run, cell)]
+    else:
+        batches = [json.loads(b.read_text()) for b in (run / "state").rglob("batch_*.json")]
     if not batches:
         return None
-    seconds = sum(json.loads(b.read_text()).get("seconds", 0.0) for b in batches)
+    seconds = sum(b.get("seconds", 0.0) for b in batches)
     threads = None
     cfg = run / "config.yaml"
     if cfg.is_file():
@@ -81,23 +88,20 @@ def tstar_curve(res: Dict[str, Any], out: Path) -> List[str]:
     return lines + ["", f"Chosen t* (best robust, ties: higher clean): **{best[0]:g}**"]
 
 
-def per_image(state: Path, cell: str) -> Optional[Any]:
-    """Each image's expected accuracy in one saved cell (`<defense>/<attack>`), [N], from the run's
-    state batches (mean over draws), or None when the cell has no saved batch."""
+def per_image(run: Path, cell: str) -> Optional[Any]:
+    """Each image's expected accuracy in one saved cell (`<defense>/<attack>`) of the evaluation in
+    `run`, [N] (mean over draws), or None when the cell has no saved batch."""
     import torch
 
-    from ssni.evaluate.state import slug
+    from ssni.evaluate import saved_cell
 
-    batches = sorted((state / slug(cell)).glob("batch_*.json"))
-    if not batches:
-        return None
-    rows = [row for b in batches for row in json.loads(b.read_text())["correct"]]
-    return torch.tensor(rows, dtype=torch.float64).mean(1)
+    rows = [row for b in saved_cell(run, cell) for row in b["correct"]]
+    return torch.tensor(rows, dtype=torch.float64).mean(1) if rows else None
 
 
-def convergence(res: Dict[str, Any], out: Path, state: Optional[Path] = None) -> List[str]:
+def convergence(res: Dict[str, Any], out: Path, run: Optional[Path] = None) -> List[str]:
     """Robust accuracy at the study's budget vs twice the iterations and twice the EOT samples: each
-    budget's accuracy and, from the run's per-image results in `state`, the paired difference to the
+    budget's accuracy and, from the per-image results saved in `run`, the paired difference to the
     base budget with its 95% interval (the check: doubling changes accuracy by less than 2 points)."""
     from ssni.evaluate.metrics import paired_difference
 
@@ -118,14 +122,14 @@ def convergence(res: Dict[str, Any], out: Path, state: Optional[Path] = None) ->
         cells = [pct_ci(r["robust_expected"], r["robust_expected_ci"]) if r else "—" for r in got]
         base_row = got[0]
         base = None
-        if state is not None and base_row is not None:
-            base = per_image(state, f"{base_row['defense']}/{base_row['attack']}")
+        if run is not None and base_row is not None:
+            base = per_image(run, f"{base_row['defense']}/{base_row['attack']}")
         diffs = []
         for j, r in enumerate(got[1:], start=1):
             if r is None or base_row is None:
                 diffs.append("—")
                 continue
-            mine = None if base is None else per_image(state, f"{r['defense']}/{r['attack']}")
+            mine = None if base is None else per_image(run, f"{r['defense']}/{r['attack']}")
             if mine is None or mine.shape != base.shape:  # no per-image results: the plain difference
                 diffs.append(f"{100 * (r['robust_expected'] - base_row['robust_expected']):+.1f}")
                 continue
@@ -224,14 +228,19 @@ def adversarial_grid(run: Path, out: Path, k: int = 8) -> Optional[Path]:
     cell, each titled with its true class and the class most draws predicted (state batch 0)."""
     from safetensors.torch import load_file
 
+    from ssni.evaluate import saved_cell
+    from ssni.evaluate.state import slug
+
     cells = sorted(p for p in (run / "adv").glob("*") if (p / "batch_00000.safetensors").is_file())
     if not cells:
         return None
+    res = run / "results.json"
+    by_slug = {slug(c): c for c in (json.loads(res.read_text()).get("cell_keys", {}) if res.is_file() else {})}
     fig, axes = pyplot().subplots(len(cells), k, figsize=(1.1 * k, 1.25 * len(cells)), squeeze=False)
     for i, cell in enumerate(cells):
         saved = load_file(str(cell / "batch_00000.safetensors"))
-        state = run / "state" / cell.name / "batch_00000.json"
-        preds = json.loads(state.read_text()).get("pred") if state.is_file() else None
+        first = saved_cell(run, by_slug.get(cell.name, cell.name))[:1]
+        preds = first[0].get("pred") if first else None
         for j in range(k):
             ax = axes[i][j]
             ax.axis("off")
@@ -278,7 +287,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if stage == "dbp-tstar":
             md += tstar_curve(json.loads((src / "results.json").read_text()), out) + [""]
         if stage == "convergence":
-            md += convergence(json.loads((src / "results.json").read_text()), out, src / "state") + [""]
+            md += convergence(json.loads((src / "results.json").read_text()), out, src) + [""]
         if stage == "lownoise-strength":
             md += lownoise_strength(json.loads((src / "results.json").read_text())) + [""]
         if stage == "eval":

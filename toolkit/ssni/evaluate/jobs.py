@@ -5,10 +5,12 @@ of tensors as safetensors, anything else JSON-able as JSON) under root/<job>/, s
 loses at most the batch it was computing. A store is guarded by keys of everything its results
 depend on:
 
-- one key for the whole store (`BatchStore(root, parts)`, an evaluation): results of other inputs
-  are refused with a message naming what changed, never silently mixed or deleted;
-- or one key per job (`bind(job, key)`, a fit's attacked set, whose key includes the curve it
-  attacked): each key has its own folder, so results of other inputs are never read.
+- one key for the whole store (`BatchStore(root, parts)`): results of other inputs are refused with
+  a message naming what changed, never silently mixed or deleted;
+- one key per job (`bind(job, key)`, a fit's attacked set, whose key includes the curve it
+  attacked): each key has its own folder, so results of other inputs are never read;
+- or both (an evaluation: the inputs every cell shares for the store, each cell's own defense and
+  attack for its job), so a study can grow by a defense or an attack and keep every finished cell.
 
 Under torchrun the batches are spread round robin over the ranks (`ssni.dist.owner`, counted over
 every batch of the run, done or not) and every rank gets every batch's result back, in sample order;
@@ -97,12 +99,12 @@ class BatchStore:
             self.root.mkdir(parents=True, exist_ok=True)
             atomic_write_json(meta, {"fingerprint": self.fingerprint, "parts": self.parts})
 
-    def bind(self, job: str, key: str) -> None:
+    def bind(self, job: str, key: str, keep_others: bool = False) -> None:
         """Give `job` its own key: its batches live in a folder of that key; folders of other keys of
-        the same job (results of other inputs) are removed by the writing rank."""
+        the same job (results of other inputs) are removed by the writing rank, or kept (keep_others)."""
         self._keys[job] = key
         folder = self.root / slug(job)
-        if folder.is_dir():
+        if folder.is_dir() and not keep_others:
             for old in folder.iterdir():
                 if old.is_dir() and old.name != key:
                     shutil.rmtree(old, ignore_errors=True)
@@ -196,7 +198,54 @@ class BatchRunner:
 
 
 class EvalState(BatchStore):
-    """An evaluation's store: run_dir/state/<cell>/batch_XXXXX.json under one key of all its inputs."""
+    """An evaluation's store: run_dir/state/<cell>/<cell key>/batch_XXXXX.json, under one key of the
+    inputs every cell shares (`parts`) and, per cell, a key of its own defense and attack (`cells`).
 
-    def __init__(self, run_dir: str | Path, parts: Dict[str, str] | str):
-        super().__init__(Path(run_dir) / "state", parts)
+    A state written before cells had keys (batches right under <cell>/, one key of the whole config,
+    `legacy`) is moved into the per-cell layout when `legacy` matches it: the same config and inputs
+    resume, and from then on the config may gain defenses and attacks. Only the main rank moves files.
+    """
+
+    def __init__(self, run_dir: str | Path, parts: Dict[str, str], cells: Dict[str, str],
+                 legacy: Optional[Dict[str, str]] = None, dist: Optional[DistContext] = None):
+        root = Path(run_dir) / "state"
+        parts = {**parts, "layout": "cell-keys"}  # a legacy store can never match this
+        dist = dist or DistContext()
+        meta = root / "fingerprint.json"
+        if legacy is not None and dist.is_main and meta.is_file():
+            old = read_json(meta, "evaluation state fingerprint")
+            if isinstance(old, dict) and old.get("fingerprint") == config_fingerprint(legacy):
+                self._migrate(root, cells)
+                atomic_write_json(meta, {"fingerprint": config_fingerprint(parts), "parts": parts})
+        dist.barrier()
+        super().__init__(root, parts)
+        for cell, key in cells.items():
+            self.bind(cell, key, keep_others=True)
+
+    @staticmethod
+    def _migrate(root: Path, cells: Dict[str, str]) -> None:
+        """Move each cell's batches of the legacy layout into its key's folder (a rerun after a kill
+        finishes the move: nothing is deleted)."""
+        for cell, key in cells.items():
+            folder = root / slug(cell)
+            saved = [p for p in folder.glob("batch_*") if p.is_file()] if folder.is_dir() else []
+            if saved:
+                (folder / key).mkdir(parents=True, exist_ok=True)
+                for p in saved:
+                    p.replace(folder / key / p.name)
+
+
+def saved_cell(run_dir: str | Path, cell: str) -> List[Dict[str, Any]]:
+    """The saved batches of one cell (`<defense>/<attack>`) of the finished evaluation in run_dir, in
+    order ([] if it has none): the key its results.json names for the cell, else (a run finished
+    before cells had keys) the batches right under the cell's folder."""
+    run_dir = Path(run_dir)
+    folder = run_dir / "state" / slug(cell)
+    results = run_dir / "results.json"
+    keys = read_json(results, "evaluation results").get("cell_keys", {}) if results.is_file() else {}
+    if keys and cell not in keys:
+        raise KeyError(f"{cell!r} is not a cell of the evaluation in {run_dir}; its cells: {sorted(keys)}")
+    if cell in keys:
+        folder = folder / keys[cell]
+    return [read_json(p, "saved batch result") for p in sorted(folder.glob("batch_*.json"))]
+

@@ -158,7 +158,7 @@ class Evaluation:
         self.dist = dist or DistContext.from_env(cfg.device)
         # one process: the device as before; several: each rank's own (cuda:LOCAL_RANK or cpu)
         self.device = resolve_device(cfg.device) if self.dist.world_size == 1 else self.dist.device
-        base_cfg = (load_config(DefenseConfig, cfg.defense_recipe, cfg.defense_overrides)
+        self.base_cfg = base_cfg = (load_config(DefenseConfig, cfg.defense_recipe, cfg.defense_overrides)
                     if cfg.defense_recipe else cfg.defense)
         self.base = build_defense(base_cfg, device=self.device)
         self.bare = self.base.view("bare")
@@ -196,19 +196,16 @@ class Evaluation:
         self.run_dir = Path(cfg.run_dir)
         if self.dist.is_main:  # temp files of writes a killed run did not finish (only dead writers')
             remove_stale_temps(self.run_dir)
-        self.state = EvalState(self.run_dir, self.input_fingerprints(base_cfg))
+        self.cell_keys = self._cell_keys()
+        self.state = EvalState(self.run_dir, self.input_fingerprints(base_cfg), self.cell_keys,
+                               legacy=self._legacy_fingerprints(base_cfg), dist=self.dist)
         self.jobs = BatchRunner(self.state, self.dist, stop_after=stop_after_batches)
 
-    def input_fingerprints(self, base_cfg: DefenseConfig) -> Dict[str, str]:
-        """Fingerprints of everything the results depend on: the config (with the resolved
-        defense recipe), the images and labels, the weights it loads, the calibration and each
-        defense's reweight."""
-        b = self.base
-        reweights = {name: None if m is None else {"name": type(m.reweight).__name__,
-                                                   **m.reweight.config()}
-                     for name, m in self.defenses.items()}
+    def _config_parts(self, base_cfg: DefenseConfig) -> tuple:
+        """The config as its key sees it (settings that change no result left out) and the resolved
+        defense recipe."""
         # the resolved defense stands for `defense` / `defense_recipe` / `defense_overrides`; paths of files
-        # whose content is fingerprinted below, and how the run is shown or where it runs, change no result
+        # whose content is fingerprinted, and how the run is shown or where it runs, change no result
         cfg = without(to_dict(self.cfg), NO_RESULT_KEYS)
         cfg["defenses"] = [without(d, ["reweight.kwargs.path"]) for d in cfg.get("defenses", [])]
         resolved = without(to_dict(base_cfg), DEFENSE_NO_RESULT_KEYS)
@@ -222,13 +219,73 @@ class Evaluation:
             for k, v in NEW_ATTACK_FIELDS.items():
                 if a.get(k, v) == v:
                     a.pop(k, None)
-        return {"config": config_fingerprint({**cfg, "resolved_defense": resolved}),
-                "data": tensor_fingerprint(self.x, self.y),
+        return cfg, resolved
+
+    def _shared_inputs(self) -> Dict[str, str]:
+        """Fingerprints of the images and labels, the weights and the calibration."""
+        b = self.base
+        return {"data": tensor_fingerprint(self.x, self.y),
                 "score_model": weights_fingerprint(b.score_model),
                 "classifier": weights_fingerprint(b.classifier),
-                "calibration": config_fingerprint(None if b.calibration is None
-                                                  else b.calibration.to_dict()),
-                "reweights": config_fingerprint(reweights)}
+                "calibration": config_fingerprint(None if b.calibration is None else b.calibration.to_dict())}
+
+    def _reweights(self) -> Dict[str, Any]:
+        """Each defense's reweight as it computes (its class and parameters, a learned curve's values)."""
+        return {name: None if m is None else {"name": type(m.reweight).__name__, **m.reweight.config()}
+                for name, m in self.defenses.items()}
+
+    def input_fingerprints(self, base_cfg: DefenseConfig) -> Dict[str, str]:
+        """Fingerprints of what every cell's results depend on: the config but for its defenses,
+        attacks and sweep (each cell's own key holds those: `_cell_keys`), the resolved defense recipe,
+        the images and labels, the weights it loads and the calibration."""
+        cfg, resolved = self._config_parts(base_cfg)
+        for key in ("defenses", "attacks", "sweep"):
+            cfg.pop(key, None)
+        return {"config": config_fingerprint({**cfg, "resolved_defense": resolved}), **self._shared_inputs()}
+
+    def _legacy_fingerprints(self, base_cfg: DefenseConfig) -> Dict[str, str]:
+        """The whole-run key of states written before cells had their own (see EvalState)."""
+        cfg, resolved = self._config_parts(base_cfg)
+        return {"config": config_fingerprint({**cfg, "resolved_defense": resolved}), **self._shared_inputs(),
+                "reweights": config_fingerprint(self._reweights())}
+
+    def _cell_keys(self) -> Dict[str, str]:
+        """{cell: key} for every cell this config computes: the key holds the cell's defense (its spec and
+        reweight) and attack (its spec; for a sweep point also its eps and images), so changing one
+        attack recomputes its cells only and a new defense or attack leaves the finished cells valid."""
+        cfg = self.cfg
+        reweights = self._reweights()
+        specs = {d.name: without(to_dict(d), ["reweight.kwargs.path"]) for d in cfg.defenses}
+
+        def attack(spec: AttackSpec) -> Dict[str, Any]:
+            a = to_dict(spec)
+            return {k: v for k, v in a.items() if not (k in NEW_ATTACK_FIELDS and v == NEW_ATTACK_FIELDS[k])}
+
+        def key(dname: str, spec: Optional[AttackSpec], **extra: Any) -> str:
+            return config_fingerprint({"defense": specs[dname], "reweight": reweights[dname],
+                                       "attack": None if spec is None else attack(spec), **extra})
+        keys = {}
+        for dname, model in self.defenses.items():
+            keys[f"{dname}/clean"] = key(dname, None)
+            for spec in self._attacks_of(model):
+                keys[f"{dname}/{spec.name}"] = key(dname, spec)
+        sweep = next((a for a in self.attacks if a.name == cfg.sweep.attack), None)
+        if sweep is not None:
+            ns = min(cfg.sweep.num_samples, self.x.shape[0])
+            for dname in cfg.sweep.defenses:
+                for eps in cfg.sweep.eps:
+                    if dname in self.defenses and not (f"{dname}/{sweep.name}" in keys and _same_eps(sweep, eps)):
+                        keys[f"sweep/{dname}/{eps:g}"] = key(dname, sweep, eps=eps, num_samples=ns,
+                                                             scale_step=cfg.sweep.scale_step)
+        return keys
+
+    def _attacks_of(self, model: Optional[nn.Module]) -> List[AttackSpec]:
+        """The attacks a defense faces: not the sample-specific ones when its t* is fixed, and only the
+        full and bare views of an undefended classifier (there is nothing else to differentiate)."""
+        sample_specific = model is not None and model.reweight.sample_specific
+        return [spec for spec in self.attacks
+                if not ((spec.only_sample_specific and not sample_specific)
+                        or (model is None and spec.view not in ("full", "bare")))]
 
     # -- pieces ------------------------------------------------------------------------------
     def _seeds(self, cell: str, first: int, b: int, m: int) -> Tensor:
@@ -302,6 +359,8 @@ class Evaluation:
     def _cell(self, cell: str, model: Optional[nn.Module], attack_spec: Optional[AttackSpec],
               x_all: Tensor, y_all: Tensor, eps: Optional[float] = None) -> Dict[str, Any]:
         """All batches of one (defense, attack) cell, resuming from saved batches."""
+        if cell not in self.cell_keys:  # its batches would be saved under no key of their inputs
+            raise RuntimeError(f"cell {cell!r} is not one of the evaluation's keyed cells")
         # eot_across_ranks: every rank runs every batch of an EOT cell, its copies split across the ranks
         # (the attack's EOT oracle all-reduces them); the main rank alone reads and writes the state
         every = (self.cfg.eot_across_ranks and self.dist.world_size > 1 and attack_spec is not None
@@ -392,11 +451,11 @@ class Evaluation:
                       ) -> List[ResultRow]:
         """The clean cell and every attack cell of one defense (into `cells`), and its table rows."""
         mean = lambda v: (sum(v) / len(v)) if v else None  # noqa: E731
-        sample_specific = model is not None and model.reweight.sample_specific
         clean = cells[f"{dname}/clean"] = self._cell(f"{dname}/clean", model, None, self.x, self.y)
         rows = []
+        mine = self._attacks_of(model)
         for spec in self.attacks:
-            if (spec.only_sample_specific and not sample_specific) or (model is None and spec.view not in ("full", "bare")):
+            if spec not in mine:
                 self._bar.update(nb)  # not this defense's attack (one view of an undefended classifier)
                 continue
             res = cells[f"{dname}/{spec.name}"] = self._cell(f"{dname}/{spec.name}", model, spec, self.x, self.y)
@@ -523,7 +582,8 @@ class Evaluation:
                    "n": int(self.x.shape[0]), "draws": self.cfg.draws,
                    "attacks": [to_dict(a) for a in self.cfg.attacks],
                    "per_sample": {k: {"t_star": v["t_star"], "score_norm": v["score_norm"]}
-                                  for k, v in cells.items()}}
+                                  for k, v in cells.items()},
+                   "cell_keys": self.cell_keys}  # where each cell's batches are: state/<cell>/<key>/
         atomic_write_json(out / "results.json", results)
         md = ["# Evaluation report", "", f"{results['n']} images of `{self.cfg.data.name}` "
               f"({self.cfg.split}), {self.cfg.draws} defense draws per image; intervals are 95% "
