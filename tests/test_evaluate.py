@@ -145,6 +145,20 @@ def test_a_changed_attack_recomputes_its_own_cells_and_keeps_the_old_ones(tiny_s
     assert back["computed_batches"] == 0 and saved_cell(run, "dbp/pgd-eot") == old
 
 
+def test_an_attack_limited_to_some_defenses_runs_on_those_only(tiny_setup, tmp_path):
+    from ssni.config import ConfigError
+
+    only = dict(_PGD, name="pgd-dbp", defenses=["dbp"])
+    Evaluation(_config(tiny_setup, tmp_path / "r", defenses=[{"name": "none"}, _DBP], attacks=[_PGD, only],
+                       sweep={})).run()
+    cells = {(r["defense"], r["attack"]) for r in json.loads((tmp_path / "r" / "results.json").read_text())["rows"]}
+    assert cells == {("none", "pgd-eot"), ("dbp", "pgd-eot"), ("dbp", "pgd-dbp")}
+    with pytest.raises(ConfigError, match=r"attacks\[1\] \('pgd-dbp'\): defenses \['dpb'\] must name some of "
+                                          r"the defenses \['none', 'dbp'\]; unknown: \['dpb'\]"):
+        Evaluation(_config(tiny_setup, tmp_path / "bad", defenses=[{"name": "none"}, _DBP],
+                           attacks=[_PGD, dict(only, defenses=["dpb"])], sweep={}))
+
+
 def test_a_state_in_the_whole_config_layout_resumes_after_moving_into_cells(tiny_setup, tmp_path):
     # the layout evaluations wrote before cells had keys: state/<cell>/batch_XXXXX.json under one
     # fingerprint of the whole config (also checked on a real 18-cell run: reused 18, computed 0)

@@ -113,6 +113,10 @@ def check_config(cfg: EvaluateConfig) -> None:
         raise ConfigError(f"paired_with {cfg.paired_with!r} is not one of the defenses {names}")
     labels = [a.name for a in attacks]
     for i, a in enumerate(attacks):
+        unknown = [d for d in a.defenses or [] if d not in names]
+        if unknown or a.defenses == []:
+            raise ConfigError(f"attacks[{i}] ({a.name!r}): defenses {a.defenses} must name some of the "
+                              f"defenses {names}" + (f"; unknown: {unknown}" if unknown else ""))
         if a.name in ("clean", "worst-case"):  # <defense>/clean is the clean cell; worst-case a summary row
             raise ConfigError(f"attacks[{i}] ({a.name!r}): the label {a.name!r} is reserved for "
                               f"{'clean accuracy' if a.name == 'clean' else 'the worst over attacks'}; "
@@ -267,7 +271,7 @@ class Evaluation:
         keys = {}
         for dname, model in self.defenses.items():
             keys[f"{dname}/clean"] = key(dname, None)
-            for spec in self._attacks_of(model):
+            for spec in self._attacks_of(dname, model):
                 keys[f"{dname}/{spec.name}"] = key(dname, spec)
         sweep = next((a for a in self.attacks if a.name == cfg.sweep.attack), None)
         if sweep is not None:
@@ -279,13 +283,15 @@ class Evaluation:
                                                              scale_step=cfg.sweep.scale_step)
         return keys
 
-    def _attacks_of(self, model: Optional[nn.Module]) -> List[AttackSpec]:
-        """The attacks a defense faces: not the sample-specific ones when its t* is fixed, and only the
-        full and bare views of an undefended classifier (there is nothing else to differentiate)."""
+    def _attacks_of(self, dname: str, model: Optional[nn.Module]) -> List[AttackSpec]:
+        """The attacks defense `dname` faces: those its attack's `defenses` name (all when null), not
+        the sample-specific ones when its t* is fixed, and only the full and bare views of an undefended
+        classifier (there is nothing else to differentiate)."""
         sample_specific = model is not None and model.reweight.sample_specific
         return [spec for spec in self.attacks
                 if not ((spec.only_sample_specific and not sample_specific)
-                        or (model is None and spec.view not in ("full", "bare")))]
+                        or (model is None and spec.view not in ("full", "bare"))
+                        or (spec.defenses is not None and dname not in spec.defenses))]
 
     # -- pieces ------------------------------------------------------------------------------
     def _seeds(self, cell: str, first: int, b: int, m: int) -> Tensor:
@@ -453,7 +459,7 @@ class Evaluation:
         mean = lambda v: (sum(v) / len(v)) if v else None  # noqa: E731
         clean = cells[f"{dname}/clean"] = self._cell(f"{dname}/clean", model, None, self.x, self.y)
         rows = []
-        mine = self._attacks_of(model)
+        mine = self._attacks_of(dname, model)
         for spec in self.attacks:
             if spec not in mine:
                 self._bar.update(nb)  # not this defense's attack (one view of an undefended classifier)

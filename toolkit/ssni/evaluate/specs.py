@@ -40,6 +40,9 @@ class AttackSpec:
     # cheaper choice) the defense recipe's attack_purifier; every report line names the one used
     purifier: str = "defense"  # defense | surrogate
     per_step: bool = False  # the loss at every reverse step of the purification (DiffAttack style)
+    # only these defenses (by name) face it, e.g. a costlier budget for the one defense whose attack had
+    # not converged; null: every defense (within only_sample_specific)
+    defenses: Optional[List[str]] = None
 
     def view_spec(self) -> ViewSpec:
         """What this attack differentiates, as one value (`RobustClassifier.view` builds it): the named
@@ -53,7 +56,7 @@ class AttackSpec:
 # preset -> (label suffix, loss) of the APGD runs it expands into
 PRESETS: Dict[str, List[tuple]] = {"rand": [("apgd-ce", "ce"), ("apgd-dlr", "dlr")]}
 # left out of the fingerprint at their defaults
-NEW_ATTACK_FIELDS = {"selective": False, "preset": None, "fixed_seeds": False, "per_step": False}
+NEW_ATTACK_FIELDS = {"selective": False, "preset": None, "fixed_seeds": False, "per_step": False, "defenses": None}
 ATTACK_PURIFIERS = ("defense", "surrogate")
 
 
@@ -74,7 +77,8 @@ def expand_attacks(attacks: List[AttackSpec]) -> tuple:
             out.append(AttackSpec(name=label, attack="apgd", kwargs={"steps": 100, **a.kwargs, "loss": loss},
                                   eot=a.eot if a.eot > 1 else 20, view=a.view,
                                   only_sample_specific=a.only_sample_specific, selective=a.selective,
-                                  fixed_seeds=a.fixed_seeds, purifier=a.purifier, per_step=a.per_step))
+                                  fixed_seeds=a.fixed_seeds, purifier=a.purifier, per_step=a.per_step,
+                                  defenses=a.defenses))
             groups[a.name].append(label)
     return out, groups
 
