@@ -74,7 +74,7 @@ def _check_adversarial(x_adv, x, eps, norm="linf"):
 def test_torchattacks_run_against_the_attack_views(digits_defense, view):
     defense, x, y = digits_defense
     x, y = x[:8], y[:8]
-    surrogate = defense.surrogate(view)
+    surrogate = defense.attack_module(view)
     # what torchattacks reads from a model: parameters (for the device), .training, eval()/train()
     assert next(surrogate.parameters()).device == x.device and not surrogate.training
     attacks = [(torchattacks.EOTPGD(surrogate, eps=EPS, alpha=ALPHA, steps=2, eot_iter=2), EPS, "linf"),
@@ -117,7 +117,7 @@ def test_attack_views_start_in_eval_mode():
 
 def test_ssni_pgd_eot_at_least_as_strong_as_torchattacks(digits_defense):
     defense, x, y = digits_defense
-    surrogate = defense.surrogate()
+    surrogate = defense.attack_module()
     clean = _accuracy(defense, x, y)
     robust = {}
     torch.manual_seed(1)
