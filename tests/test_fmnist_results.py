@@ -54,6 +54,8 @@ def test_the_collector_reports_finished_stages_and_only_those(tiny_setup, tmp_pa
         lo, hi = (float(v) for v in cols[col][cols[col].index("[") + 1:-1].split(","))
         assert lo <= diff + 0.05 and diff - 0.05 <= hi
     assert "## eval\n\nNot finished (1 batches saved so far)." in summary and not (out / "eval").exists()
+    # and which cell that batch belongs to: the first defense's clean cell
+    assert "\n- `none_clean`: 1 batch(es)\n" in summary.split("## eval\n")[1]
     assert "## reweight\n\nNot run yet." in summary
 
 

@@ -53,6 +53,15 @@ def compute_seconds(run: Path) -> Optional[Dict[str, Any]]:
     return {"batches": len(batches), "seconds": seconds, "threads": threads}
 
 
+def progress(run: Path) -> List[str]:
+    """Saved batches per cell folder of an unfinished evaluation (its state), as a list for the summary."""
+    state = run / "state"
+    if not state.is_dir():
+        return []
+    counts = {cell.name: len(list(cell.rglob("batch_*.json"))) for cell in sorted(state.iterdir()) if cell.is_dir()}
+    return [f"- `{name}`: {n} batch(es)" for name, n in counts.items() if n] + [""]
+
+
 def tstar_curve(res: Dict[str, Any], out: Path) -> List[str]:
     """DBP's clean and robust accuracy against t* (the rows named dbp-<t>), a plot and the chosen t*."""
     pts = []
@@ -274,6 +283,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         cost = compute_seconds(src)
         if not done:
             md += [f"Not finished ({cost['batches']} batches saved so far)." if cost else "Not run yet.", ""]
+            md += progress(src)
             continue
         dst = out / stage
         dst.mkdir(parents=True, exist_ok=True)
