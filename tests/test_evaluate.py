@@ -175,8 +175,9 @@ def test_a_state_in_the_whole_config_layout_resumes_after_moving_into_cells(tiny
         (folder / key).rmdir()
     atomic_write_json(run / "state" / "fingerprint.json", {"fingerprint": config_fingerprint(legacy), "parts": legacy})
     # another config on that legacy state is refused (its cells cannot be told apart), nothing moved
-    with pytest.raises(ValueError, match="different evaluation config"):
-        Evaluation(_config(tiny_setup, run, sweep={}, draws=3))
+    with pytest.raises(ValueError, match=r"different evaluation config or inputs \(changed: config\), "
+                                         "saved before each cell had its own key.* run once with the config"):
+        Evaluation(_config(tiny_setup, run, sweep={}, attacks=[_PGD]))
     assert (run / "state" / "dbp_clean" / "batch_00000.json").is_file()
     again = Evaluation(cfg).run()
     assert again["computed_batches"] == 0 and again["reused_batches"] == 14

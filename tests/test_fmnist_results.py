@@ -46,13 +46,14 @@ def test_the_collector_reports_finished_stages_and_only_those(tiny_setup, tmp_pa
     # difference equals the difference of the two accuracies, and it carries an interval
     conv_rows = {r["attack"]: r for r in __import__("json").loads(
         (runs / "convergence" / "results.json").read_text())["rows"] if r["robust_expected"] is not None}
-    line = next(x for x in summary.splitlines() if x.startswith("| dbp-0.05 / pgd |"))
-    cols = [c.strip() for c in line.strip("|").split("|")]
-    for col, budget in ((4, "20x2"), (5, "10x4")):
+    for budget in ("20x2", "10x4"):
+        line = next(x for x in summary.splitlines() if x.startswith(f"| dbp-0.05 / pgd | 10x2 -> {budget} |"))
+        cell = line.strip("|").split("|")[2].strip()
         diff = 100 * (conv_rows[f"pgd-{budget}"]["robust_expected"] - conv_rows["pgd-10x2"]["robust_expected"])
-        assert cols[col].startswith(f"{diff:+.1f} [") and cols[col].endswith("]"), (cols[col], diff)
-        lo, hi = (float(v) for v in cols[col][cols[col].index("[") + 1:-1].split(","))
+        assert cell.startswith(f"{diff:+.1f} [") and cell.endswith("]"), (cell, diff)
+        lo, hi = (float(v) for v in cell[cell.index("[") + 1:-1].split(","))
         assert lo <= diff + 0.05 and diff - 0.05 <= hi
+    assert "| dbp-0.05 / pgd | 20x2 -> 10x4 |" not in summary  # not a doubling of one factor
     assert "## eval\n\nNot finished (1 batches saved so far)." in summary and not (out / "eval").exists()
     # and which cell that batch belongs to: the first defense's clean cell
     assert "\n- `none_clean`: 1 batch(es)\n" in summary.split("## eval\n")[1]

@@ -108,62 +108,69 @@ def per_image(run: Path, cell: str) -> Optional[Any]:
     return torch.tensor(rows, dtype=torch.float64).mean(1) if rows else None
 
 
+def _budget(label: str) -> Optional[tuple]:
+    """(iterations, EOT) of a budget label such as '20x2', else None."""
+    it, _, eot = label.partition("x")
+    return (int(it), int(eot)) if it.isdigit() and eot.isdigit() else None
+
+
 def convergence(res: Dict[str, Any], out: Path, run: Optional[Path] = None) -> List[str]:
-    """Robust accuracy at the study's budget vs twice the iterations and twice the EOT samples: each
-    budget's accuracy and, from the per-image results saved in `run`, the paired difference to the
-    base budget with its 95% interval (the check: doubling changes accuracy by less than 2 points)."""
+    """Robust accuracy at each budget of the convergence run (attacks named <family>-<it>x<eot>) and,
+    for every doubling of the iterations or the EOT samples the run holds, the paired difference over
+    the same images (per-image results saved in `run`) with its 95% interval: the check is that
+    doubling changes accuracy by less than 2 points."""
     from ssni.evaluate.metrics import paired_difference
 
-    table: Dict[str, Dict[str, Dict[str, Any]]] = {}
+    table: Dict[str, Dict[tuple, Dict[str, Any]]] = {}
     for r in res["rows"]:
-        if r["robust_expected"] is None or "-" not in r["attack"]:
+        family, _, label = r["attack"].rpartition("-")
+        if r["robust_expected"] is None or _budget(label) is None:
             continue
-        family, budget = r["attack"].rsplit("-", 1)
-        table.setdefault(f"{r['defense']} / {family}", {})[budget] = r
+        table.setdefault(f"{r['defense']} / {family}", {})[_budget(label)] = r
     if not table:
         return []
-    budgets = ["10x2", "20x2", "10x4"]
-    lines = ["| defense / attack | " + " | ".join(f"{b} robust %" for b in budgets)
-             + " | 20x2 - 10x2 (paired, 95%) | 10x4 - 10x2 (paired, 95%) |", "|---" * (len(budgets) + 3) + "|"]
+    budgets = sorted({b for by in table.values() for b in by}, key=lambda b: (b[0] * b[1], b[0]))
+    doublings = [(a, b) for a in budgets for b in budgets if b in ((2 * a[0], a[1]), (a[0], 2 * a[1]))]
+    name = lambda b: f"{b[0]}x{b[1]}"  # noqa: E731
+    lines = ["| defense / attack | " + " | ".join(f"{name(b)} robust %" for b in budgets) + " |",
+             "|---" * (len(budgets) + 1) + "|"]
+    pairs = ["| defense / attack | doubling | paired difference, points (95%) |", "|---|---|---|"]
     fig, (ax, ax_d) = pyplot().subplots(1, 2, figsize=(10, 3.8))
-    for k, (name, by) in enumerate(table.items()):
-        got = [by.get(b) for b in budgets]
-        cells = [pct_ci(r["robust_expected"], r["robust_expected_ci"]) if r else "—" for r in got]
-        base_row = got[0]
-        base = None
-        if run is not None and base_row is not None:
-            base = per_image(run, f"{base_row['defense']}/{base_row['attack']}")
-        diffs = []
-        for j, r in enumerate(got[1:], start=1):
-            if r is None or base_row is None:
-                diffs.append("—")
+    for k, (label, by) in enumerate(table.items()):
+        lines.append(f"| {label} | " + " | ".join(pct_ci(by[b]["robust_expected"], by[b]["robust_expected_ci"])
+                                                 if b in by else "—" for b in budgets) + " |")
+        xs = [i for i, b in enumerate(budgets) if b in by]
+        ax.plot(xs, [100 * by[budgets[i]]["robust_expected"] for i in xs], marker="o", label=label, color=f"C{k}")
+        for j, (a, b) in enumerate(doublings):
+            if a not in by or b not in by:
                 continue
-            mine = None if base is None else per_image(run, f"{r['defense']}/{r['attack']}")
-            if mine is None or mine.shape != base.shape:  # no per-image results: the plain difference
-                diffs.append(f"{100 * (r['robust_expected'] - base_row['robust_expected']):+.1f}")
+            ra, rb = by[a], by[b]
+            sa = None if run is None else per_image(run, f"{ra['defense']}/{ra['attack']}")
+            sb = None if run is None else per_image(run, f"{rb['defense']}/{rb['attack']}")
+            if sa is None or sb is None or sa.shape != sb.shape:  # no per-image results: the plain difference
+                pairs.append(f"| {label} | {name(a)} -> {name(b)} | "
+                             f"{100 * (rb['robust_expected'] - ra['robust_expected']):+.1f} |")
                 continue
-            d = paired_difference(mine, base)
-            diffs.append(f"{100 * d['diff']:+.1f} [{100 * d['ci'][0]:+.1f}, {100 * d['ci'][1]:+.1f}]")
+            d = paired_difference(sb, sa)
+            pairs.append(f"| {label} | {name(a)} -> {name(b)} | {100 * d['diff']:+.1f} "
+                         f"[{100 * d['ci'][0]:+.1f}, {100 * d['ci'][1]:+.1f}] |")
             x = j + (k - (len(table) - 1) / 2) * 0.08  # side by side, not on top of each other
             ax_d.errorbar([x], [100 * d["diff"]], yerr=[[100 * (d["diff"] - d["ci"][0])], [100 * (d["ci"][1] - d["diff"])]],
                           marker="o", capsize=3, color=f"C{k}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(diffs) + " |")
-        xs = [i for i, r in enumerate(got) if r]
-        ax.plot(xs, [100 * got[i]["robust_expected"] for i in xs], marker="o", label=name, color=f"C{k}")
-    ax.set_xticks(range(len(budgets)), ["10 it x EOT 2", "20 it x EOT 2", "10 it x EOT 4"])
+    ax.set_xticks(range(len(budgets)), [f"{b[0]} it x EOT {b[1]}" for b in budgets], fontsize=7)
     ax.set_ylabel("robust accuracy % (expected)")
     ax.set_title(f"Robust accuracy, {res['n']} test images")
     ax.legend(fontsize=7)
     ax_d.axhspan(-2, 2, color="0.9", label="within 2 points")
     ax_d.axhline(0, color="0.5", lw=0.8)
-    ax_d.set_xticks([1, 2], ["20 it x EOT 2\n- 10 it x EOT 2", "10 it x EOT 4\n- 10 it x EOT 2"])
-    ax_d.set_xlim(0.5, 2.5)
+    ax_d.set_xticks(range(len(doublings)), [f"{name(a)}\n-> {name(b)}" for a, b in doublings], fontsize=7)
+    ax_d.set_xlim(-0.5, len(doublings) - 0.5)
     ax_d.set_ylabel("paired difference, points (95% interval)")
-    ax_d.set_title("Doubling the budget")
+    ax_d.set_title("Doubling the iterations or the EOT samples")
     ax_d.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     save_figure(fig, out / "convergence.png")
-    return lines
+    return lines + ["", "Each doubling of the budget (iterations x EOT), paired over the same images:", ""] + pairs
 
 
 def lownoise_strength(res: Dict[str, Any]) -> List[str]:

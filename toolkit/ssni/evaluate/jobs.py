@@ -212,9 +212,17 @@ class EvalState(BatchStore):
         parts = {**parts, "layout": "cell-keys"}  # a legacy store can never match this
         dist = dist or DistContext()
         meta = root / "fingerprint.json"
-        if legacy is not None and dist.is_main and meta.is_file():
-            old = read_json(meta, "evaluation state fingerprint")
-            if isinstance(old, dict) and old.get("fingerprint") == config_fingerprint(legacy):
+        old = read_json(meta, "evaluation state fingerprint") if legacy is not None and meta.is_file() else None
+        if isinstance(old, dict) and "layout" not in old.get("parts", {}):  # written before cells had keys
+            if old.get("fingerprint") != config_fingerprint(legacy):
+                changed = sorted(k for k in set(old.get("parts", {})) | set(legacy)
+                                 if old.get("parts", {}).get(k) != legacy.get(k))
+                raise StaleStateError(
+                    f"{root} holds results of a different evaluation config or inputs (changed: "
+                    f"{', '.join(changed)}), saved before each cell had its own key, so its cells cannot be "
+                    "told apart; run once with the config that made it (its cells then move into their "
+                    f"keys and the config may grow), use a new run_dir, or delete {root} to start afresh")
+            if dist.is_main:
                 self._migrate(root, cells)
                 atomic_write_json(meta, {"fingerprint": config_fingerprint(parts), "parts": parts})
         dist.barrier()
