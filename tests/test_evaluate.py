@@ -157,6 +157,22 @@ def test_an_attack_limited_to_some_defenses_runs_on_those_only(tiny_setup, tmp_p
                                           r"the defenses \['none', 'dbp'\]; unknown: \['dpb'\]"):
         Evaluation(_config(tiny_setup, tmp_path / "bad", defenses=[{"name": "none"}, _DBP],
                            attacks=[_PGD, dict(only, defenses=["dpb"])], sweep={}))
+    # widening who faces it runs the new defense's cell only: the finished one is reused
+    wider = Evaluation(_config(tiny_setup, tmp_path / "r", defenses=[{"name": "none"}, _DBP],
+                               attacks=[_PGD, dict(only, defenses=["dbp", "none"])], sweep={})).run()
+    assert wider["computed_batches"] == 2 and wider["reused_batches"] == 10  # 5 finished cells x 2 batches
+    # filters that leave an attack no defense at all: refused, not silently skipped
+    with pytest.raises(ConfigError, match=r"attacks\[1\] \('pgd-dbp'\) faces none of the defenses \['none', 'dbp'\]"):
+        Evaluation(_config(tiny_setup, tmp_path / "none", defenses=[{"name": "none"}, _DBP], sweep={},
+                           attacks=[_PGD, dict(only, only_sample_specific=True)]))
+
+
+def test_sweep_epsilons_that_print_alike_are_refused(tiny_setup, tmp_path):
+    from ssni.config import ConfigError
+
+    sweep = {"attack": "pgd-eot", "defenses": ["dbp"], "eps": [0.1, 0.5, 0.5000001], "num_samples": 3}
+    with pytest.raises(ConfigError, match=r"sweep.eps .* print alike \(\['0.1', '0.5', '0.5'\]\)"):
+        Evaluation(_config(tiny_setup, tmp_path / "ev", sweep=sweep))
 
 
 def test_a_state_in_the_whole_config_layout_resumes_after_moving_into_cells(tiny_setup, tmp_path):

@@ -159,11 +159,11 @@ def test_fixed_view_evaluation_resumes_and_saves_adversarials(tiny_setup, tmp_pa
     assert strip(a["rows"]) == strip(b["rows"])
     # the bound seeds make the attacked view deterministic: no "randomized without EOT" flag
     assert not any("EOT" in f for f in a["flags"])
-    from safetensors.torch import load_file
+    from ssni.evaluate import saved_adversarial
 
-    files = sorted((tmp_path / "part/adv/dbp_fixed").glob("batch_*.safetensors"))
-    assert [f.name for f in files] == ["batch_00000.safetensors", "batch_00001.safetensors"]
-    adv = load_file(str(files[0]))
+    saved = saved_adversarial(tmp_path / "part", "dbp/fixed")
+    assert len(saved) == 2 and torch.equal(saved[1]["y"], Evaluation(_config(tiny_setup, tmp_path / "part", **over)).y[3:])
+    adv = saved[0]
     ev = Evaluation(_config(tiny_setup, tmp_path / "part", **over))
     assert adv["x_adv"].shape == (3, 1, 8, 8) and (adv["x_adv"] - ev.x[:3]).abs().max() <= 0.1 + 1e-6
 

@@ -56,7 +56,17 @@ def test_the_collector_reports_finished_stages_and_only_those(tiny_setup, tmp_pa
     assert "| dbp-0.05 / pgd | 20x2 -> 10x4 |" not in summary  # not a doubling of one factor
     assert "## eval\n\nNot finished (1 batches saved so far)." in summary and not (out / "eval").exists()
     # and which cell that batch belongs to: the first defense's clean cell
-    assert "\n- `none_clean`: 1 batch(es)\n" in summary.split("## eval\n")[1]
+    assert "\n- `none_clean/" in summary.split("## eval\n")[1].split("##")[0]
+    # a finished stage whose recipe grows runs again in its folder: until it finishes, its old report
+    # is not shown as the stage's result
+    more = conv + [{"name": "pgd-40x2", "attack": "pgd", "eot": 2, "defenses": ["dbp-0.05"],
+                    "kwargs": {**STEP, "steps": 3}}]
+    with pytest.raises(KeyboardInterrupt):
+        Evaluation(_config(tiny_setup, runs / "convergence", defenses=[_constant(0.05)], attacks=more),
+                   stop_after_batches=1).run()
+    assert _tool().main(["--runs", str(runs), "--out", str(tmp_path / "again")]) == 0
+    again = (tmp_path / "again" / "summary.md").read_text()
+    assert "## convergence\n\nNot finished" in again and "- `dbp-0.05_pgd-40x2/" in again
     assert "## reweight\n\nNot run yet." in summary
 
 

@@ -54,12 +54,16 @@ def compute_seconds(run: Path) -> Optional[Dict[str, Any]]:
 
 
 def progress(run: Path) -> List[str]:
-    """Saved batches per cell folder of an unfinished evaluation (its state), as a list for the summary."""
+    """Saved batches per cell (and key) folder of an unfinished evaluation's state, as a list for the
+    summary; a cell's older keys (results of settings it no longer has) show as folders of their own."""
     state = run / "state"
     if not state.is_dir():
         return []
-    counts = {cell.name: len(list(cell.rglob("batch_*.json"))) for cell in sorted(state.iterdir()) if cell.is_dir()}
-    return [f"- `{name}`: {n} batch(es)" for name, n in counts.items() if n] + [""]
+    counts: Dict[str, int] = {}
+    for b in state.rglob("batch_*.json"):
+        name = str(b.parent.relative_to(state))
+        counts[name] = counts.get(name, 0) + 1
+    return [f"- `{name}`: {n} batch(es)" for name, n in sorted(counts.items())] + [""]
 
 
 def tstar_curve(res: Dict[str, Any], out: Path) -> List[str]:
@@ -242,20 +246,16 @@ def headline(res: Dict[str, Any], aa: Optional[Dict[str, Any]] = None) -> List[s
 def adversarial_grid(run: Path, out: Path, k: int = 8) -> Optional[Path]:
     """The first k saved adversarial images of every attacked cell (`save_adversarial`), one row per
     cell, each titled with its true class and the class most draws predicted (state batch 0)."""
-    from safetensors.torch import load_file
+    from ssni.evaluate import saved_adversarial, saved_cell
 
-    from ssni.evaluate import saved_cell
-    from ssni.evaluate.state import slug
-
-    cells = sorted(p for p in (run / "adv").glob("*") if (p / "batch_00000.safetensors").is_file())
-    if not cells:
-        return None
     res = run / "results.json"
-    by_slug = {slug(c): c for c in (json.loads(res.read_text()).get("cell_keys", {}) if res.is_file() else {})}
-    fig, axes = pyplot().subplots(len(cells), k, figsize=(1.1 * k, 1.25 * len(cells)), squeeze=False)
-    for i, cell in enumerate(cells):
-        saved = load_file(str(cell / "batch_00000.safetensors"))
-        first = saved_cell(run, by_slug.get(cell.name, cell.name))[:1]
+    cells = list(json.loads(res.read_text()).get("cell_keys", {})) if res.is_file() else []
+    shown = [(c, a[0]) for c in cells for a in [saved_adversarial(run, c)[:1]] if a]
+    if not shown:
+        return None
+    fig, axes = pyplot().subplots(len(shown), k, figsize=(1.1 * k, 1.25 * len(shown)), squeeze=False)
+    for i, (cell, saved) in enumerate(shown):
+        first = saved_cell(run, cell)[:1]
         preds = first[0].get("pred") if first else None
         for j in range(k):
             ax = axes[i][j]
@@ -267,10 +267,20 @@ def adversarial_grid(run: Path, out: Path, k: int = 8) -> Optional[Path]:
             votes = preds[j] if preds else []
             top = max(set(votes), key=votes.count) if votes else None
             ax.set_title(f"{int(saved['y'][j])}->{top}" if top is not None else f"{int(saved['y'][j])}", fontsize=7)
-        axes[i][0].text(-0.1, 0.5, cell.name.replace("_", "\n", 1), transform=axes[i][0].transAxes, ha="right",
+        axes[i][0].text(-0.1, 0.5, cell.replace("/", "\n", 1), transform=axes[i][0].transAxes, ha="right",
                         va="center", fontsize=6)
     fig.suptitle("adversarial images (true class -> the class most draws predicted)", fontsize=8)
     return save_figure(fig, out / "adversarial_examples.png")
+
+
+def finished(run: Path, first_file: str) -> bool:
+    """Whether a stage's last run finished: its report file exists and no batch was saved after it
+    (a stage whose recipe grew, running again in the same folder, is not finished)."""
+    report = run / first_file
+    if not report.is_file():
+        return False
+    written = report.stat().st_mtime
+    return not any(b.stat().st_mtime > written for b in (run / "state").rglob("batch_*"))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -285,7 +295,7 @@ def main(argv: Optional[List[str]] = None) -> int:
           "Made by `python tools/fmnist_results.py` from `runs/fmnist/` (stages: `tools/fmnist_study.sh`).", ""]
     for stage, files in COPY.items():
         src = runs / stage
-        done = (src / files[0]).is_file() and (stage != "reweight" or (src / "reweight.json").is_file())
+        done = finished(src, files[0]) and (stage != "reweight" or (src / "reweight.json").is_file())
         md += [f"## {stage}", ""]
         cost = compute_seconds(src)
         if not done:

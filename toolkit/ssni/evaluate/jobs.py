@@ -243,17 +243,35 @@ class EvalState(BatchStore):
                     p.replace(folder / key / p.name)
 
 
+def _cell_key(run_dir: Path, cell: str) -> Optional[str]:
+    """The key a finished run's results.json names for `cell`; None for a run from before cell keys
+    (KeyError if the run names its cells and `cell` is not one)."""
+    results = run_dir / "results.json"
+    keys = read_json(results, "evaluation results").get("cell_keys", {}) if results.is_file() else {}
+    if keys and cell not in keys:
+        raise KeyError(f"{cell!r} is not a cell of the evaluation in {run_dir}; its cells: {sorted(keys)}")
+    return keys.get(cell)
+
+
+def saved_adversarial(run_dir: str | Path, cell: str) -> List[Dict[str, Tensor]]:
+    """The adversarial images (`save_adversarial`) of one cell of the finished evaluation in run_dir, per
+    batch in order: {x_adv [B,C,H,W], y [B]} ([] if none were saved)."""
+    run_dir = Path(run_dir)
+    key = _cell_key(run_dir, cell)
+    folder = run_dir / "adv" / slug(cell)
+    if key is not None and (folder / key).is_dir():
+        folder = folder / key
+    return [load_safetensors(p) for p in sorted(folder.glob("batch_*.safetensors"))]
+
+
 def saved_cell(run_dir: str | Path, cell: str) -> List[Dict[str, Any]]:
     """The saved batches of one cell (`<defense>/<attack>`) of the finished evaluation in run_dir, in
     order ([] if it has none): the key its results.json names for the cell, else (a run finished
     before cells had keys) the batches right under the cell's folder."""
     run_dir = Path(run_dir)
     folder = run_dir / "state" / slug(cell)
-    results = run_dir / "results.json"
-    keys = read_json(results, "evaluation results").get("cell_keys", {}) if results.is_file() else {}
-    if keys and cell not in keys:
-        raise KeyError(f"{cell!r} is not a cell of the evaluation in {run_dir}; its cells: {sorted(keys)}")
-    if cell in keys:
-        folder = folder / keys[cell]
+    key = _cell_key(run_dir, cell)
+    if key is not None:
+        folder = folder / key
     return [read_json(p, "saved batch result") for p in sorted(folder.glob("batch_*.json"))]
 

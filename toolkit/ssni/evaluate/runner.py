@@ -128,6 +128,9 @@ def check_config(cfg: EvaluateConfig) -> None:
         for d in sw.defenses:
             if d not in names:
                 raise ConfigError(f"sweep.defenses: {d!r} is not one of the defenses {names}")
+        shown = [f"{e:g}" for e in sw.eps]  # sweep cells are named by eps: two names alike would share results
+        if len(set(shown)) != len(shown):
+            raise ConfigError(f"sweep.eps {sw.eps} has values that print alike ({shown}); make them distinct")
         if not 1 <= sw.num_samples <= cfg.num_samples:
             raise ConfigError(f"sweep.num_samples must be in [1, num_samples={cfg.num_samples}], got "
                               f"{sw.num_samples}")
@@ -198,8 +201,13 @@ class Evaluation:
         self.x, self.y = ds.images[:n].to(self.device), ds.labels[:n].to(self.device)
         self.num_classes = ds.num_classes
         self.run_dir = Path(cfg.run_dir)
-        if self.dist.is_main:  # temp files of writes a killed run did not finish (only dead writers')
-            remove_stale_temps(self.run_dir)
+        if self.dist.is_main:  # temp files of writes a killed run did not finish (only dead writers'),
+            remove_stale_temps(self.run_dir, depth=3)  # down to state/<cell>/<key>/ and adv/<cell>/<key>/
+        for i, spec in enumerate(self.attacks):  # an attack its filters leave without a defense is a mistake
+            if not any(spec in self._attacks_of(d, m) for d, m in self.defenses.items()):
+                raise ConfigError(f"attacks[{i}] ({spec.name!r}) faces none of the defenses {list(self.defenses)} "
+                                  f"(defenses: {spec.defenses}, only_sample_specific: {spec.only_sample_specific}, "
+                                  f"view: {spec.view}); widen its filters or remove it")
         self.cell_keys = self._cell_keys()
         self.state = EvalState(self.run_dir, self.input_fingerprints(base_cfg), self.cell_keys,
                                legacy=self._legacy_fingerprints(base_cfg), dist=self.dist)
@@ -263,6 +271,7 @@ class Evaluation:
 
         def attack(spec: AttackSpec) -> Dict[str, Any]:
             a = to_dict(spec)
+            a.pop("defenses", None)  # who faces the attack changes no cell's result: widening it reuses cells
             return {k: v for k, v in a.items() if not (k in NEW_ATTACK_FIELDS and v == NEW_ATTACK_FIELDS[k])}
 
         def key(dname: str, spec: Optional[AttackSpec], **extra: Any) -> str:
@@ -355,7 +364,9 @@ class Evaluation:
             torch.manual_seed(derive_seed(self.cfg.seed, cell, b.index))  # view randomness
             x_in = attack(view, x, target, seed=derive_seed(self.cfg.seed, cell, b.index, "start"))
             if self.cfg.save_adversarial and write:
-                atomic_save_safetensors(self.run_dir / "adv" / slug(cell) / f"batch_{b.index:05d}.safetensors",
+                # beside the cell's batches, under its key: another budget's images never pass for these
+                atomic_save_safetensors(self.run_dir / "adv" / slug(cell) / self.cell_keys[cell]
+                                        / f"batch_{b.index:05d}.safetensors",
                                         {"x_adv": x_in.detach().cpu().contiguous(), "y": y.cpu().contiguous()})
         saved = self._draw_correct(model, x_in, y, b.start, cell)
         saved["seconds"] = time.perf_counter() - t0
