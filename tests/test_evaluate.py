@@ -5,7 +5,7 @@ import torch
 import yaml
 
 from ssni.config import load_config
-from ssni.evaluate import config_fingerprint, saved_cell
+from ssni.evaluate import config_fingerprint, saved_adversarial, saved_cell
 from ssni.evaluate.runner import EvaluateConfig, Evaluation
 from ssni.evaluate.state import slug
 from ssni.io import atomic_save_safetensors, atomic_write_json
@@ -179,16 +179,18 @@ def test_a_state_in_the_whole_config_layout_resumes_after_moving_into_cells(tiny
     # the layout evaluations wrote before cells had keys: state/<cell>/batch_XXXXX.json under one
     # fingerprint of the whole config (also checked on a real 18-cell run: reused 18, computed 0)
     run = tmp_path / "r"
-    cfg = _config(tiny_setup, run, sweep={})
+    cfg = _config(tiny_setup, run, sweep={}, save_adversarial=True)
     Evaluation(cfg).run()
     want = json.loads((run / "results.json").read_text())
     ev = Evaluation(cfg)
     legacy = ev._legacy_fingerprints(ev.base_cfg)
     for cell, key in ev.cell_keys.items():
-        folder = run / "state" / slug(cell)
-        for p in (folder / key).iterdir():
-            p.replace(folder / p.name)
-        (folder / key).rmdir()
+        for folder in (run / "state" / slug(cell), run / "adv" / slug(cell)):
+            if (folder / key).is_dir():
+                for p in (folder / key).iterdir():
+                    p.replace(folder / p.name)
+                (folder / key).rmdir()
+    assert len(saved_adversarial(run, "ssni-n/adaptive")) == 2  # the legacy layout's loose images are read too
     atomic_write_json(run / "state" / "fingerprint.json", {"fingerprint": config_fingerprint(legacy), "parts": legacy})
     # another config on that legacy state is refused (its cells cannot be told apart), nothing moved
     with pytest.raises(ValueError, match=r"different evaluation config or inputs \(changed: config\), "
@@ -201,6 +203,15 @@ def test_a_state_in_the_whole_config_layout_resumes_after_moving_into_cells(tiny
     strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
     assert strip(got["rows"]) == strip(want["rows"]) and got["per_sample"] == want["per_sample"]
     assert json.loads((run / "state" / "fingerprint.json").read_text())["parts"]["layout"] == "cell-keys"
+    key = ev.cell_keys["ssni-n/adaptive"]  # the adversarial images moved with their cell
+    assert sorted(p.name for p in (run / "adv" / "ssni-n_adaptive" / key).iterdir()) == \
+        ["batch_00000.safetensors", "batch_00001.safetensors"]
+    first = saved_adversarial(run, "ssni-n/adaptive")[0]["x_adv"]
+    # a cell begun by the older code and finished by this one: its first batch loose, the rest under the key
+    (run / "adv" / "ssni-n_adaptive" / key / "batch_00000.safetensors").replace(
+        run / "adv" / "ssni-n_adaptive" / "batch_00000.safetensors")
+    both = saved_adversarial(run, "ssni-n/adaptive")
+    assert len(both) == 2 and torch.equal(both[0]["x_adv"], first)
 
 
 def test_sweep_reuses_the_main_cell_at_the_attacks_own_epsilon(tiny_setup, tmp_path):

@@ -232,15 +232,15 @@ class EvalState(BatchStore):
 
     @staticmethod
     def _migrate(root: Path, cells: Dict[str, str]) -> None:
-        """Move each cell's batches of the legacy layout into its key's folder (a rerun after a kill
-        finishes the move: nothing is deleted)."""
+        """Move each cell's batches of the legacy layout, and its saved adversarial images (run_dir/adv),
+        into its key's folder (a rerun after a kill finishes the move: nothing is deleted)."""
         for cell, key in cells.items():
-            folder = root / slug(cell)
-            saved = [p for p in folder.glob("batch_*") if p.is_file()] if folder.is_dir() else []
-            if saved:
-                (folder / key).mkdir(parents=True, exist_ok=True)
-                for p in saved:
-                    p.replace(folder / key / p.name)
+            for folder in (root / slug(cell), root.parent / "adv" / slug(cell)):
+                saved = [p for p in folder.glob("batch_*") if p.is_file()] if folder.is_dir() else []
+                if saved:
+                    (folder / key).mkdir(parents=True, exist_ok=True)
+                    for p in saved:
+                        p.replace(folder / key / p.name)
 
 
 def _cell_key(run_dir: Path, cell: str) -> Optional[str]:
@@ -259,9 +259,12 @@ def saved_adversarial(run_dir: str | Path, cell: str) -> List[Dict[str, Tensor]]
     run_dir = Path(run_dir)
     key = _cell_key(run_dir, cell)
     folder = run_dir / "adv" / slug(cell)
-    if key is not None and (folder / key).is_dir():
-        folder = folder / key
-    return [load_safetensors(p) for p in sorted(folder.glob("batch_*.safetensors"))]
+    # a cell begun before adversarial images had key folders and finished after: its first batches
+    # lie loose in the cell's folder, the rest under the key (the state's key: the same results)
+    files = {p.name: p for p in folder.glob("batch_*.safetensors")}
+    if key is not None:
+        files.update({p.name: p for p in (folder / key).glob("batch_*.safetensors")})
+    return [load_safetensors(files[name]) for name in sorted(files)]
 
 
 def saved_cell(run_dir: str | Path, cell: str) -> List[Dict[str, Any]]:
