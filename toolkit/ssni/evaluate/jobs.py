@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -243,11 +244,20 @@ class EvalState(BatchStore):
                         p.replace(folder / key / p.name)
 
 
+@lru_cache(maxsize=8)
+def _run_cell_keys(results: str, stamp: tuple) -> Dict[str, str]:
+    """results.json's {cell: key}, read once per version of the file (`stamp`: its mtime and size)."""
+    return read_json(Path(results), "evaluation results").get("cell_keys", {})
+
+
 def _cell_key(run_dir: Path, cell: str) -> Optional[str]:
     """The key a finished run's results.json names for `cell`; None for a run from before cell keys
     (KeyError if the run names its cells and `cell` is not one)."""
     results = run_dir / "results.json"
-    keys = read_json(results, "evaluation results").get("cell_keys", {}) if results.is_file() else {}
+    keys = {}
+    if results.is_file():
+        st = results.stat()
+        keys = _run_cell_keys(str(results), (st.st_mtime_ns, st.st_size))
     if keys and cell not in keys:
         raise KeyError(f"{cell!r} is not a cell of the evaluation in {run_dir}; its cells: {sorted(keys)}")
     return keys.get(cell)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -233,8 +234,10 @@ class Evaluation:
                     a.pop(k, None)
         return cfg, resolved
 
+    @cached_property
     def _shared_inputs(self) -> Dict[str, str]:
-        """Fingerprints of the images and labels, the weights and the calibration."""
+        """Fingerprints of the images and labels, the weights and the calibration (hashed once: both
+        the state's key and the legacy one use them)."""
         b = self.base
         return {"data": tensor_fingerprint(self.x, self.y),
                 "score_model": weights_fingerprint(b.score_model),
@@ -253,12 +256,12 @@ class Evaluation:
         cfg, resolved = self._config_parts(base_cfg)
         for key in ("defenses", "attacks", "sweep"):
             cfg.pop(key, None)
-        return {"config": config_fingerprint({**cfg, "resolved_defense": resolved}), **self._shared_inputs()}
+        return {"config": config_fingerprint({**cfg, "resolved_defense": resolved}), **self._shared_inputs}
 
     def _legacy_fingerprints(self, base_cfg: DefenseConfig) -> Dict[str, str]:
         """The whole-run key of states written before cells had their own (see EvalState)."""
         cfg, resolved = self._config_parts(base_cfg)
-        return {"config": config_fingerprint({**cfg, "resolved_defense": resolved}), **self._shared_inputs(),
+        return {"config": config_fingerprint({**cfg, "resolved_defense": resolved}), **self._shared_inputs,
                 "reweights": config_fingerprint(self._reweights())}
 
     def _cell_keys(self) -> Dict[str, str]:
