@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The Fashion-MNIST study, every stage in order; each one resumes where it stopped, so after a stop
 # (or a new session) the same command carries on. Logs: runs/fmnist/logs/<stage>.log.
+# On a new machine it first restores the finished batches committed in results/fmnist/state
+# (tools/study_state.py; `python tools/study_state.py save` copies them there), so only the networks
+# are retrained (bit-identical at the recorded thread count, which each evaluation's key checks).
 #
 #   SSNI_THREADS=2 bash tools/fmnist_study.sh                 # every stage
 #   SSNI_THREADS=2 bash tools/fmnist_study.sh eval autoattack # some of them
@@ -19,6 +22,9 @@ if [ -z "${SSNI:-}" ]; then
 fi
 LOGS=runs/fmnist/logs
 mkdir -p "$LOGS"
+PY=python3
+[ -x .venv/bin/python ] && PY=.venv/bin/python
+"$PY" tools/study_state.py restore --runs runs/fmnist --into results/fmnist/state
 stages=("$@")
 [ ${#stages[@]} -gt 0 ] || stages=(networks tstar reweight convergence lownoise eval autoattack)
 

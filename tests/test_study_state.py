@@ -1,0 +1,77 @@
+"""tools/study_state.py: a real evaluation's finished batches carried to a fresh machine and resumed there."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import load_tool
+from test_evaluate_plus import STEP, _config, tiny_setup  # noqa: F401  (the module fixture)
+
+from ssni.evaluate.runner import Evaluation
+from ssni.evaluate.state import StaleStateError
+from ssni.io import atomic_save_safetensors, load_safetensors
+
+ATTACKS = [{"name": "pgd", "attack": "pgd", "eot": 2, "kwargs": STEP}]
+
+
+def _tool():
+    return load_tool("study_state")
+
+
+def test_saved_batches_resume_on_a_fresh_machine_and_only_with_the_same_inputs(tiny_setup, tmp_path):  # noqa: F811
+    runs, snap = tmp_path / "runs", tmp_path / "snapshot"
+    (runs / "reweight").mkdir(parents=True)
+    (runs / "reweight" / "reweight.json").write_text('{"name": "learned"}\n')
+    with pytest.raises(KeyboardInterrupt):  # a session ends after 3 batches
+        Evaluation(_config(tiny_setup, runs / "eval", attacks=ATTACKS), stop_after_batches=3).run()
+    assert _tool().main(["save", "--runs", str(runs), "--into", str(snap)]) == 0
+    saved = sorted(p.relative_to(snap).as_posix() for p in snap.rglob("*.json"))
+    assert sum("/batch_" in s for s in saved) == 3 and "eval/state/fingerprint.json" in saved
+    assert "reweight/reweight.json" in saved
+    # saving again adds nothing and changes nothing
+    assert _tool().main(["save", "--runs", str(runs), "--into", str(snap)]) == 0
+    assert sorted(p.relative_to(snap).as_posix() for p in snap.rglob("*.json")) == saved
+
+    # the machine is replaced: a fresh run dir, the snapshot restored, the evaluation resumed
+    fresh = tmp_path / "fresh"
+    assert _tool().main(["restore", "--runs", str(fresh), "--into", str(snap)]) == 0
+    assert (fresh / "reweight" / "reweight.json").read_text() == '{"name": "learned"}\n'
+    resumed = Evaluation(_config(tiny_setup, fresh / "eval", attacks=ATTACKS)).run()
+    assert resumed["reused_batches"] == 3 and resumed["computed_batches"] == 5  # 2 defenses x 2 cells x 2 batches
+    (tmp_path / "whole").mkdir()
+    whole = Evaluation(_config(tiny_setup, tmp_path / "whole" / "eval", attacks=ATTACKS)).run()
+    # the same per-image results as an evaluation that ran in one piece
+    per_sample = [json.loads(Path(r["results"]).read_text())["per_sample"] for r in (resumed, whole)]
+    assert per_sample[0] == per_sample[1] and per_sample[0]
+
+    # restored onto networks that came out differently: the evaluation's own key refuses the batches
+    other = tmp_path / "other_setup"
+    shutil.copytree(tiny_setup, other)
+    w = load_safetensors(other / "clf" / "model.safetensors")
+    name = next(k for k, v in w.items() if v.is_floating_point() and k.endswith("weight"))
+    w[name] = w[name] + 1e-3
+    atomic_save_safetensors(other / "clf" / "model.safetensors", w)
+    elsewhere = tmp_path / "elsewhere"
+    assert _tool().main(["restore", "--runs", str(elsewhere), "--into", str(snap)]) == 0
+    with pytest.raises(StaleStateError, match="classifier"):
+        Evaluation(_config(other, elsewhere / "eval", attacks=ATTACKS)).run()
+
+
+def test_a_file_with_other_bytes_is_never_overwritten(tmp_path, capsys):
+    runs, snap = tmp_path / "runs", tmp_path / "snapshot"
+    state = runs / "eval" / "state"
+    (state / "dbp_pgd" / "k1").mkdir(parents=True)
+    (state / "fingerprint.json").write_text('{"fingerprint": "a"}')
+    (state / "dbp_pgd" / "k1" / "batch_00000.json").write_text('{"correct": [[true]]}')
+    assert _tool().main(["save", "--runs", str(runs), "--into", str(snap)]) == 0
+    # another machine computed the same batch from other inputs
+    (state / "dbp_pgd" / "k1" / "batch_00000.json").write_text('{"correct": [[false]]}')
+    (state / "dbp_pgd" / "k1" / "batch_00001.json").write_text('{"correct": [[true]]}')
+    assert _tool().main(["save", "--runs", str(runs), "--into", str(snap)]) == 1
+    err = capsys.readouterr().err
+    assert "eval/state/dbp_pgd/k1/batch_00000.json" in err and "Nothing was copied" in err
+    assert (snap / "eval/state/dbp_pgd/k1/batch_00000.json").read_text() == '{"correct": [[true]]}'
+    assert not (snap / "eval/state/dbp_pgd/k1/batch_00001.json").exists()
+    assert _tool().main(["restore", "--runs", str(runs), "--into", str(snap)]) == 1
+    assert (state / "dbp_pgd" / "k1" / "batch_00000.json").read_text() == '{"correct": [[false]]}'
