@@ -121,3 +121,22 @@ def test_the_low_noise_strength_table_picks_the_lam_by_the_stated_rule(tiny_setu
     assert f"| {rows['lownoise-lam4']['mean_t_adv']:.3f} |" in lines[3]
     # the lowest accuracy, a tie between 4 and 16 going to the smaller weight
     assert lines[-1].endswith("**4**")
+
+
+def test_a_stage_whose_run_dir_is_gone_keeps_its_collected_section(tmp_path):
+    """A replaced machine has no run dirs of the stages that finished before: their sections stay."""
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    (runs / "eval" / "state" / "dbp_clean" / "k").mkdir(parents=True)
+    (runs / "eval" / "state" / "dbp_clean" / "k" / "batch_00000.json").write_text('{"seconds": 90.0}')
+    out.mkdir()
+    (out / "summary.md").write_text("# old\n\n## eval\n\nNot finished (66 batches saved so far).\n\n"
+                                    "## convergence\n\nBatches: 18.\n\n| a | b |\n|---|---|\n\n"
+                                    "## dbp-tstar\n\nNot run yet.\n")
+    for _ in range(2):  # twice: the section is kept once, with one note
+        assert _tool().main(["--runs", str(runs), "--out", str(out)]) == 0
+        summary = (out / "summary.md").read_text()
+        conv = summary.split("## convergence", 1)[1].split("\n## ", 1)[0]
+        assert conv.count("Collected from an earlier run") == 1 and "| a | b |" in conv and "Batches: 18." in conv
+    # the unfinished eval is reported from this machine's state, the never-run stage as not run
+    assert "Not finished (1 batches saved so far)" in summary and "66 batches" not in summary
+    assert summary.split("## dbp-tstar", 1)[1].lstrip().startswith("Not run yet.")

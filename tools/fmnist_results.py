@@ -283,6 +283,22 @@ def finished(run: Path, first_file: str) -> bool:
     return not any(b.stat().st_mtime > written for b in (run / "state").rglob("batch_*"))
 
 
+def earlier_sections(summary: Path) -> Dict[str, List[str]]:
+    """{stage: its section's lines} of an earlier summary.md, for the stages it reported as finished."""
+    if not summary.is_file():
+        return {}
+    sections: Dict[str, List[str]] = {}
+    stage = None
+    for line in summary.read_text().splitlines():
+        if line.startswith("## "):
+            stage = line[3:].strip()
+            sections[stage] = []
+        elif stage is not None:
+            sections[stage].append(line)
+    unfinished = ("Not finished", "Not run yet")
+    return {k: v for k, v in sections.items() if not any(line.startswith(unfinished) for line in v)}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Copy, tabulate and plot what has finished; write summary.md."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -293,8 +309,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     md = ["# Fashion-MNIST study: collected results", "",
           "Made by `python tools/fmnist_results.py` from `runs/fmnist/` (stages: `tools/fmnist_study.sh`).", ""]
+    earlier = earlier_sections(out / "summary.md")
     for stage, files in COPY.items():
         src = runs / stage
+        if not src.exists() and stage in earlier:
+            # finished on a machine whose run dirs are gone: its collected files stay, and so does its section
+            body = [line for line in earlier[stage] if not line.startswith("(Collected from an earlier run")]
+            while body and not body[0].strip():
+                body = body[1:]
+            note = f"(Collected from an earlier run; its run dir, {stage}/, is not on this machine.)"
+            md += [f"## {stage}", "", note, ""] + body
+            continue
         done = finished(src, files[0]) and (stage != "reweight" or (src / "reweight.json").is_file())
         md += [f"## {stage}", ""]
         cost = compute_seconds(src)
