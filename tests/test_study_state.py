@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import load_tool
 from test_evaluate_plus import STEP, _config, tiny_setup  # noqa: F401  (the module fixture)
 
@@ -23,27 +24,39 @@ def test_saved_batches_resume_on_a_fresh_machine_and_only_with_the_same_inputs(t
     runs, snap = tmp_path / "runs", tmp_path / "snapshot"
     (runs / "reweight").mkdir(parents=True)
     (runs / "reweight" / "reweight.json").write_text('{"name": "learned"}\n')
-    with pytest.raises(KeyboardInterrupt):  # a session ends after 3 batches
-        Evaluation(_config(tiny_setup, runs / "eval", attacks=ATTACKS), stop_after_batches=3).run()
+    with pytest.raises(KeyboardInterrupt):  # a session ends after 4 batches
+        Evaluation(_config(tiny_setup, runs / "eval", attacks=ATTACKS, save_adversarial=True),
+                   stop_after_batches=4).run()
     assert _tool().main(["save", "--runs", str(runs), "--into", str(snap)]) == 0
-    saved = sorted(p.relative_to(snap).as_posix() for p in snap.rglob("*.json"))
-    assert sum("/batch_" in s for s in saved) == 3 and "eval/state/fingerprint.json" in saved
+    saved = sorted(p.relative_to(snap).as_posix() for p in snap.rglob("*") if p.is_file())
+    assert sum("/state/" in s and "/batch_" in s for s in saved) == 4 and "eval/state/fingerprint.json" in saved
     assert "reweight/reweight.json" in saved
+    # of the adversarial images, the first batch of each attacked cell (the stop came after none/pgd's 2 batches)
+    assert [s for s in saved if "/adv/" in s] == [
+        p.relative_to(runs).as_posix() for p in sorted(runs.glob("eval/adv/*/*/batch_00000.safetensors"))]
+    assert [s.split("/")[2] for s in saved if "/adv/" in s] == ["none_pgd"]
     # saving again adds nothing and changes nothing
     assert _tool().main(["save", "--runs", str(runs), "--into", str(snap)]) == 0
-    assert sorted(p.relative_to(snap).as_posix() for p in snap.rglob("*.json")) == saved
+    assert sorted(p.relative_to(snap).as_posix() for p in snap.rglob("*") if p.is_file()) == saved
 
     # the machine is replaced: a fresh run dir, the snapshot restored, the evaluation resumed
     fresh = tmp_path / "fresh"
     assert _tool().main(["restore", "--runs", str(fresh), "--into", str(snap)]) == 0
     assert (fresh / "reweight" / "reweight.json").read_text() == '{"name": "learned"}\n'
-    resumed = Evaluation(_config(tiny_setup, fresh / "eval", attacks=ATTACKS)).run()
-    assert resumed["reused_batches"] == 3 and resumed["computed_batches"] == 5  # 2 defenses x 2 cells x 2 batches
+    resumed = Evaluation(_config(tiny_setup, fresh / "eval", attacks=ATTACKS, save_adversarial=True)).run()
+    assert resumed["reused_batches"] == 4 and resumed["computed_batches"] == 4  # 2 defenses x 2 cells x 2 batches
     (tmp_path / "whole").mkdir()
     whole = Evaluation(_config(tiny_setup, tmp_path / "whole" / "eval", attacks=ATTACKS)).run()
     # the same per-image results as an evaluation that ran in one piece
     per_sample = [json.loads(Path(r["results"]).read_text())["per_sample"] for r in (resumed, whole)]
     assert per_sample[0] == per_sample[1] and per_sample[0]
+    # the carried images of batch 0 are found by their batch; batch 1 of none/pgd was computed on the
+    # first machine and not carried, so it is absent rather than mistaken for another batch
+    from ssni.evaluate import saved_adversarial
+    first = load_safetensors(next(runs.glob("eval/adv/none_pgd/*/batch_00000.safetensors")))
+    assert torch.equal(saved_adversarial(fresh / "eval", "none/pgd", batch=0)[0]["x_adv"], first["x_adv"])
+    assert saved_adversarial(fresh / "eval", "none/pgd", batch=1) == []
+    assert len(saved_adversarial(fresh / "eval", "dbp/pgd")) == 2  # computed on the new machine
 
     # restored onto networks that came out differently: the evaluation's own key refuses the batches
     other = tmp_path / "other_setup"

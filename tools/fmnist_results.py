@@ -250,7 +250,9 @@ def adversarial_grid(run: Path, out: Path, k: int = 8) -> Optional[Path]:
 
     res = run / "results.json"
     cells = list(json.loads(res.read_text()).get("cell_keys", {})) if res.is_file() else []
-    shown = [(c, a[0]) for c in cells for a in [saved_adversarial(run, c)[:1]] if a]
+    # batch 0 of each cell, whose predictions are in its saved state (a cell whose batch 0 was computed
+    # on another machine has no images here unless tools/study_state.py carried them)
+    shown = [(c, a[0]) for c in cells for a in [saved_adversarial(run, c, batch=0)] if a]
     if not shown:
         return None
     fig, axes = pyplot().subplots(len(shown), k, figsize=(1.1 * k, 1.25 * len(shown)), squeeze=False)

@@ -7,9 +7,10 @@
 Every `ssni evaluate` run dir resumes from its run_dir/state: one JSON file per finished batch, under
 the key of the inputs it was computed from (`ssni.evaluate.jobs`). Run dirs live outside the
 repository, and the machine that holds them can be replaced between sessions; a study of many hours
-on 2 cores then needs its finished batches carried over. `save` copies every evaluation's state
-(a few tens of KB per batch; the adversarial images are not carried) and the fitted files in CARRY
-into --into; `restore` copies them back wherever the run dirs lack them.
+on 2 cores then needs its finished batches carried over. `save` copies every evaluation's state (a
+few tens of KB per batch), the adversarial images of each cell's first batch (those the summary
+shows; the rest are not carried) and the fitted files in CARRY into --into; `restore` copies them
+back wherever the run dirs lack them.
 
 Nothing is ever overwritten or deleted: a file present on both sides with other bytes is an error
 that names it. What a restored state is worth is decided by the evaluation itself: its key covers the
@@ -29,6 +30,9 @@ from typing import Dict, List, Tuple
 # fitted files the evaluations read that took hours to make (the learned reweight: a fit of 3 h);
 # the calibration is not carried: recomputing it takes minutes and checks the score network again
 CARRY = ("reweight/reweight.json",)
+# the adversarial images of each cell's first batch (200 KB at 64 Fashion-MNIST images), those the
+# summary shows; the rest stay in the run dir (all of them would be tens of MB)
+CARRY_GLOBS = ("*/adv/*/*/batch_00000.safetensors",)
 
 
 def state_files(runs: Path) -> Dict[str, Path]:
@@ -41,6 +45,8 @@ def state_files(runs: Path) -> Dict[str, Path]:
     for rel in CARRY:
         if (runs / rel).is_file():
             out[rel] = runs / rel
+    for pattern in CARRY_GLOBS:
+        out.update({str(f.relative_to(runs)): f for f in sorted(runs.glob(pattern))})
     return out
 
 
@@ -66,10 +72,10 @@ def copy_missing(src: Dict[str, Path], dest: Path) -> Tuple[List[str], List[str]
 
 
 def batches_per_run(files: Dict[str, Path]) -> Dict[str, int]:
-    """{run: number of batch files} of a state_files / snapshot listing."""
+    """{run: number of finished batches} of a state_files / snapshot listing (adversarial images aside)."""
     out: Dict[str, int] = {}
     for rel in files:
-        if Path(rel).name.startswith("batch_"):
+        if Path(rel).name.startswith("batch_") and rel.endswith(".json"):
             run = rel.split("/", 1)[0]
             out[run] = out.get(run, 0) + 1
     return out
@@ -77,7 +83,7 @@ def batches_per_run(files: Dict[str, Path]) -> Dict[str, int]:
 
 def snapshot_files(into: Path) -> Dict[str, Path]:
     """{relative path: file} of a snapshot made by `save`."""
-    return {str(f.relative_to(into)): f for f in sorted(into.rglob("*.json")) if ".copying" not in f.name}
+    return {str(f.relative_to(into)): f for f in sorted(into.rglob("*")) if f.is_file() and ".copying" not in f.name}
 
 
 def main(argv=None) -> int:

@@ -263,9 +263,10 @@ def _cell_key(run_dir: Path, cell: str) -> Optional[str]:
     return keys.get(cell)
 
 
-def saved_adversarial(run_dir: str | Path, cell: str) -> List[Dict[str, Tensor]]:
+def saved_adversarial(run_dir: str | Path, cell: str, batch: Optional[int] = None) -> List[Dict[str, Tensor]]:
     """The adversarial images (`save_adversarial`) of one cell of the finished evaluation in run_dir, per
-    batch in order: {x_adv [B,C,H,W], y [B]} ([] if none were saved)."""
+    batch in order: {x_adv [B,C,H,W], y [B]} ([] if none were saved); `batch`: only that batch's (a list
+    of one, or [] when its images are not on this machine, e.g. a batch restored from another one)."""
     run_dir = Path(run_dir)
     key = _cell_key(run_dir, cell)
     folder = run_dir / "adv" / slug(cell)
@@ -274,6 +275,8 @@ def saved_adversarial(run_dir: str | Path, cell: str) -> List[Dict[str, Tensor]]
     files = {p.name: p for p in folder.glob("batch_*.safetensors")}
     if key is not None:
         files.update({p.name: p for p in (folder / key).glob("batch_*.safetensors")})
+    if batch is not None:
+        files = {n: p for n, p in files.items() if n == f"batch_{batch:05d}.safetensors"}
     return [load_safetensors(files[name]) for name in sorted(files)]
 
 
