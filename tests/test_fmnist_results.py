@@ -128,15 +128,18 @@ def test_a_stage_whose_run_dir_is_gone_keeps_its_collected_section(tmp_path):
     runs, out = tmp_path / "runs", tmp_path / "results"
     (runs / "eval" / "state" / "dbp_clean" / "k").mkdir(parents=True)
     (runs / "eval" / "state" / "dbp_clean" / "k" / "batch_00000.json").write_text('{"seconds": 90.0}')
+    (runs / "reweight").mkdir()  # a fitted file restored from the repository, without its report
+    (runs / "reweight" / "reweight.json").write_text("{}")
     out.mkdir()
     (out / "summary.md").write_text("# old\n\n## eval\n\nNot finished (66 batches saved so far).\n\n"
                                     "## convergence\n\nBatches: 18.\n\n| a | b |\n|---|---|\n\n"
-                                    "## dbp-tstar\n\nNot run yet.\n")
+                                    "## dbp-tstar\n\nNot run yet.\n\n## reweight\n\nFiles: `reweight/report.md`\n")
     for _ in range(2):  # twice: the section is kept once, with one note
         assert _tool().main(["--runs", str(runs), "--out", str(out)]) == 0
         summary = (out / "summary.md").read_text()
         conv = summary.split("## convergence", 1)[1].split("\n## ", 1)[0]
         assert conv.count("Collected from an earlier run") == 1 and "| a | b |" in conv and "Batches: 18." in conv
+    assert summary.split("## reweight", 1)[1].split("\n## ", 1)[0].count("Files: `reweight/report.md`") == 1
     # the unfinished eval is reported from this machine's state, the never-run stage as not run
     assert "Not finished (1 batches saved so far)" in summary and "66 batches" not in summary
     assert summary.split("## dbp-tstar", 1)[1].lstrip().startswith("Not run yet.")

@@ -71,20 +71,54 @@ def test_saved_batches_resume_on_a_fresh_machine_and_only_with_the_same_inputs(t
         Evaluation(_config(other, elsewhere / "eval", attacks=ATTACKS)).run()
 
 
-def test_a_file_with_other_bytes_is_never_overwritten(tmp_path, capsys):
-    runs, snap = tmp_path / "runs", tmp_path / "snapshot"
+def _state(runs, batches, fingerprint="a"):
+    """A hand-made evaluation state: {relative path under state/: batch dict}."""
     state = runs / "eval" / "state"
-    (state / "dbp_pgd" / "k1").mkdir(parents=True)
-    (state / "fingerprint.json").write_text('{"fingerprint": "a"}')
-    (state / "dbp_pgd" / "k1" / "batch_00000.json").write_text('{"correct": [[true]]}')
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "fingerprint.json").write_text(json.dumps({"fingerprint": fingerprint}))
+    for rel, data in batches.items():
+        (state / rel).parent.mkdir(parents=True, exist_ok=True)
+        (state / rel).write_text(json.dumps(data))
+    return state
+
+
+def test_a_file_with_other_content_is_never_overwritten(tmp_path, capsys):
+    runs, snap = tmp_path / "runs", tmp_path / "snapshot"
+    state = _state(runs, {"dbp_pgd/k1/batch_00000.json": {"correct": [[True]], "seconds": 90.0}})
     assert _tool().main(["save", "--runs", str(runs), "--into", str(snap)]) == 0
-    # another machine computed the same batch from other inputs
-    (state / "dbp_pgd" / "k1" / "batch_00000.json").write_text('{"correct": [[false]]}')
-    (state / "dbp_pgd" / "k1" / "batch_00001.json").write_text('{"correct": [[true]]}')
+    # the same batch computed again from the same inputs: only its wall time differs, not a clash
+    _state(runs, {"dbp_pgd/k1/batch_00000.json": {"correct": [[True]], "seconds": 95.5}})
+    assert _tool().main(["save", "--runs", str(runs), "--into", str(snap)]) == 0
+    # another machine computed the batch from other inputs
+    _state(runs, {"dbp_pgd/k1/batch_00000.json": {"correct": [[False]], "seconds": 90.0},
+                  "dbp_pgd/k1/batch_00001.json": {"correct": [[True]], "seconds": 90.0}})
     assert _tool().main(["save", "--runs", str(runs), "--into", str(snap)]) == 1
     err = capsys.readouterr().err
     assert "eval/state/dbp_pgd/k1/batch_00000.json" in err and "Nothing was copied" in err
-    assert (snap / "eval/state/dbp_pgd/k1/batch_00000.json").read_text() == '{"correct": [[true]]}'
+    assert json.loads((snap / "eval/state/dbp_pgd/k1/batch_00000.json").read_text())["correct"] == [[True]]
     assert not (snap / "eval/state/dbp_pgd/k1/batch_00001.json").exists()
+    # restoring the snapshot over that state: refused as a whole, even the file only the snapshot has
+    (snap / "eval/state/dbp_pgd/k1/batch_00002.json").write_text('{"correct": [[true]]}')
     assert _tool().main(["restore", "--runs", str(runs), "--into", str(snap)]) == 1
-    assert (state / "dbp_pgd" / "k1" / "batch_00000.json").read_text() == '{"correct": [[false]]}'
+    assert json.loads((state / "dbp_pgd/k1/batch_00000.json").read_text())["correct"] == [[False]]
+    assert not (state / "dbp_pgd/k1/batch_00002.json").exists()
+    assert not list(runs.rglob("*.tmp")) and not list(snap.rglob("*.tmp"))
+
+
+def test_images_written_before_their_batch_are_not_carried_and_status_counts(tmp_path, capsys):
+    runs, snap = tmp_path / "runs", tmp_path / "snapshot"
+    _state(runs, {"dbp_pgd/k1/batch_00000.json": {"correct": [[True]]}})
+    for cell in ("dbp_pgd", "dbp_apgd"):  # dbp_apgd: killed between its images and its results
+        adv = runs / "eval" / "adv" / cell / "k1"
+        adv.mkdir(parents=True)
+        atomic_save_safetensors(adv / "batch_00000.safetensors", {"x_adv": torch.zeros(1, 1, 2, 2)})
+    assert _tool().main(["save", "--runs", str(runs), "--into", str(snap)]) == 0
+    assert (snap / "eval/adv/dbp_pgd/k1/batch_00000.safetensors").is_file()
+    assert not (snap / "eval/adv/dbp_apgd").exists()
+    capsys.readouterr()
+    _state(runs, {"dbp_pgd/k1/batch_00001.json": {"correct": [[True]]}})
+    assert _tool().main(["status", "--runs", str(runs), "--into", str(snap)]) == 0
+    assert capsys.readouterr().out == f"eval: 2 batch(es) in {runs}, 1 in {snap}\n"
+    # nothing to save where there is no evaluation state: an error, not "saved 0 files"
+    assert _tool().main(["save", "--runs", str(tmp_path / "elsewhere"), "--into", str(snap)]) == 1
+    assert "no evaluation state" in capsys.readouterr().err

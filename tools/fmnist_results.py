@@ -314,12 +314,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     earlier = earlier_sections(out / "summary.md")
     for stage, files in COPY.items():
         src = runs / stage
-        if not src.exists() and stage in earlier:
-            # finished on a machine whose run dirs are gone: its collected files stay, and so does its section
+        ran_here = (src / files[0]).is_file() or any((src / "state").rglob("batch_*.json"))
+        if stage in earlier and not ran_here:
+            # finished on a machine whose run dirs are gone (this one may hold a restored fitted file, e.g.
+            # reweight.json, but no report and no batch): its collected files stay, and so does its section
             body = [line for line in earlier[stage] if not line.startswith("(Collected from an earlier run")]
             while body and not body[0].strip():
                 body = body[1:]
-            note = f"(Collected from an earlier run; its run dir, {stage}/, is not on this machine.)"
+            note = f"(Collected from an earlier run; its run, {stage}/, is not on this machine.)"
             md += [f"## {stage}", "", note, ""] + body
             continue
         done = finished(src, files[0]) and (stage != "reweight" or (src / "reweight.json").is_file())

@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # The Fashion-MNIST study, every stage in order; each one resumes where it stopped, so after a stop
 # (or a new session) the same command carries on. Logs: runs/fmnist/logs/<stage>.log.
-# On a new machine it first restores the finished batches committed in results/fmnist/state
-# (tools/study_state.py; `python tools/study_state.py save` copies them there), so only the networks
-# are retrained (bit-identical at the recorded thread count, which each evaluation's key checks).
+# It first restores the finished evaluation batches and the fitted reweight committed in
+# results/fmnist/state (tools/study_state.py; `python tools/study_state.py save` puts them there;
+# STUDY_RESTORE=0 skips this). On a machine without runs/, retrain the networks (bit-identical at
+# the thread counts the committed results record, which every evaluation's key checks) and go on:
 #
-#   SSNI_THREADS=2 bash tools/fmnist_study.sh                 # every stage
-#   SSNI_THREADS=2 bash tools/fmnist_study.sh eval autoattack # some of them
-#   python tools/fmnist_results.py                            # tables and plots into results/fmnist/
+#   SSNI_THREADS=2 bash tools/fmnist_study.sh                          # every stage
+#   SSNI_THREADS=2 bash tools/fmnist_study.sh networks eval autoattack # a replaced machine, mid-study
+#   python tools/fmnist_results.py                                     # tables and plots into results/fmnist/
+#
+# The earlier stages' batches (tstar, convergence, lownoise) are not carried: naming them on a replaced
+# machine runs them again. The reweight stage is skipped while runs/fmnist/reweight/reweight.json
+# exists (delete it to fit again: about 3 h on 2 cores).
 #
 # Stages: networks (score network, classifier, calibration), tstar (DBP's t* on validation images),
 # reweight (the learned curve), convergence (doubling iterations / EOT), lownoise (the low-noise attack's
@@ -22,13 +27,18 @@ if [ -z "${SSNI:-}" ]; then
 fi
 LOGS=runs/fmnist/logs
 mkdir -p "$LOGS"
-PY=python3
-[ -x .venv/bin/python ] && PY=.venv/bin/python
-"$PY" tools/study_state.py restore --runs runs/fmnist --into results/fmnist/state
 stages=("$@")
 [ ${#stages[@]} -gt 0 ] || stages=(networks tstar reweight convergence lownoise eval autoattack)
 
 failed=()
+PY=python3
+[ -x .venv/bin/python ] && PY=.venv/bin/python
+if [ "${STUDY_RESTORE:-1}" != 0 ]; then
+    # a clash (this machine's state differs from the committed one) is reported and the stages still
+    # run on this machine's own state; an evaluation whose inputs differ from the restored state's
+    # refuses it and names what changed (then: STUDY_RESTORE=0 and a fresh runs/fmnist/<stage>)
+    "$PY" tools/study_state.py restore --runs runs/fmnist --into results/fmnist/state || failed+=(restore)
+fi
 run() {  # run <stage> <ssni args...>: one command, its output appended to the stage's log
     local stage=$1
     shift
@@ -51,18 +61,28 @@ for stage in "${stages[@]}"; do
             # at the thread counts the committed results were made with (results/fmnist/*config.yaml:
             # one per network, two for the calibration): the same count gives the same weights, which
             # the committed evaluation state needs; the two networks train side by side
-            (SSNI_THREADS=1 run networks-score train-score recipes/fmnist/score.yaml; [ ${#failed[@]} -eq 0 ]) &
+            (failed=(); SSNI_THREADS=1 run networks-score train-score recipes/fmnist/score.yaml
+             [ ${#failed[@]} -eq 0 ]) &
             score_pid=$!
-            (SSNI_THREADS=1 run networks-classifier train-classifier recipes/fmnist/classifier.yaml
+            (failed=(); SSNI_THREADS=1 run networks-classifier train-classifier recipes/fmnist/classifier.yaml
              [ ${#failed[@]} -eq 0 ]) &
             classifier_pid=$!
-            wait "$score_pid" || failed+=(networks-score)
-            wait "$classifier_pid" || failed+=(networks-classifier)
-            if [ ! -f runs/fmnist/calibration/calibration.json ]; then
+            # a stopped study stops both trainings (a rerun would otherwise race them on the checkpoints)
+            trap 'kill "$score_pid" "$classifier_pid" 2>/dev/null; exit 130' INT TERM
+            trained=1
+            wait "$score_pid" || { failed+=(networks-score); trained=0; }
+            wait "$classifier_pid" || { failed+=(networks-classifier); trained=0; }
+            trap - INT TERM
+            if [ "$trained" = 1 ] && [ ! -f runs/fmnist/calibration/calibration.json ]; then
                 SSNI_THREADS=2 run networks calibrate recipes/fmnist/calibrate.yaml
             fi ;;
         tstar) run tstar evaluate recipes/fmnist/dbp_tstar.yaml ;;
-        reweight) run reweight fit-reweight recipes/fmnist/reweight.yaml ;;
+        reweight)
+            if [ -f runs/fmnist/reweight/reweight.json ]; then
+                echo "[study] reweight: runs/fmnist/reweight/reweight.json exists (fitted, or restored); delete it to fit again"
+            else
+                run reweight fit-reweight recipes/fmnist/reweight.yaml
+            fi ;;
         convergence) run convergence evaluate recipes/fmnist/convergence.yaml ;;
         lownoise) run lownoise evaluate recipes/fmnist/lownoise_strength.yaml ;;
         eval) run eval evaluate recipes/fmnist/eval.yaml ;;

@@ -12,8 +12,9 @@ few tens of KB per batch), the adversarial images of each cell's first batch (th
 shows; the rest are not carried) and the fitted files in CARRY into --into; `restore` copies them
 back wherever the run dirs lack them.
 
-Nothing is ever overwritten or deleted: a file present on both sides with other bytes is an error
-that names it. What a restored state is worth is decided by the evaluation itself: its key covers the
+Nothing is ever overwritten or deleted: a file present on both sides with other content is an error
+that names it (a batch computed twice from the same inputs differs only in its wall time, which is
+not compared). What a restored state is worth is decided by the evaluation itself: its key covers the
 weights of both networks, the data and the calibration, so after the networks are retrained (the
 training is bit-identical at the thread count the configs record) a restored state is resumed only
 if they came out the same, and refused with what changed otherwise.
@@ -21,53 +22,86 @@ if they came out the same, and refused with what changed otherwise.
 from __future__ import annotations
 
 import argparse
-import filecmp
+import json
+import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # fitted files the evaluations read that took hours to make (the learned reweight: a fit of 3 h);
 # the calibration is not carried: recomputing it takes minutes and checks the score network again
 CARRY = ("reweight/reweight.json",)
-# the adversarial images of each cell's first batch (200 KB at 64 Fashion-MNIST images), those the
-# summary shows; the rest stay in the run dir (all of them would be tens of MB)
-CARRY_GLOBS = ("*/adv/*/*/batch_00000.safetensors",)
+# what a batch file records that two computations of it from the same inputs do not share
+VOLATILE = ("seconds",)
 
 
 def state_files(runs: Path) -> Dict[str, Path]:
-    """{relative path: file} of every evaluation state's files under runs (<run>/state/**.json)."""
+    """{relative path: file} of what `save` carries from runs: every evaluation's state
+    (<run>/state/**.json), the adversarial images of each cell's first batch once that batch is
+    saved (<run>/adv/<cell>/<key>/batch_00000.safetensors: the summary's grid; the rest stay behind),
+    and the files in CARRY."""
     out = {}
     for meta in sorted(runs.glob("*/state/fingerprint.json")):
         state = meta.parent
         # a write in flight is a hidden .tmp file (ssni.io's atomic writes), never a *.json
         out.update({str(f.relative_to(runs)): f for f in sorted(state.rglob("*.json"))})
+        for adv in sorted(state.parent.glob("adv/*/*/batch_00000.safetensors")):
+            # the images are written before their batch's results: carried only once those are saved
+            if (state / adv.parent.parent.name / adv.parent.name / "batch_00000.json").is_file():
+                out[str(adv.relative_to(runs))] = adv
     for rel in CARRY:
         if (runs / rel).is_file():
             out[rel] = runs / rel
-    for pattern in CARRY_GLOBS:
-        out.update({str(f.relative_to(runs)): f for f in sorted(runs.glob(pattern))})
     return out
 
 
+def _content(path: Path) -> Any:
+    """What two copies of a file must share: a batch's JSON without its wall time, else the bytes."""
+    if path.name.startswith("batch_") and path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text())
+            if isinstance(data, dict):
+                return {k: v for k, v in data.items() if k not in VOLATILE}
+        except ValueError:
+            pass
+    return path.read_bytes()
+
+
+def _copy_new(src: Path, target: Path) -> bool:
+    """Copy src to target (its times kept) unless target exists, never overwriting it, even when it
+    appears meanwhile; a kill leaves at most a hidden temp file (ssni.io's pattern, cleaned by the
+    evaluation's start). Whether it copied."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+            shutil.copyfileobj(inp, out)
+            out.flush()
+            os.fsync(out.fileno())
+        shutil.copystat(src, tmp)
+        os.link(tmp, target)  # fails if the target exists: no overwrite, even in a race
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+
+
 def copy_missing(src: Dict[str, Path], dest: Path) -> Tuple[List[str], List[str]]:
-    """Copy each file of src to dest/<rel> unless it is there; ([copied], [already there, same bytes]).
-    ValueError naming the files that are there with other bytes (nothing is copied then)."""
-    clash = [rel for rel, f in src.items() if (dest / rel).is_file() and not filecmp.cmp(f, dest / rel, shallow=False)]
+    """Copy each file of src to dest/<rel> unless it is there; ([copied], [already there, same content]).
+    ValueError naming the files that are there with other content (nothing is copied then)."""
+    clash = [rel for rel, f in src.items() if (dest / rel).is_file() and _content(f) != _content(dest / rel)]
     if clash:
-        raise ValueError(f"{len(clash)} file(s) under {dest} differ from the ones to copy (first: {clash[0]}); "
-                         "they were computed from other inputs. Nothing was copied; move one side away first")
+        raise ValueError(f"{len(clash)} file(s) under {dest} differ from the ones to copy (first: {clash[0]}): "
+                         "results of other inputs (weights, data, calibration or config). Nothing was copied; "
+                         "move one side away first")
     copied, same = [], []
     for rel, f in src.items():
-        target = dest / rel
-        if target.is_file():
-            same.append(rel)
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".copying")
-        shutil.copyfile(f, tmp)
-        tmp.replace(target)  # a kill mid-copy leaves no half file under the real name
-        copied.append(rel)
+        (copied if not (dest / rel).is_file() and _copy_new(f, dest / rel) else same).append(rel)
     return copied, same
 
 
@@ -82,20 +116,26 @@ def batches_per_run(files: Dict[str, Path]) -> Dict[str, int]:
 
 
 def snapshot_files(into: Path) -> Dict[str, Path]:
-    """{relative path: file} of a snapshot made by `save`."""
-    return {str(f.relative_to(into)): f for f in sorted(into.rglob("*")) if f.is_file() and ".copying" not in f.name}
+    """{relative path: file} of a snapshot made by `save` (temp files of a killed copy aside)."""
+    return {str(f.relative_to(into)): f for f in sorted(into.rglob("*"))
+            if f.is_file() and not f.name.endswith(".tmp")}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("action", choices=["save", "restore", "status"])
-    p.add_argument("--runs", default="runs/fmnist", help="the study's run dirs (default: runs/fmnist)")
-    p.add_argument("--into", default="results/fmnist/state", help="the snapshot in the repository")
+    p.add_argument("--runs", default=str(ROOT / "runs" / "fmnist"), help="the study's run dirs (runs/fmnist)")
+    p.add_argument("--into", default=str(ROOT / "results" / "fmnist" / "state"),
+                   help="the snapshot in the repository (results/fmnist/state)")
     args = p.parse_args(argv)
     runs, into = Path(args.runs), Path(args.into)
     try:
         if args.action == "save":
-            copied, same = copy_missing(state_files(runs), into)
+            found = state_files(runs)
+            if not any(rel.endswith("state/fingerprint.json") for rel in found):
+                raise ValueError(f"no evaluation state under {runs} (expected <run>/state/fingerprint.json); "
+                                 "nothing to save. Is --runs the study's run dirs?")
+            copied, same = copy_missing(found, into)
             print(f"saved {len(copied)} new file(s) into {into} ({len(same)} already there); "
                   f"batches per run: {batches_per_run(snapshot_files(into))}")
         elif args.action == "restore":
