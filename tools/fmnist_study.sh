@@ -55,17 +55,19 @@ run() {  # run <stage> <ssni args...>: one command, its output appended to the s
     fi
 }
 
+train_one() {  # train_one <stage> <ssni args...>: one thread, in a subshell of its own; fails if it failed
+    (failed=(); SSNI_THREADS=1 run "$@"; [ ${#failed[@]} -eq 0 ])
+}
+
 for stage in "${stages[@]}"; do
     case $stage in
         networks)
             # at the thread counts the committed results were made with (results/fmnist/*config.yaml:
             # one per network, two for the calibration): the same count gives the same weights, which
             # the committed evaluation state needs; the two networks train side by side
-            (failed=(); SSNI_THREADS=1 run networks-score train-score recipes/fmnist/score.yaml
-             [ ${#failed[@]} -eq 0 ]) &
+            train_one networks-score train-score recipes/fmnist/score.yaml &
             score_pid=$!
-            (failed=(); SSNI_THREADS=1 run networks-classifier train-classifier recipes/fmnist/classifier.yaml
-             [ ${#failed[@]} -eq 0 ]) &
+            train_one networks-classifier train-classifier recipes/fmnist/classifier.yaml &
             classifier_pid=$!
             # a stopped study stops both trainings (a rerun would otherwise race them on the checkpoints)
             trap 'kill "$score_pid" "$classifier_pid" 2>/dev/null; exit 130' INT TERM

@@ -22,6 +22,7 @@ if they came out the same, and refused with what changed otherwise.
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import os
 import shutil
@@ -94,7 +95,8 @@ def _copy_new(src: Path, target: Path) -> bool:
 def copy_missing(src: Dict[str, Path], dest: Path) -> Tuple[List[str], List[str]]:
     """Copy each file of src to dest/<rel> unless it is there; ([copied], [already there, same content]).
     ValueError naming the files that are there with other content (nothing is copied then)."""
-    clash = [rel for rel, f in src.items() if (dest / rel).is_file() and _content(f) != _content(dest / rel)]
+    clash = [rel for rel, f in src.items() if (dest / rel).is_file() and not filecmp.cmp(f, dest / rel, shallow=False)
+             and _content(f) != _content(dest / rel)]  # equal bytes (nearly always) are never parsed
     if clash:
         raise ValueError(f"{len(clash)} file(s) under {dest} differ from the ones to copy (first: {clash[0]}): "
                          "results of other inputs (weights, data, calibration or config). Nothing was copied; "
