@@ -13,6 +13,7 @@ from ssni.evaluate.runner import Evaluation
 from ssni.evaluate.state import StaleStateError
 from ssni.io import atomic_save_safetensors, load_safetensors
 
+REPO = Path(__file__).resolve().parents[1]
 ATTACKS = [{"name": "pgd", "attack": "pgd", "eot": 2, "kwargs": STEP}]
 
 
@@ -122,3 +123,34 @@ def test_images_written_before_their_batch_are_not_carried_and_status_counts(tmp
     # nothing to save where there is no evaluation state: an error, not "saved 0 files"
     assert _tool().main(["save", "--runs", str(tmp_path / "elsewhere"), "--into", str(snap)]) == 1
     assert "no evaluation state" in capsys.readouterr().err
+
+
+def test_a_finished_score_training_is_carried_and_not_redone_on_a_fresh_machine(tmp_path, capsys):
+    from ssni.cli import main
+    from ssni.models import load_network
+
+    runs, snap, fresh = tmp_path / "runs", tmp_path / "snapshot", tmp_path / "fresh"
+    _state(runs, {"dbp_pgd/k1/batch_00000.json": {"correct": [[True]]}})
+    args = ["train-score", str(REPO / "recipes/score/digits.yaml"), "model.name=unet_tiny", "data.image_size=8",
+            "loop.steps=4", "loop.ckpt_every=2", "loop.batch_size=8", "loop.device=cpu", "loop.progress=false",
+            "eval_draws=1", "sample_count=2", "sample_steps=2"]
+    # a training in flight (no summary.json yet) is not carried: its checkpoints are not final
+    assert main(args + [f"run_dir={runs / 'score'}", "loop.steps=2"]) == 0
+    (runs / "score" / "summary.json").unlink()
+    assert _tool().main(["save", "--runs", str(runs), "--into", str(snap)]) == 0
+    assert not (snap / "score").exists()
+    assert main(args + [f"run_dir={runs / 'score'}"]) == 0
+    assert _tool().main(["save", "--runs", str(runs), "--into", str(snap)]) == 0
+    carried = sorted(p.relative_to(snap / "score").as_posix() for p in (snap / "score").rglob("*") if p.is_file())
+    assert carried == ["checkpoints/latest.json", *(f"checkpoints/step_00000004/{f}" for f in (
+        "ema.safetensors", "model.json", "model.safetensors", "optimizer.pt", "state.json")),
+        "config.yaml", "samples.png", "summary.json"]
+
+    assert _tool().main(["restore", "--runs", str(fresh), "--into", str(snap)]) == 0
+    capsys.readouterr()
+    assert main(args + [f"run_dir={fresh / 'score'}"]) == 0  # finds the finished run: nothing trained
+    assert "already holds a finished run of 4 steps" in capsys.readouterr().out
+    assert not (fresh / "score" / "tb").exists()
+    for w in ("ema", "model"):
+        a, b = (load_network(r / "score", kind="score", weights=w).state_dict() for r in (runs, fresh))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

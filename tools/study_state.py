@@ -9,8 +9,9 @@ the key of the inputs it was computed from (`ssni.evaluate.jobs`). Run dirs live
 repository, and the machine that holds them can be replaced between sessions; a study of many hours
 on 2 cores then needs its finished batches carried over. `save` copies every evaluation's state (a
 few tens of KB per batch), the adversarial images of each cell's first batch (those the summary
-shows; the rest are not carried) and the fitted files in CARRY into --into; `restore` copies them
-back wherever the run dirs lack them.
+shows; the rest are not carried), the fitted files in CARRY and the finished training runs in TRAINED
+into --into; `restore` copies them back wherever the run dirs lack them (a restored finished training
+is not redone: `ssni train-score` finds its summary.json and says so).
 
 Nothing is ever overwritten or deleted: a file present on both sides with other content is an error
 that names it (a batch computed twice from the same inputs differs only in its wall time, which is
@@ -36,6 +37,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # fitted files the evaluations read that took hours to make (the learned reweight: a fit of 3 h);
 # the calibration is not carried: recomputing it takes minutes and checks the score network again
 CARRY = ("reweight/reweight.json",)
+# finished training runs carried whole (config, summary, samples and the final checkpoint, optimizer state
+# included so the checkpoint is complete): the score network's 50 min of training on 2 cores for 20 MB.
+# The classifier is not: its final checkpoint is 180 MB (ResNet-18 weights, EMA and Adam state) and it
+# retrains in about 15 min
+TRAINED = ("score",)
+TRAINED_FILES = ("config.yaml", "summary.json", "samples.png", "checkpoints/latest.json")
 # what a batch file records that two computations of it from the same inputs do not share
 VOLATILE = ("seconds",)
 
@@ -57,7 +64,20 @@ def state_files(runs: Path) -> Dict[str, Path]:
     for rel in CARRY:
         if (runs / rel).is_file():
             out[rel] = runs / rel
+    for name in TRAINED:
+        out.update(finished_training(runs / name, name))
     return out
+
+
+def finished_training(run: Path, rel: str) -> Dict[str, Path]:
+    """{rel/<file>: file} of a finished training run (its summary.json written, which comes after the
+    last checkpoint): TRAINED_FILES and every file of the checkpoint latest.json names; {} otherwise."""
+    pointer = run / "checkpoints" / "latest.json"
+    if not (run / "summary.json").is_file() or not pointer.is_file():
+        return {}
+    final = run / "checkpoints" / json.loads(pointer.read_text())["dir"]
+    files = [run / f for f in TRAINED_FILES if (run / f).is_file()] + sorted(p for p in final.iterdir() if p.is_file())
+    return {f"{rel}/{f.relative_to(run).as_posix()}": f for f in files}
 
 
 def _content(path: Path) -> Any:
@@ -102,7 +122,8 @@ def copy_missing(src: Dict[str, Path], dest: Path) -> Tuple[List[str], List[str]
                          "results of other inputs (weights, data, calibration or config). Nothing was copied; "
                          "move one side away first")
     copied, same = [], []
-    for rel, f in src.items():
+    # a training's summary.json last: a copy killed midway must not leave a "finished" run without weights
+    for rel, f in sorted(src.items(), key=lambda item: Path(item[0]).name == "summary.json"):
         (copied if not (dest / rel).is_file() and _copy_new(f, dest / rel) else same).append(rel)
     return copied, same
 
