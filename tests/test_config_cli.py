@@ -150,6 +150,8 @@ def test_run_config_records_threads_and_resume_with_others_says_so(tmp_path, cap
         torch.set_num_threads(2)
         save_config(Cfg(), tmp_path)
         assert read_run_runtime(tmp_path)["threads"] == 2
+        # the CPU kernels torch dispatched to: weights trained elsewhere can differ by them
+        assert read_run_runtime(tmp_path)["cpu"] == torch.backends.cpu.get_cpu_capability()
         assert read_run_config(tmp_path) == {"run_dir": "x", "lr": 0.1}
         assert load_config(Cfg, tmp_path / "config.yaml") == Cfg()
         (tmp_path / "checkpoints").mkdir()

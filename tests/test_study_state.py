@@ -125,7 +125,7 @@ def test_images_written_before_their_batch_are_not_carried_and_status_counts(tmp
     assert "no evaluation state" in capsys.readouterr().err
 
 
-def test_a_finished_score_training_is_carried_and_not_redone_on_a_fresh_machine(tmp_path, capsys):
+def test_a_finished_training_carries_its_ema_weights_and_is_not_redone_on_a_fresh_machine(tmp_path, capsys):
     from ssni.cli import main
     from ssni.models import load_network
 
@@ -141,16 +141,21 @@ def test_a_finished_score_training_is_carried_and_not_redone_on_a_fresh_machine(
     assert not (snap / "score").exists()
     assert main(args + [f"run_dir={runs / 'score'}"]) == 0
     assert _tool().main(["save", "--runs", str(runs), "--into", str(snap)]) == 0
-    carried = sorted(p.relative_to(snap / "score").as_posix() for p in (snap / "score").rglob("*") if p.is_file())
-    assert carried == ["checkpoints/latest.json", *(f"checkpoints/step_00000004/{f}" for f in (
-        "ema.safetensors", "model.json", "model.safetensors", "optimizer.pt", "state.json")),
-        "config.yaml", "samples.png", "summary.json"]
+    carried = sorted(p.name for p in (snap / "score").rglob("*") if p.is_file())
+    assert carried == ["config.yaml", "ema.safetensors", "model.json", "samples.png", "summary.json"]
+    assert (snap / "score" / "ema.safetensors").read_bytes() == (
+        runs / "score" / "checkpoints" / "step_00000004" / "ema.safetensors").read_bytes()  # the final step's
 
     assert _tool().main(["restore", "--runs", str(fresh), "--into", str(snap)]) == 0
     capsys.readouterr()
     assert main(args + [f"run_dir={fresh / 'score'}"]) == 0  # finds the finished run: nothing trained
     assert "already holds a finished run of 4 steps" in capsys.readouterr().out
-    assert not (fresh / "score" / "tb").exists()
-    for w in ("ema", "model"):
-        a, b = (load_network(r / "score", kind="score", weights=w).state_dict() for r in (runs, fresh))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (fresh / "score" / "checkpoints").exists()
+    # what the study loads from the run dir (weights=auto: the EMA) is the same network
+    a, b = (load_network(r / "score", kind="score").state_dict() for r in (runs, fresh))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):  # the raw weights were not carried
+        load_network(fresh / "score", kind="score", weights="model")
+    # saving from the restored machine finds the same files: nothing new, no clash
+    assert _tool().main(["save", "--runs", str(fresh), "--into", str(snap)]) == 0
+    assert "saved 0 new file(s)" in capsys.readouterr().out

@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # The Fashion-MNIST study, every stage in order; each one resumes where it stopped, so after a stop
 # (or a new session) the same command carries on. Logs: runs/fmnist/logs/<stage>.log.
-# It first restores the finished evaluation batches and the fitted reweight committed in
-# results/fmnist/state (tools/study_state.py; `python tools/study_state.py save` puts them there;
-# STUDY_RESTORE=0 skips this). On a machine without runs/, retrain the networks (bit-identical at
-# the thread counts the committed results record, which every evaluation's key checks) and go on:
+# It first restores what is committed in results/fmnist/state (tools/study_state.py; `python
+# tools/study_state.py save` puts it there; STUDY_RESTORE=0 skips this): both trained networks (their
+# EMA weights: a retraining on another machine gives other weights, other CPU kernels), the fitted
+# reweight and the finished evaluation batches. So on a machine without runs/ the same command goes on
+# where the last one stopped (the networks stage finds the restored trainings finished, and calibrates):
 #
 #   SSNI_THREADS=2 bash tools/fmnist_study.sh                          # every stage
 #   SSNI_THREADS=2 bash tools/fmnist_study.sh networks eval autoattack # a replaced machine, mid-study
 #   python tools/fmnist_results.py                                     # tables and plots into results/fmnist/
 #
-# The earlier stages' batches (tstar, convergence, lownoise) are not carried: naming them on a replaced
-# machine runs them again. The reweight stage is skipped while runs/fmnist/reweight/reweight.json
+# Every evaluation's finished batches are carried (those of tstar and lownoise, made before carrying
+# existed, were lost with their machine: naming them runs them again). The reweight stage is skipped while runs/fmnist/reweight/reweight.json
 # exists (delete it to fit again: about 3 h on 2 cores).
 #
 # Stages: networks (score network, classifier, calibration), tstar (DBP's t* on validation images),
@@ -62,9 +63,9 @@ train_one() {  # train_one <stage> <ssni args...>: one thread, in a subshell of 
 for stage in "${stages[@]}"; do
     case $stage in
         networks)
-            # at the thread counts the committed results were made with (results/fmnist/*config.yaml:
-            # one per network, two for the calibration): the same count gives the same weights, which
-            # the committed evaluation state needs; the two networks train side by side
+            # at the thread counts the committed results record (results/fmnist/*config.yaml: one per
+            # network, two for the calibration; the same count on the same machine gives the same
+            # weights); the two networks train side by side. Restored trainings are finished: no-ops
             train_one networks-score train-score recipes/fmnist/score.yaml &
             score_pid=$!
             train_one networks-classifier train-classifier recipes/fmnist/classifier.yaml &

@@ -9,16 +9,17 @@ the key of the inputs it was computed from (`ssni.evaluate.jobs`). Run dirs live
 repository, and the machine that holds them can be replaced between sessions; a study of many hours
 on 2 cores then needs its finished batches carried over. `save` copies every evaluation's state (a
 few tens of KB per batch), the adversarial images of each cell's first batch (those the summary
-shows; the rest are not carried), the fitted files in CARRY and the finished training runs in TRAINED
-into --into; `restore` copies them back wherever the run dirs lack them (a restored finished training
-is not redone: `ssni train-score` finds its summary.json and says so).
+shows; the rest are not carried), the fitted files in CARRY and the networks of the finished trainings
+in TRAINED into --into; `restore` copies them back wherever the run dirs lack them (a restored
+training is not redone: `ssni train-score` finds its summary.json and says so; its EMA weights are
+what the study's recipes load from the run dir; to train it further, start a new run dir).
 
 Nothing is ever overwritten or deleted: a file present on both sides with other content is an error
 that names it (a batch computed twice from the same inputs differs only in its wall time, which is
 not compared). What a restored state is worth is decided by the evaluation itself: its key covers the
-weights of both networks, the data and the calibration, so after the networks are retrained (the
-training is bit-identical at the thread count the configs record) a restored state is resumed only
-if they came out the same, and refused with what changed otherwise.
+weights of both networks, the data and the calibration, so a restored state is resumed only with the
+networks it was computed with (the carried ones), and refused with what changed otherwise (e.g. after
+a retraining on another machine).
 """
 from __future__ import annotations
 
@@ -37,12 +38,13 @@ ROOT = Path(__file__).resolve().parents[1]
 # fitted files the evaluations read that took hours to make (the learned reweight: a fit of 3 h);
 # the calibration is not carried: recomputing it takes minutes and checks the score network again
 CARRY = ("reweight/reweight.json",)
-# finished training runs carried whole (config, summary, samples and the final checkpoint, optimizer state
-# included so the checkpoint is complete): the score network's 50 min of training on 2 cores for 20 MB.
-# The classifier is not: its final checkpoint is 180 MB (ResNet-18 weights, EMA and Adam state) and it
-# retrains in about 15 min
-TRAINED = ("score",)
-TRAINED_FILES = ("config.yaml", "summary.json", "samples.png", "checkpoints/latest.json")
+# finished training runs, carried as what the study reads from them: their config, summary and sample
+# grid, and the final checkpoint's EMA weights (model.json + ema.safetensors, 45 MB for the ResNet-18
+# classifier, 5 MB for the score network), which a restore puts at the top of the run dir, where
+# `load_model(run_dir)` finds them before any checkpoints. Retraining is no substitute: the same recipe
+# at the same thread count gave other weights on another machine (other CPU kernels)
+TRAINED = ("score", "classifier")
+TRAINED_FILES = ("config.yaml", "summary.json", "samples.png")
 # what a batch file records that two computations of it from the same inputs do not share
 VOLATILE = ("seconds",)
 
@@ -70,14 +72,21 @@ def state_files(runs: Path) -> Dict[str, Path]:
 
 
 def finished_training(run: Path, rel: str) -> Dict[str, Path]:
-    """{rel/<file>: file} of a finished training run (its summary.json written, which comes after the
-    last checkpoint): TRAINED_FILES and every file of the checkpoint latest.json names; {} otherwise."""
-    pointer = run / "checkpoints" / "latest.json"
-    if not (run / "summary.json").is_file() or not pointer.is_file():
+    """{rel/<file>: file} of a finished training run (summary.json written, which comes after the last
+    checkpoint): TRAINED_FILES, and model.json + ema.safetensors of the checkpoint latest.json names
+    (or of the run dir itself, where a restore put them); {} while it is not finished."""
+    if not (run / "summary.json").is_file():
         return {}
-    final = run / "checkpoints" / json.loads(pointer.read_text())["dir"]
-    files = [run / f for f in TRAINED_FILES if (run / f).is_file()] + sorted(p for p in final.iterdir() if p.is_file())
-    return {f"{rel}/{f.relative_to(run).as_posix()}": f for f in files}
+    if (run / "model.json").is_file():  # restored here earlier: the weights sit at the top
+        weights = run
+    else:
+        pointer = run / "checkpoints" / "latest.json"
+        if not pointer.is_file():
+            return {}
+        weights = run / "checkpoints" / json.loads(pointer.read_text())["dir"]
+    files = {f: run / f for f in TRAINED_FILES if (run / f).is_file()}
+    files.update({f: weights / f for f in ("model.json", "ema.safetensors") if (weights / f).is_file()})
+    return {f"{rel}/{name}": f for name, f in files.items()}
 
 
 def _content(path: Path) -> Any:

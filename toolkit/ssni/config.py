@@ -345,13 +345,14 @@ RUNTIME_KEY = "runtime"
 
 
 def runtime_info() -> Dict[str, Any]:
-    """What a run's numbers depend on besides its config: CPU threads and library versions."""
+    """What a run's numbers depend on besides its config: CPU threads, the CPU kernels torch chose
+    (e.g. AVX512, AVX2: the same recipe trains other weights on another machine) and library versions."""
     import platform
 
     import torch
 
-    return {"threads": torch.get_num_threads(), "torch": str(torch.__version__),
-            "python": platform.python_version()}
+    return {"threads": torch.get_num_threads(), "cpu": torch.backends.cpu.get_cpu_capability(),
+            "torch": str(torch.__version__), "python": platform.python_version()}
 
 
 def save_config(cfg: Any, run_dir: str | os.PathLike, name: str = "config.yaml") -> Path:
