@@ -1,4 +1,4 @@
-"""Carry a long study's finished batches across machines: from its run dirs into the repository, and back.
+"""Carry a long study's networks and finished batches across machines: run dirs to the repository and back.
 
     python tools/study_state.py save     [--runs runs/fmnist] [--into results/fmnist/state]
     python tools/study_state.py restore  [--runs runs/fmnist] [--into results/fmnist/state]
@@ -53,7 +53,7 @@ def state_files(runs: Path) -> Dict[str, Path]:
     """{relative path: file} of what `save` carries from runs: every evaluation's state
     (<run>/state/**.json), the adversarial images of each cell's first batch once that batch is
     saved (<run>/adv/<cell>/<key>/batch_00000.safetensors: the summary's grid; the rest stay behind),
-    and the files in CARRY."""
+    the files in CARRY and the networks of the finished trainings in TRAINED."""
     out = {}
     for meta in sorted(runs.glob("*/state/fingerprint.json")):
         state = meta.parent
