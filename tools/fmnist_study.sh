@@ -12,8 +12,8 @@
 #   python tools/fmnist_results.py                                     # tables and plots into results/fmnist/
 #
 # Every evaluation's finished batches are carried (those of tstar and lownoise, made before carrying
-# existed, were lost with their machine: naming them runs them again). The reweight stage is skipped while runs/fmnist/reweight/reweight.json
-# exists (delete it to fit again: about 3 h on 2 cores).
+# existed, were lost with their machine: naming them runs them again). The reweight stage is skipped
+# while runs/fmnist/reweight/reweight.json exists (delete it to fit again: about 3 h on 2 cores).
 #
 # Stages: networks (score network, classifier, calibration), tstar (DBP's t* on validation images),
 # reweight (the learned curve), convergence (doubling iterations / EOT), lownoise (the low-noise attack's

@@ -67,26 +67,24 @@ def state_files(runs: Path) -> Dict[str, Path]:
         if (runs / rel).is_file():
             out[rel] = runs / rel
     for name in TRAINED:
-        out.update(finished_training(runs / name, name))
+        out.update(finished_training(runs / name))
     return out
 
 
-def finished_training(run: Path, rel: str) -> Dict[str, Path]:
-    """{rel/<file>: file} of a finished training run (summary.json written, which comes after the last
-    checkpoint): TRAINED_FILES, and model.json + ema.safetensors of the checkpoint latest.json names
-    (or of the run dir itself, where a restore put them); {} while it is not finished."""
+def finished_training(run: Path) -> Dict[str, Path]:
+    """{<run name>/<file>: file} of a finished training run (summary.json written, which comes after the
+    last checkpoint): TRAINED_FILES, and model.json + ema.safetensors of what `load_model(run)` reads (the
+    top of the run dir, where a restore put them, else the newest complete checkpoint); {} until then."""
     if not (run / "summary.json").is_file():
         return {}
-    if (run / "model.json").is_file():  # restored here earlier: the weights sit at the top
-        weights = run
-    else:
-        pointer = run / "checkpoints" / "latest.json"
-        if not pointer.is_file():
-            return {}
-        weights = run / "checkpoints" / json.loads(pointer.read_text())["dir"]
+    # imported here: restore and status need no torch (the study's script may run this with any python3)
+    sys.path.insert(0, str(ROOT / "toolkit"))
+    from ssni.checkpoint import latest_checkpoint
+
+    weights = run if (run / "model.json").is_file() else latest_checkpoint(run / "checkpoints")
     files = {f: run / f for f in TRAINED_FILES if (run / f).is_file()}
     files.update({f: weights / f for f in ("model.json", "ema.safetensors") if (weights / f).is_file()})
-    return {f"{rel}/{name}": f for name, f in files.items()}
+    return {f"{run.name}/{name}": f for name, f in files.items()}
 
 
 def _content(path: Path) -> Any:
@@ -181,7 +179,7 @@ def main(argv=None) -> int:
             here, saved = batches_per_run(state_files(runs)), batches_per_run(snapshot_files(into))
             for run in sorted(set(here) | set(saved)):
                 print(f"{run}: {here.get(run, 0)} batch(es) in {runs}, {saved.get(run, 0)} in {into}")
-    except ValueError as e:
+    except (ValueError, OSError, RuntimeError) as e:  # e.g. a finished training without a complete checkpoint
         print(f"study_state: {e}", file=sys.stderr)
         return 1
     return 0
